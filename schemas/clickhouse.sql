@@ -1,0 +1,88 @@
+-- gpuledger ClickHouse schema (SPEC section 4). Idempotent: every statement can run again.
+-- {db} is replaced by the database name (default `gpuledger`).
+-- Rows are versioned: a replay or correction writes the same key with a higher or equal
+-- version, and readers use FINAL, so every key is seen once. Money is Decimal, never Float.
+-- non_replicated_deduplication_window lets a retried insert with the same
+-- insert_deduplication_token be dropped instead of written twice.
+
+CREATE DATABASE IF NOT EXISTS {db};
+
+CREATE TABLE IF NOT EXISTS {db}.gpu_cost_windows
+(
+    window_start   DateTime64(3, 'UTC'),
+    window_end     DateTime64(3, 'UTC'),
+    cluster        LowCardinality(String),
+    node           LowCardinality(String),
+    device_uuid    String,
+    gpu_uuid       String,
+    gpu_model      LowCardinality(String),
+    mig_profile    LowCardinality(String),
+    namespace      LowCardinality(String),
+    pod            String,
+    pod_uid        String,
+    team           LowCardinality(String),
+    product        LowCardinality(String),
+    cost_center    LowCardinality(String),
+    kind           LowCardinality(String),
+    device_seconds Float64,
+    sm_util_avg    Float64,
+    mem_bytes_avg  Float64,
+    cost_usd       Decimal(38, 15),
+    idle_cost_usd  Decimal(38, 15),
+    price_per_hour Decimal(38, 15),
+    pricing        LowCardinality(String),
+    version        UInt64
+)
+ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (window_start, device_uuid, pod_uid)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS {db}.token_windows
+(
+    window_start      DateTime64(3, 'UTC'),
+    window_end        DateTime64(3, 'UTC'),
+    cluster           LowCardinality(String),
+    namespace         LowCardinality(String),
+    pod               String,
+    pod_uid           String,
+    model             LowCardinality(String),
+    prompt_tokens     UInt64,
+    completion_tokens UInt64,
+    requests          UInt64,
+    cached_tokens     UInt64,
+    prefill_s         Float64,
+    decode_s          Float64,
+    version           UInt64
+)
+ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (window_start, pod_uid, model)
+SETTINGS non_replicated_deduplication_window = 10000;
+
+CREATE TABLE IF NOT EXISTS {db}.cost_per_token_windows
+(
+    window_start       DateTime64(3, 'UTC'),
+    window_end         DateTime64(3, 'UTC'),
+    cluster            LowCardinality(String),
+    namespace          LowCardinality(String),
+    pod                String,
+    pod_uid            String,
+    team               LowCardinality(String),
+    product            LowCardinality(String),
+    cost_center        LowCardinality(String),
+    model              LowCardinality(String),
+    cost_usd           Decimal(38, 15),
+    prompt_tokens      UInt64,
+    completion_tokens  UInt64,
+    requests           UInt64,
+    cached_tokens      UInt64,
+    prefill_s          Float64,
+    decode_s           Float64,
+    cost_per_1m_tokens Nullable(Decimal(38, 9)),
+    version            UInt64
+)
+ENGINE = ReplacingMergeTree(version)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (window_start, pod_uid, model)
+SETTINGS non_replicated_deduplication_window = 10000;

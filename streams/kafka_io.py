@@ -1,0 +1,151 @@
+"""Kafka connection settings, topic creation and producer construction, shared by every part.
+
+Works on Apache Kafka and on the embedded tansu broker (which has no idempotent producer or
+transactions, so `idempotent` is off unless asked for). Secrets come from the environment or
+files, and never appear in `repr` or logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from schemas import events
+from schemas.errors import BrokerError, ConfigError
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap: str = DEFAULT_BOOTSTRAP
+    security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    sasl_mechanism: str | None = None  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    sasl_username: str | None = None
+    sasl_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    idempotent: bool = False  # only on brokers that support it (Apache Kafka, not tansu)
+
+    def client_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = ssl.create_default_context(cafile=self.ssl_cafile)
+        if self.security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password
+        return kwargs
+
+
+def add_kafka_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    parser.add_argument(
+        "--kafka",
+        default=env.get("GPULEDGER_KAFKA_BOOTSTRAP", DEFAULT_BOOTSTRAP),
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="Kafka bootstrap servers (env GPULEDGER_KAFKA_BOOTSTRAP)",
+    )
+
+
+def kafka_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> KafkaSettings:
+    """Flags first, then GPULEDGER_KAFKA_* variables; a *_FILE variable holds a secret."""
+    password = env.get("GPULEDGER_KAFKA_SASL_PASSWORD")
+    password_file = env.get("GPULEDGER_KAFKA_SASL_PASSWORD_FILE")
+    if password_file:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read GPULEDGER_KAFKA_SASL_PASSWORD_FILE: {exc}") from exc
+    protocol = env.get("GPULEDGER_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
+    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+        raise ConfigError(f"GPULEDGER_KAFKA_SECURITY_PROTOCOL: unknown protocol {protocol!r}")
+    bootstrap = str(args.kafka).strip()
+    if not bootstrap or any(":" not in hp for hp in bootstrap.split(",")):
+        raise ConfigError(f"--kafka must be a HOST:PORT list, got {bootstrap!r}")
+    return KafkaSettings(
+        bootstrap=bootstrap,
+        security_protocol=protocol,
+        sasl_mechanism=env.get("GPULEDGER_KAFKA_SASL_MECHANISM"),
+        sasl_username=env.get("GPULEDGER_KAFKA_SASL_USERNAME"),
+        sasl_password=password,
+        ssl_cafile=env.get("GPULEDGER_KAFKA_SSL_CAFILE"),
+        idempotent=env.get("GPULEDGER_KAFKA_IDEMPOTENT", "").lower() in ("1", "true", "yes"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int = 1
+    compacted: bool = False
+    replication_factor: int = 1
+    retention_ms: int | None = None
+
+    def new_topic(self) -> NewTopic:
+        configs: dict[str, str] = {}
+        if self.compacted:
+            configs["cleanup.policy"] = "compact"
+        if self.retention_ms is not None:
+            configs["retention.ms"] = str(self.retention_ms)
+        return NewTopic(
+            name=self.name,
+            num_partitions=self.partitions,
+            replication_factor=self.replication_factor,
+            topic_configs=configs,
+        )
+
+
+def default_topics(partitions: int = 1, replication_factor: int = 1) -> list[TopicSpec]:
+    """Every topic of SPEC section 2; the pods topic is compacted."""
+    rf = replication_factor
+    return [
+        TopicSpec(events.GPU_SAMPLES_TOPIC, partitions, replication_factor=rf),
+        TopicSpec(events.PODS_TOPIC, partitions, compacted=True, replication_factor=rf),
+        TopicSpec(events.TOKENS_TOPIC, partitions, replication_factor=rf),
+        TopicSpec(events.COST_WINDOWS_TOPIC, partitions, replication_factor=rf),
+        TopicSpec(events.TOKEN_COST_WINDOWS_TOPIC, partitions, replication_factor=rf),
+        TopicSpec(events.DEAD_LETTER_TOPIC, 1, replication_factor=rf),
+    ]
+
+
+async def ensure_topics(settings: KafkaSettings, specs: Iterable[TopicSpec]) -> list[str]:
+    """Create the topics that are missing; returns the names created."""
+    admin = AIOKafkaAdminClient(**settings.client_kwargs())
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        created = []
+        for spec in missing:
+            try:
+                await admin.create_topics([spec.new_topic()])
+                created.append(spec.name)
+            except TopicAlreadyExistsError:
+                pass  # another part created it first
+        return created
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics on {settings.bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    kwargs: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "acks": "all",
+        "linger_ms": 20,
+        "enable_idempotence": settings.idempotent,
+        "compression_type": None,
+    }
+    kwargs.update(overrides)
+    return AIOKafkaProducer(**kwargs)

@@ -1,0 +1,135 @@
+"""The output rows of SPEC section 4, shared by the ClickHouse sink, the Kafka sink and reports.
+
+Money is Decimal (stored as Decimal(38, 15) in ClickHouse): sums are exact and the same on every
+run. Usage (device_seconds) sits beside the price used so a past period can be re-priced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from decimal import Decimal
+from typing import Any, ClassVar
+
+KIND_USAGE = "usage"
+KIND_IDLE = "idle"
+KIND_HOST = "host"
+
+HOST = "__host__"
+IDLE = "__idle__"
+UNTAGGED = "__untagged__"
+UNKNOWN = "__unknown__"
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    TABLE: ClassVar[str] = "gpu_cost_windows"
+
+    window_start_ms: int
+    window_end_ms: int
+    cluster: str
+    node: str
+    device_uuid: str
+    gpu_uuid: str
+    gpu_model: str
+    mig_profile: str
+    namespace: str
+    pod: str
+    pod_uid: str
+    team: str
+    product: str
+    cost_center: str
+    kind: str
+    device_seconds: float
+    sm_util_avg: float
+    mem_bytes_avg: float
+    cost_usd: Decimal
+    idle_cost_usd: Decimal
+    price_per_hour: Decimal
+    pricing: str
+    version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.window_start_ms}|{self.device_uuid}|{self.pod_uid}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    TABLE: ClassVar[str] = "token_windows"
+
+    window_start_ms: int
+    window_end_ms: int
+    cluster: str
+    namespace: str
+    pod: str
+    pod_uid: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    cached_tokens: int
+    prefill_s: float
+    decode_s: float
+    version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.window_start_ms}|{self.pod_uid}|{self.model}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCostRow:
+    TABLE: ClassVar[str] = "cost_per_token_windows"
+
+    window_start_ms: int
+    window_end_ms: int
+    cluster: str
+    namespace: str
+    pod: str
+    pod_uid: str
+    team: str
+    product: str
+    cost_center: str
+    model: str
+    cost_usd: Decimal
+    prompt_tokens: int
+    completion_tokens: int
+    requests: int
+    cached_tokens: int
+    prefill_s: float
+    decode_s: float
+    cost_per_1m_tokens: Decimal | None
+    version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.window_start_ms}|{self.pod_uid}|{self.model}"
+
+
+Row = CostRow | TokenRow | TokenCostRow
+
+
+def column_names(row_type: type[Row]) -> list[str]:
+    """ClickHouse column names: `window_start_ms` is stored as `window_start` (DateTime64(3))."""
+    return [f.name.removesuffix("_ms") for f in fields(row_type)]
+
+
+def as_values(row: Row) -> tuple[Any, ...]:
+    return astuple(row)
+
+
+def as_json(row: Row) -> dict[str, Any]:
+    """The billing-topic form: money as decimal strings, times as Unix ms and RFC 3339."""
+    from schemas.events import format_time
+
+    out: dict[str, Any] = {}
+    for f in fields(row):
+        value = getattr(row, f.name)
+        if f.name.endswith("_ms"):
+            out[f.name] = value
+            out[f.name.removesuffix("_ms")] = format_time(value)
+        elif isinstance(value, Decimal):
+            out[f.name] = format(value, "f")
+        else:
+            out[f.name] = value
+    return out

@@ -1,0 +1,156 @@
+"""ClickHouse access through clickhouse-connect: embedded chDB (`chdb:///path`) or a server
+(`http(s)://user@host:8123/db`). Same DDL, same queries. Blocking: async callers run it in a
+thread. clickhouse-connect errors are converted to `StoreError` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from schemas.errors import StoreError, StoreLockedError
+from streams.rows import Row, as_values, column_names
+
+DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse.sql"
+DEFAULT_DATABASE = "gpuledger"
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for logs and messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def ddl_statements(database: str) -> list[str]:
+    text = DDL_PATH.read_text(encoding="utf-8")
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip().replace("{db}", database) for s in body.split(";") if s.strip()]
+
+
+class ClickHouseStore:
+    """One connection; a lock serialises calls because a client is not thread safe."""
+
+    def __init__(self, dsn: str, *, database: str | None = None) -> None:
+        self.dsn = dsn
+        parts = urlsplit(dsn)
+        self.embedded = parts.scheme == "chdb"
+        path_db = parts.path.strip("/") if not self.embedded else ""
+        self.database = database or path_db or DEFAULT_DATABASE
+        if not _DB_NAME.match(self.database):
+            raise StoreError(f"invalid database name {self.database!r}")
+        self._lock = threading.Lock()
+        self._client = self._connect()
+
+    def _connect(self) -> Any:
+        try:
+            if self.embedded:
+                return clickhouse_connect.get_client(dsn=self.dsn)
+            # The server's default database need not exist yet: connect to `default`.
+            parts = urlsplit(self.dsn)
+            return clickhouse_connect.get_client(
+                dsn=parts._replace(path="/default").geturl(), connect_timeout=5
+            )
+        except Exception as exc:  # clickhouse-connect and chdb raise many types here
+            raise _convert(exc, f"cannot open ClickHouse at {redact(self.dsn)}") from exc
+
+    def create_schema(self) -> None:
+        for statement in ddl_statements(self.database):
+            self.command(statement)
+
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        with self._lock:
+            try:
+                return self._client.command(sql, parameters=parameters)
+            except Exception as exc:
+                raise _convert(exc, "ClickHouse command failed") from exc
+
+    def query_rows(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        with self._lock:
+            try:
+                result = self._client.query(sql, parameters=parameters)
+            except Exception as exc:
+                raise _convert(exc, "ClickHouse query failed") from exc
+            return [tuple(r) for r in result.result_rows]
+
+    def query_dicts(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        with self._lock:
+            try:
+                result = self._client.query(sql, parameters=parameters)
+            except Exception as exc:
+                raise _convert(exc, "ClickHouse query failed") from exc
+            names = result.column_names
+            return [dict(zip(names, r, strict=True)) for r in result.result_rows]
+
+    def insert_rows(self, rows: Iterable[Row], *, dedup_token: str | None = None) -> int:
+        """Insert rows of any of the three tables; one insert per table. Returns rows written.
+
+        With `dedup_token`, a retry of the same batch is dropped by ClickHouse; versions make a
+        repeated row harmless anyway."""
+        by_type: dict[type[Row], list[Row]] = defaultdict(list)
+        for row in rows:
+            by_type[type(row)].append(row)
+        written = 0
+        for row_type, batch in by_type.items():
+            settings: dict[str, Any] = {}
+            if dedup_token is not None:
+                settings = {
+                    "insert_deduplicate": 1,
+                    "insert_deduplication_token": f"{dedup_token}:{row_type.TABLE}",
+                }
+            self._insert(
+                row_type.TABLE, column_names(row_type), [as_values(r) for r in batch], settings
+            )
+            written += len(batch)
+        return written
+
+    def _insert(
+        self,
+        table: str,
+        columns: list[str],
+        values: Sequence[tuple[Any, ...]],
+        settings: dict[str, Any],
+    ) -> None:
+        with self._lock:
+            try:
+                self._client.insert(
+                    f"{self.database}.{table}", values, column_names=columns, settings=settings
+                )
+            except Exception as exc:
+                raise _convert(exc, f"insert into {table} failed") from exc
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(Exception):  # closing is best effort
+            self._client.close()
+
+
+def _convert(exc: Exception, context: str) -> StoreError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "Cannot lock file" in str(exc):
+        return StoreLockedError(
+            f"{context}: the embedded data folder is in use by another process ({message})"
+        )
+    retriable = not isinstance(exc, ClickHouseError) or _is_connection_error(exc)
+    return StoreError(f"{context}: {message}", retriable=retriable)
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    return isinstance(exc, OperationalError)

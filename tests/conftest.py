@@ -1,0 +1,44 @@
+"""Shared pytest fixtures for gpuledger's test tiers.
+
+Kafka: one real broker per test session (tests/kafka_broker.py), or the broker named by
+GPULEDGER_TEST_KAFKA="host:port". Tests that use it are marked `kafka`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kafka_broker import DEFAULT_LIBS_DIR, KAFKA_VERSION, KafkaBroker, fetch_kafka_libs
+
+# --- Kafka -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The "host:port" of a real Kafka broker, shared by the whole session."""
+    external = os.environ.get("GPULEDGER_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    if not (DEFAULT_LIBS_DIR / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
+        fetch_kafka_libs()
+    with KafkaBroker(DEFAULT_LIBS_DIR) as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture
+def topic_name(request: pytest.FixtureRequest) -> str:
+    """A topic name no other test (or earlier run against the same broker) uses."""
+    test_name = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name)[:100]
+    return f"test.{test_name}.{uuid.uuid4().hex[:12]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Any test that needs the broker is a kafka test, so `-m "not kafka"` skips them all.
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
