@@ -5,11 +5,12 @@ thread. clickhouse-connect errors are converted to `StoreError` here.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,8 +21,10 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from schemas.errors import StoreError, StoreLockedError
 from streams.rows import Row, as_values, column_names
 
-DDL_PATH = Path(__file__).resolve().parent.parent / "schemas" / "clickhouse.sql"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 DEFAULT_DATABASE = "gpuledger"
+DEFAULT_DSN = "chdb://./gpuledger-data"
+OWNER_FILE = ".gpuledger-owner.json"  # in an embedded folder: who holds it and where to read
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -34,10 +37,24 @@ def redact(dsn: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
+def add_clickhouse_option(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    parser.add_argument(
+        "--clickhouse",
+        default=env.get("GPULEDGER_CLICKHOUSE_DSN", DEFAULT_DSN),
+        metavar="DSN",
+        help="chdb:///path (embedded) or http(s)://user@host:8123/db "
+        "(env GPULEDGER_CLICKHOUSE_DSN; password from GPULEDGER_CLICKHOUSE_PASSWORD[_FILE])",
+    )
+
+
 def ddl_statements(database: str) -> list[str]:
-    text = DDL_PATH.read_text(encoding="utf-8")
-    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip().replace("{db}", database) for s in body.split(";") if s.strip()]
+    """Statements of every schemas/clickhouse*.sql file, in file-name order."""
+    statements = []
+    for path in sorted(SCHEMA_DIR.glob("clickhouse*.sql")):
+        text = path.read_text(encoding="utf-8")
+        body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("--"))
+        statements += [s.strip().replace("{db}", database) for s in body.split(";") if s.strip()]
+    return statements
 
 
 class ClickHouseStore:
