@@ -27,6 +27,7 @@ FETCH_SCRIPT = REPO_ROOT / ".ci" / "fetch-kafka"
 
 _NODE_ID = 1
 _LOG_TAIL_LINES = 60
+_START_ATTEMPTS = 3
 
 # Test settings on top of the KRaft combined-mode essentials. Retention is unlimited because
 # tests produce records with old event timestamps, which time-based retention would delete.
@@ -173,6 +174,16 @@ class KafkaBroker:
             raise KafkaBrokerError("broker already started")
         if not (self.libs_dir / f"kafka_2.13-{KAFKA_VERSION}.jar").exists():
             raise KafkaBrokerError(f"no Kafka jars in {self.libs_dir}; run .ci/fetch-kafka")
+        # A free port can be taken by another process between our probe and the broker's bind.
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._start_once()
+                return
+            except KafkaBrokerError as error:
+                if attempt == _START_ATTEMPTS or "Address already in use" not in str(error):
+                    raise
+
+    def _start_once(self) -> None:
         self.work_dir = Path(tempfile.mkdtemp(prefix="gpuledger-kafka-"))
         try:
             self.broker_port = _free_port()
