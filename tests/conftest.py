@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import pytest
 from kafka_broker import DEFAULT_LIBS_DIR, KAFKA_VERSION, KafkaBroker, fetch_kafka_libs
 
+from streams.store import ClickHouseStore
+
 # --- Kafka -------------------------------------------------------------------------------------
 
 
@@ -42,3 +44,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kafka)
+
+
+# --- ClickHouse (embedded chDB: the real engine, in-process) -----------------------------------
+# chDB opens one data folder per process, so the whole session shares one folder and each test
+# gets a database of its own.
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+
+
+@pytest.fixture
+def store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
+    """A ClickHouseStore on a fresh database with the gpuledger schema created."""
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    ch = ClickHouseStore(chdb_dsn, database=database)
+    ch.create_schema()
+    try:
+        yield ch
+    finally:
+        ch.command(f"DROP DATABASE IF EXISTS {database}")
+        ch.close()
