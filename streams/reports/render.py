@@ -1,0 +1,132 @@
+"""Renderers shared by every report: a fixed-width text table, CSV and JSON.
+
+A report object offers `table()` (what a person reads: rounded, labelled), `records()` (flat
+rows for CSV: exact values) and `to_dict()` (the JSON document). Money is a decimal string in
+CSV and JSON, never a float.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+from streams.rows import HOST, IDLE, UNKNOWN, UNTAGGED
+
+
+@dataclass(frozen=True, slots=True)
+class Tabular:
+    title: str
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    footer: tuple[tuple[str, ...], ...] = ()
+    notes: tuple[str, ...] = ()
+    right_aligned_from: int = 1  # columns from this index on are numbers
+
+
+class Report(Protocol):
+    def table(self) -> Sequence[Tabular]: ...
+
+    def records(self) -> list[dict[str, Any]]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+DISPLAY_NAMES = {
+    UNTAGGED: "(untagged)",
+    UNKNOWN: "(pod unknown)",
+    IDLE: "(idle)",
+    HOST: "(host processes)",
+    "": "(none)",
+}
+
+
+def display(value: str) -> str:
+    return DISPLAY_NAMES.get(value, value)
+
+
+def _width(text: str) -> int:
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int, right: bool) -> str:
+    fill = " " * (width - _width(text))
+    return fill + text if right else text + fill
+
+
+def format_tabular(tab: Tabular) -> str:
+    all_rows = [tab.headers, *tab.rows, *tab.footer]
+    widths = [max(_width(r[i]) for r in all_rows) for i in range(len(tab.headers))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [_pad(cell, widths[i], i >= tab.right_aligned_from) for i, cell in enumerate(row)]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [tab.title, "", line(tab.headers), rule]
+    out += [line(r) for r in tab.rows]
+    if tab.footer:
+        out.append(rule)
+        out += [line(r) for r in tab.footer]
+    out += [f"  {n}" for n in tab.notes]
+    return "\n".join(out) + "\n"
+
+
+def to_table(report: Report) -> str:
+    return "\n".join(format_tabular(t) for t in report.table())
+
+
+def to_csv(report: Report) -> str:
+    records = report.records()
+    buffer = io.StringIO()
+    if records:
+        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _plain(v) for k, v in record.items()})
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if value is None:
+        return ""
+    return value
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), default=json_default, ensure_ascii=False, indent=2) + "\n"
+
+
+def render(report: Report, fmt: str) -> str:
+    if fmt == "csv":
+        return to_csv(report)
+    if fmt == "json":
+        return to_json(report)
+    return to_table(report)
+
+
+def money(value: Decimal) -> str:
+    """Cents with thousands separators, for tables."""
+    return f"{value:,.2f}"
+
+
+def pct(value: float | None, places: int = 1) -> str:
+    return "-" if value is None else f"{value:.{places}f}%"
+
+
+def num(value: float | None, places: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{places}f}"
