@@ -1,0 +1,286 @@
+"""`Worker`: builds the stages, consumers, sinks and HTTP endpoint, and owns their tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
+from streams.kafka_io import KafkaSettings, TopicSpec, default_topics, ensure_topics, make_producer
+from streams.labels import PodHistory
+from streams.metrics import WorkerMetrics
+from streams.pricing import PriceBook
+from streams.store import OWNER_FILE, ClickHouseStore
+from streams.worker.device_stage import DeviceStage, StreamSettings
+from streams.worker.http import HttpEndpoint
+from streams.worker.pod_stage import PodStage
+from streams.worker.runtime import (
+    DeadLetterLog,
+    StageHandlers,
+    StageRunner,
+    all_partitions_consumer,
+    stage_consumer,
+)
+from streams.worker.sinks import Outbox, Sinks
+
+log = logging.getLogger("gpuledger.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    kafka: KafkaSettings
+    clickhouse_dsn: str
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    group_id: str = "gpuledger-worker"
+    partitions: int = 3  # for topics this worker creates
+    flush_interval_s: float = 1.0
+    max_outbox: int = 50_000
+    http_host: str = "127.0.0.1"
+    http_port: int = 9108  # 0: no HTTP endpoint
+    exit_when_idle_s: float | None = None  # bounded runs: drain and stop after this silence
+
+    @property
+    def internal_topic(self) -> str:
+        return f"{self.group_id}.pod-costs"
+
+
+class Worker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        book: PriceBook,
+        *,
+        store: ClickHouseStore | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.book = book
+        self.store = store or ClickHouseStore(config.clickhouse_dsn)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry)
+        self.pods = PodHistory()
+        self.devices = DeviceStage(book, config.stream, self.pods)
+        self.pod_stage = PodStage(config.stream, self.pods)
+        self.dead_letters = DeadLetterLog()
+        self.stopping = asyncio.Event()
+        self.pods_ready = asyncio.Event()
+        self.runners: list[StageRunner] = []
+        self.http: HttpEndpoint | None = None
+        self._partition_counts: dict[str, int] = {}
+        self._owner_file: Path | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        await asyncio.to_thread(self.store.create_schema)
+        specs = [*default_topics(cfg.partitions), TopicSpec(cfg.internal_topic, cfg.partitions)]
+        await ensure_topics(cfg.kafka, specs)
+        producer = make_producer(cfg.kafka)
+        await producer.start()
+        sinks = Sinks(self.store, producer, self.metrics, self.stopping)
+        tasks: list[asyncio.Task[None]] = []
+        samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
+        tokens = stage_consumer(cfg.kafka, f"{cfg.group_id}.pods", co_partitioned=True)
+        try:
+            await self._load_dead_letters()
+            for topic in (GPU_SAMPLES_TOPIC, TOKENS_TOPIC, cfg.internal_topic):
+                self._partition_counts[topic] = await self._partitions_of(topic)
+            if cfg.http_port:
+                self.http = HttpEndpoint(self, cfg.http_host, cfg.http_port)
+                await self.http.start()
+                self._write_owner_file()
+            handlers = StageHandlers(
+                self.devices,
+                self.pod_stage,
+                self.pods,
+                self.metrics,
+                self.dead_letters,
+                cfg.internal_topic,
+                sample_partitions=lambda: self._partition_counts[GPU_SAMPLES_TOPIC],
+                owned_sample_partitions=lambda: sorted(tp.partition for tp in samples.assignment()),
+                internal_partitions=lambda: self._partition_counts[cfg.internal_topic],
+            )
+            tasks.append(asyncio.create_task(self._pods_loop(handlers, sinks), name="pods"))
+            await self._wait(self.pods_ready)
+            device_runner = StageRunner(
+                "devices",
+                samples,
+                handlers.handle_sample,
+                handlers.poll_devices,
+                self.devices.commit_positions,
+                self.devices.revoke,
+                sinks,
+                self.metrics,
+                flush_interval_s=cfg.flush_interval_s,
+                max_outbox=cfg.max_outbox,
+            )
+            pod_runner = StageRunner(
+                "pods-stage",
+                tokens,
+                handlers.handle_pod_stage,
+                handlers.poll_pod_stage,
+                self.pod_stage.commit_positions,
+                self.pod_stage.revoke,
+                sinks,
+                self.metrics,
+                flush_interval_s=cfg.flush_interval_s,
+                max_outbox=cfg.max_outbox,
+            )
+            self.runners = [device_runner, pod_runner]
+            await samples.start()
+            samples.subscribe([GPU_SAMPLES_TOPIC], listener=_listener(device_runner))
+            await tokens.start()
+            tokens.subscribe([TOKENS_TOPIC, cfg.internal_topic], listener=_listener(pod_runner))
+            for runner in self.runners:
+                tasks.append(asyncio.create_task(runner.run(self.stopping), name=runner.name))
+            if cfg.exit_when_idle_s is not None:
+                tasks.append(asyncio.create_task(self._exit_when_idle(cfg.exit_when_idle_s)))
+            await self._supervise(tasks)
+        finally:
+            self.stopping.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for runner in self.runners:
+                with contextlib.suppress(Exception):
+                    await runner.final_flush()
+            for consumer in (samples, tokens):
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            await producer.stop()
+            if self.http is not None:
+                await self.http.stop()
+            self._remove_owner_file()
+
+    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Return when stopping is set; a loop that dies takes the worker down loudly."""
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        for task in done:
+            if task is not stop_wait and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _wait(self, event: asyncio.Event) -> None:
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        ready_wait = asyncio.create_task(event.wait())
+        await asyncio.wait([stop_wait, ready_wait], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        ready_wait.cancel()
+
+    async def _pods_loop(self, handlers: StageHandlers, sinks: Sinks) -> None:
+        """Read the compacted pods topic whole, then follow it; signal once caught up."""
+        consumer = all_partitions_consumer(self.config.kafka)
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(PODS_TOPIC) or set()
+            if not partitions:
+                await consumer.force_metadata_update()
+                partitions = consumer.partitions_for_topic(PODS_TOPIC) or set()
+            tps = [TopicPartition(PODS_TOPIC, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            outbox = Outbox()
+            while not self.stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+                for records in batch.values():
+                    for msg in records:
+                        handlers.handle_pod(msg, outbox)
+                if len(outbox):
+                    await sinks.write(outbox.take(), "pods")
+                if not self.pods_ready.is_set():
+                    positions = {tp: await consumer.position(tp) for tp in tps}
+                    if all(positions[tp] >= end[tp] for tp in tps):
+                        self.pods_ready.set()
+        finally:
+            await consumer.stop()
+
+    async def _load_dead_letters(self) -> None:
+        consumer = all_partitions_consumer(self.config.kafka)
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(DEAD_LETTER_TOPIC) or set()
+            tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in sorted(partitions)]
+            if not tps:
+                return
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            end = await consumer.end_offsets(tps)
+            while True:
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    break
+                batch = await consumer.getmany(timeout_ms=500, max_records=10000)
+                for records in batch.values():
+                    self.dead_letters.seen.update(m.key for m in records if m.key)
+        finally:
+            await consumer.stop()
+
+    async def _partitions_of(self, topic: str) -> int:
+        consumer = all_partitions_consumer(self.config.kafka)
+        await consumer.start()
+        try:
+            for _ in range(50):
+                partitions = consumer.partitions_for_topic(topic)
+                if partitions:
+                    return len(partitions)
+                await consumer.force_metadata_update()
+                await asyncio.sleep(0.1)
+            raise RuntimeError(f"topic {topic} has no partitions")
+        finally:
+            await consumer.stop()
+
+    async def _exit_when_idle(self, idle_s: float) -> None:
+        """For bounded runs (tests, demo): once no input arrived for `idle_s`, emit every
+        open window, make it durable, and stop."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(0.2)
+            quiet = min(time.monotonic() - r.last_record_s for r in self.runners)
+            if quiet >= idle_s:
+                await self.drain()
+                self.stop()
+
+    async def drain(self) -> None:
+        """Emit stage one's open windows, give stage two time to read them, emit the rest."""
+        device_runner, pod_runner = self.runners
+        await device_runner.drain()
+        deadline = time.monotonic() + 10
+        before = pod_runner.records
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            if pod_runner.records > before and time.monotonic() - pod_runner.last_record_s > 1:
+                break
+        await pod_runner.drain()
+
+    def _write_owner_file(self) -> None:
+        parts = urlsplit(self.config.clickhouse_dsn)
+        if parts.scheme != "chdb" or self.http is None:
+            return
+        folder = Path(parts.path or ".")
+        with contextlib.suppress(OSError):
+            self._owner_file = folder / OWNER_FILE
+            self._owner_file.write_bytes(orjson.dumps({"pid": os.getpid(), "url": self.http.url}))
+
+    def _remove_owner_file(self) -> None:
+        if self._owner_file is not None:
+            with contextlib.suppress(OSError):
+                self._owner_file.unlink()
+
+
+def _listener(runner: StageRunner):  # type: ignore[no-untyped-def]
+    from streams.worker.runtime import _Listener
+
+    return _Listener(runner)

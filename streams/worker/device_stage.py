@@ -1,0 +1,261 @@
+"""Stage one of the worker: GPU samples -> cost rows per (window, device).
+
+Pure state machine, no I/O: the runtime feeds it decoded samples with their offsets and pod
+events, and polls it for rows to write. Windows close on the event-time watermark (or when
+every input is idle), stay in memory for `retention_s` for corrections, then expire. Each
+emission carries a version that only grows with the inputs it saw, so re-emissions replace
+earlier rows and replays write the same rows again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import orjson
+
+from schemas.events import CloudEvent, GpuSample
+from streams.allocation import AllocationSettings, DeviceWindow, SampleSplit, split_sample
+from streams.allocation import finalize_device_window as finalize
+from streams.labels import PodHistory
+from streams.pricing import PriceBook
+from streams.rows import KIND_USAGE, CostRow
+from streams.windows import window_of
+from streams.worker.watermark import OffsetTracker, Partition, Watermark, hold
+
+META_BITS = 32
+
+OK = "ok"
+DUPLICATE = "duplicate"
+LATE = "late"  # for a closed window still within retention: a correction
+TOO_LATE = "too_late"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    allocation: AllocationSettings = field(default_factory=AllocationSettings)
+    grace_s: float = 10.0
+    idle_flush_s: float = 30.0
+    retention_s: float = 3600.0
+
+    @property
+    def window_ms(self) -> int:
+        return self.allocation.window_s * 1000
+
+    @property
+    def grace_ms(self) -> int:
+        return int(self.grace_s * 1000)
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.retention_s * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class PodCostPartial:
+    """A pod's cost on one device in one window, re-keyed by pod uid for stage two."""
+
+    window_start_ms: int
+    device_uuid: str
+    pod_uid: str
+    cost_usd: Decimal
+    samples: int  # samples of that (window, device): a version input
+    version: int
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "kind": "partial",
+                "window_start_ms": self.window_start_ms,
+                "device_uuid": self.device_uuid,
+                "pod_uid": self.pod_uid,
+                "cost_usd": format(self.cost_usd, "f"),
+                "samples": self.samples,
+                "version": self.version,
+            }
+        )
+
+
+class _Slot:
+    __slots__ = ("closed", "device_uuid", "dirty", "emitted_version", "held", "window")
+
+    def __init__(self, window_start_ms: int, device_uuid: str) -> None:
+        self.window = DeviceWindow(window_start_ms)
+        self.device_uuid = device_uuid
+        self.held: dict[Partition, int] = {}
+        self.closed = False
+        self.dirty = False
+        self.emitted_version = -1
+
+
+@dataclass
+class StageOutput:
+    rows: list[CostRow] = field(default_factory=list)
+    partials: list[PodCostPartial] = field(default_factory=list)
+    closed_window_ends_ms: list[int] = field(default_factory=list)
+
+
+class DeviceStage:
+    def __init__(self, book: PriceBook, settings: StreamSettings, pods: PodHistory) -> None:
+        self.book = book
+        self.settings = settings
+        self.pods = pods
+        self.watermark = Watermark(settings.idle_flush_s)
+        self.offsets = OffsetTracker()
+        self._open: dict[int, dict[str, _Slot]] = {}
+        self._closed: dict[int, dict[str, _Slot]] = {}
+        self._by_pod: dict[str, set[tuple[int, str]]] = {}
+        self._dirty: set[tuple[int, str]] = set()
+        self._closed_until_ms: int | None = None
+
+    # ------------------------------------------------------------------ input
+
+    def skip(self, partition: Partition, offset: int) -> None:
+        """A record that is not a sample (rejected, dead-lettered) still moves the position."""
+        self.offsets.consumed(partition, offset)
+
+    def add_sample(
+        self, partition: Partition, offset: int, event: CloudEvent[GpuSample], now_s: float
+    ) -> tuple[str, SampleSplit | None]:
+        self.offsets.consumed(partition, offset)
+        start = window_of(event.time_ms, self.settings.allocation.window_s)
+        watermark = self.watermark.value(now_s)
+        self.watermark.observe(partition, event.time_ms, now_s)
+        device = event.data.device_uuid
+        slot = self._open.get(start, {}).get(device) or self._closed.get(start, {}).get(device)
+        if slot is None:
+            end = start + self.settings.window_ms
+            if watermark is not None and end + self.settings.retention_ms <= watermark:
+                return TOO_LATE, None
+            slot = _Slot(start, device)
+            self._open.setdefault(start, {})[device] = slot
+        if event.id in slot.window.sample_ids:
+            return DUPLICATE, None
+        split = split_sample(event, self.book, self.settings.allocation)
+        slot.window.add(split)
+        hold(slot.held, partition, offset)
+        if slot.closed:
+            self._mark_dirty(start, slot)
+            return LATE, split
+        return OK, split
+
+    def on_pod_event(self, uid: str, time_ms: int) -> None:
+        """Metadata arrived: closed windows that would now see it are re-emitted."""
+        for start, device in self._by_pod.get(uid, ()):
+            end = start + self.settings.window_ms
+            if time_ms <= end + self.settings.grace_ms:
+                self._mark_dirty(start, self._closed[start][device])
+
+    def _mark_dirty(self, start: int, slot: _Slot) -> None:
+        slot.dirty = True
+        self._dirty.add((start, slot.device_uuid))
+
+    # ------------------------------------------------------------------ output
+
+    def poll(self, now_s: float) -> StageOutput:
+        out = StageOutput()
+        watermark = self.watermark.value(now_s)
+        if watermark is None:
+            return out
+        flush_all = self.watermark.all_idle(now_s)
+        size, grace = self.settings.window_ms, self.settings.grace_ms
+        for start in sorted(self._open):
+            if not flush_all and start + size + grace > watermark:
+                break
+            slots = self._open.pop(start)
+            closed = self._closed.setdefault(start, {})
+            for device, slot in slots.items():
+                slot.closed = True
+                closed[device] = slot
+                for owner in slot.window.owners:
+                    self._by_pod.setdefault(owner, set()).add((start, device))
+                self._emit(start, slot, out)
+            out.closed_window_ends_ms.append(start + size)
+            self._closed_until_ms = max(self._closed_until_ms or 0, start + size)
+        if not flush_all:
+            # Every window ending at or before this point is closed, even the empty ones.
+            boundary = window_of(watermark - grace, self.settings.allocation.window_s)
+            if self._open.keys() and min(self._open) < boundary:
+                boundary = min(self._open)
+            self._closed_until_ms = max(self._closed_until_ms or 0, boundary)
+        for start, device in sorted(self._dirty):
+            dirty = self._closed.get(start, {}).get(device)
+            if dirty is not None and dirty.dirty:
+                self._emit(start, dirty, out)
+        self._dirty.clear()
+        self._expire(watermark)
+        return out
+
+    def _emit(self, start: int, slot: _Slot, out: StageOutput) -> None:
+        slot.dirty = False
+        as_of = start + self.settings.window_ms + self.settings.grace_ms
+        meta = self.pods.count_as_of(slot.window.owners, as_of)
+        version = (slot.window.sample_count << META_BITS) | meta
+        if version == slot.emitted_version:
+            return
+        slot.emitted_version = version
+        rows = finalize(
+            slot.window, lambda uid: self.pods.as_of(uid, as_of), self.settings.allocation, version
+        )
+        out.rows += rows
+        for row in rows:
+            if row.kind == KIND_USAGE:
+                out.partials.append(
+                    PodCostPartial(
+                        start,
+                        slot.device_uuid,
+                        row.pod_uid,
+                        row.cost_usd,
+                        slot.window.sample_count,
+                        version,
+                    )
+                )
+
+    def _expire(self, watermark: int) -> None:
+        horizon = watermark - self.settings.retention_ms - self.settings.window_ms
+        for start in [s for s in self._closed if s <= horizon]:
+            for device, slot in self._closed.pop(start).items():
+                for owner in slot.window.owners:
+                    keys = self._by_pod.get(owner)
+                    if keys is not None:
+                        keys.discard((start, device))
+                        if not keys:
+                            del self._by_pod[owner]
+
+    # ------------------------------------------------------------------ offsets
+
+    def commit_positions(self) -> dict[Partition, int]:
+        held: dict[Partition, int] = {}
+        for group in (self._open, self._closed):
+            for slots in group.values():
+                for slot in slots.values():
+                    for partition, offset in slot.held.items():
+                        hold(held, partition, offset)
+        return self.offsets.positions(held)
+
+    def revoke(self, partitions: Iterable[Partition]) -> None:
+        """Drop the state fed by partitions this worker no longer owns."""
+        lost = set(partitions)
+        for group in (self._open, self._closed):
+            for start in list(group):
+                slots = group[start]
+                for device in [d for d, s in slots.items() if set(s.held) & lost]:
+                    del slots[device]
+                if not slots:
+                    del group[start]
+        self._by_pod = {
+            uid: {k for k in keys if k[1] in self._closed.get(k[0], {})}
+            for uid, keys in self._by_pod.items()
+        }
+        self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
+        self.watermark.forget(lost)
+        self.offsets.forget(lost)
+
+    def closed_until_ms(self) -> int | None:
+        """Every window of this stage ending at or before this time has been emitted."""
+        return self._closed_until_ms
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(s) for s in self._open.values())

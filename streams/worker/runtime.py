@@ -1,0 +1,371 @@
+"""The worker's I/O: Kafka consumers feeding the two stages, the sinks, offsets and shutdown.
+
+Three loops share one event loop: the pods loop reads the compacted pods topic from the start
+(every worker holds all pod metadata, as a global table would), and one runner per stage
+consumes its topics in a consumer group, flushes output and commits what is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas.events import (
+    COST_WINDOWS_TOPIC,
+    DEAD_LETTER_TOPIC,
+    GPU_SAMPLE_TYPE,
+    GPU_SAMPLES_TOPIC,
+    POD_TYPE,
+    PODS_TOPIC,
+    TOKEN_COST_WINDOWS_TOPIC,
+    TOKENS_TOPIC,
+    TOKENS_TYPE,
+    Ok,
+    Rejected,
+    decode_event,
+)
+from streams.kafka_io import KafkaSettings
+from streams.labels import PodHistory
+from streams.metrics import WorkerMetrics
+from streams.worker.device_stage import DUPLICATE, LATE, TOO_LATE, DeviceStage
+from streams.worker.pod_stage import PodStage, decode_internal, encode_marker
+from streams.worker.sinks import Outbox, Sinks, dead_letter_key, dead_letter_message, row_message
+
+log = logging.getLogger("gpuledger.worker")
+
+MARKER_ALL_IDLE_MS = 2**62  # "this sample partition has nothing": lets stage two move on
+
+
+@dataclass
+class DeadLetterLog:
+    """Keys already in the dead-letter topic, so a replay does not write a record twice."""
+
+    seen: set[bytes] = field(default_factory=set)
+
+    def add(self, outbox: Outbox, msg: ConsumerRecord, reason: str, detail: str) -> bool:
+        key = dead_letter_key(msg.topic, msg.partition, msg.offset)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        outbox.messages.append(
+            dead_letter_message(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                msg.key,
+                msg.value,
+                reason,
+                detail,
+                time.time(),
+            )
+        )
+        return True
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.runner.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.runner.assigned_at_s = time.monotonic()
+
+
+class StageRunner:
+    """Consumes one stage's topics, feeds the stage, flushes the outbox, commits offsets."""
+
+    def __init__(
+        self,
+        name: str,
+        consumer: AIOKafkaConsumer,
+        handle: Callable[[ConsumerRecord, float, Outbox], None],
+        poll: Callable[[float, bool, Outbox], None],
+        positions: Callable[[], dict[tuple[str, int], int]],
+        revoke: Callable[[set[tuple[str, int]]], None],
+        sinks: Sinks,
+        metrics: WorkerMetrics,
+        *,
+        flush_interval_s: float,
+        max_outbox: int,
+    ) -> None:
+        self.name = name
+        self.consumer = consumer
+        self.handle = handle
+        self.poll = poll
+        self.positions = positions
+        self.revoke = revoke
+        self.sinks = sinks
+        self.metrics = metrics
+        self.flush_interval_s = flush_interval_s
+        self.max_outbox = max_outbox
+        self.outbox = Outbox()
+        self.lock = asyncio.Lock()
+        self.assigned_at_s = time.monotonic()
+        self.last_record_s = time.monotonic()
+        self.records = 0
+        self._last_flush_s = time.monotonic()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                batch = await self.consumer.getmany(timeout_ms=200, max_records=5000)
+            except KafkaError as exc:
+                log.warning("%s: fetch failed: %s", self.name, exc)
+                await asyncio.sleep(1)
+                continue
+            async with self.lock:
+                now = time.time()
+                for tp, records in batch.items():
+                    for msg in records:
+                        self.handle(msg, now, self.outbox)
+                    self.records += len(records)
+                    self.last_record_s = time.monotonic()
+                    if records:
+                        self._update_lag(tp, records[-1].offset + 1)
+                self.poll(now, False, self.outbox)
+                due = time.monotonic() - self._last_flush_s >= self.flush_interval_s
+                if len(self.outbox) >= self.max_outbox or (due and len(self.outbox)) or due:
+                    await self._flush()
+
+    async def drain(self) -> None:
+        """Close every open window now (end of a bounded run) and make it durable."""
+        async with self.lock:
+            self.poll(time.time(), True, self.outbox)
+            await self._flush()
+
+    async def final_flush(self) -> None:
+        async with self.lock:
+            await self._flush()
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self.lock:
+            await self._flush()
+            self.revoke({(tp.topic, tp.partition) for tp in revoked})
+
+    async def _flush(self) -> None:
+        self._last_flush_s = time.monotonic()
+        outbox = self.outbox.take()
+        if len(outbox) and not await self.sinks.write(outbox, self.name):
+            self.outbox = outbox  # stopping before it was durable: nothing is committed
+            return
+        await self._commit()
+
+    async def _commit(self) -> None:
+        assigned = self.consumer.assignment()
+        offsets = {
+            TopicPartition(topic, partition): offset
+            for (topic, partition), offset in self.positions().items()
+            if TopicPartition(topic, partition) in assigned
+        }
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            log.info("%s: commit deferred (%s); the next flush retries", self.name, exc)
+
+    def _update_lag(self, tp: TopicPartition, next_offset: int) -> None:
+        highwater = self.consumer.highwater(tp)
+        if highwater is not None:
+            lag = max(highwater - next_offset, 0)
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+
+
+class StageHandlers:
+    """Record handling and polling for both stages: decode, dead-letter, count, feed."""
+
+    def __init__(
+        self,
+        devices: DeviceStage,
+        pods_stage: PodStage,
+        pods: PodHistory,
+        metrics: WorkerMetrics,
+        dead_letters: DeadLetterLog,
+        internal_topic: str,
+        sample_partitions: Callable[[], int],
+        owned_sample_partitions: Callable[[], list[int]],
+        internal_partitions: Callable[[], int],
+    ) -> None:
+        self.devices = devices
+        self.pods_stage = pods_stage
+        self.pods = pods
+        self.metrics = metrics
+        self.dead_letters = dead_letters
+        self.internal_topic = internal_topic
+        self.sample_partitions = sample_partitions
+        self.owned_sample_partitions = owned_sample_partitions
+        self.internal_partitions = internal_partitions
+        self.window_s = devices.settings.allocation.window_s
+        self._markers_sent: dict[int, int] = {}
+        self._idle_since_s: float | None = None
+
+    def _reject(self, msg: ConsumerRecord, outbox: Outbox, reason: str, detail: str) -> None:
+        self.metrics.rejected.labels(msg.topic, reason).inc()
+        if self.dead_letters.add(outbox, msg, reason, detail):
+            self.metrics.dead_letters.labels(msg.topic, reason).inc()
+
+    def _decode(self, msg: ConsumerRecord, expected_type: str, outbox: Outbox) -> Ok | None:  # type: ignore[type-arg]
+        decoded = decode_event(msg.value)
+        if isinstance(decoded, Rejected):
+            self._reject(msg, outbox, decoded.reason, decoded.detail)
+            return None
+        if decoded.event.type != expected_type:
+            self._reject(
+                msg, outbox, "wrong_topic", f"{decoded.event.type} does not belong on {msg.topic}"
+            )
+            return None
+        return decoded
+
+    def _count(self, topic: str, status: str, msg: ConsumerRecord, outbox: Outbox) -> None:
+        if status == DUPLICATE:
+            self.metrics.duplicates.labels(topic).inc()
+        elif status == TOO_LATE:
+            self._reject(msg, outbox, "too_late", "event time is older than the retention")
+        else:
+            self.metrics.events.labels(topic).inc()
+            if status == LATE:
+                self.metrics.late.labels(topic).inc()
+
+    # ------------------------------------------------------------------ stage one
+
+    def handle_sample(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
+        tp = (msg.topic, msg.partition)
+        decoded = self._decode(msg, GPU_SAMPLE_TYPE, outbox)
+        if decoded is None:
+            self.devices.skip(tp, msg.offset)
+            return
+        status, split = self.devices.add_sample(tp, msg.offset, decoded.event, now_s)
+        if split is not None and not split.known_model:
+            self.metrics.unknown_model.labels(split.sample.gpu_model).inc()
+        self._count(msg.topic, status, msg, outbox)
+
+    def poll_devices(self, now_s: float, drain: bool, outbox: Outbox) -> None:
+        if drain:
+            now_s += self.devices.settings.idle_flush_s + 1
+        out = self.devices.poll(now_s)
+        for row in out.rows:
+            outbox.rows.append(row)
+            outbox.messages.append(row_message(COST_WINDOWS_TOPIC, row))
+        for partial in out.partials:
+            outbox.messages.append(
+                (self.internal_topic, partial.pod_uid.encode(), partial.encode(), None)
+            )
+        if out.rows:
+            self.metrics.rows_emitted(out.rows, self.window_s, time.time())
+        self.metrics.open_windows.set(self.devices.open_windows)
+        self._send_markers(now_s, drain, outbox)
+
+    def _send_markers(self, now_s: float, drain: bool, outbox: Outbox) -> None:
+        """Tell stage two, on every internal partition, how far each owned sample partition
+        has emitted. A worker with no sample data says so once it has been idle a while."""
+        owned = self.owned_sample_partitions()
+        total = self.sample_partitions()
+        if not owned or not total:
+            return
+        closed = self.devices.closed_until_ms()
+        if closed is None:
+            if self._idle_since_s is None:
+                self._idle_since_s = now_s
+            if not drain and now_s - self._idle_since_s < self.devices.settings.idle_flush_s:
+                return
+            closed = MARKER_ALL_IDLE_MS
+        internal_partitions = self.internal_partitions()
+        for source in owned:
+            if self._markers_sent.get(source) == closed:
+                continue
+            self._markers_sent[source] = closed
+            body = encode_marker(source, total, closed)
+            for partition in range(internal_partitions):
+                outbox.messages.append((self.internal_topic, b"marker", body, partition))
+
+    # ------------------------------------------------------------------ stage two
+
+    def handle_pod_stage(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
+        tp = (msg.topic, msg.partition)
+        if msg.topic == self.internal_topic:
+            status = self.pods_stage.add_internal(tp, msg.offset, decode_internal(msg.value), now_s)
+            if status == TOO_LATE:
+                self.pods_stage.skip(tp, msg.offset)
+            return
+        decoded = self._decode(msg, TOKENS_TYPE, outbox)
+        if decoded is None:
+            self.pods_stage.skip(tp, msg.offset)
+            return
+        status = self.pods_stage.add_tokens(tp, msg.offset, decoded.event, now_s)
+        self._count(msg.topic, status, msg, outbox)
+
+    def poll_pod_stage(self, now_s: float, drain: bool, outbox: Outbox) -> None:
+        if drain:
+            now_s += self.devices.settings.idle_flush_s + 1
+        out = self.pods_stage.poll(now_s)
+        outbox.rows += out.token_rows
+        for row in out.cost_rows:
+            outbox.rows.append(row)
+            outbox.messages.append(row_message(TOKEN_COST_WINDOWS_TOPIC, row))
+
+    # ------------------------------------------------------------------ pods
+
+    def handle_pod(self, msg: ConsumerRecord, outbox: Outbox) -> None:
+        decoded = self._decode(msg, POD_TYPE, outbox)
+        if decoded is None:
+            return
+        event = decoded.event
+        if not self.pods.add(event.id, event.time_ms, event.data):
+            self.metrics.duplicates.labels(msg.topic).inc()
+            return
+        self.metrics.events.labels(msg.topic).inc()
+        self.devices.on_pod_event(event.data.uid, event.time_ms)
+        self.pods_stage.on_pod_event(event.data.uid, event.time_ms)
+
+
+def topics_for(internal_topic: str) -> tuple[list[str], list[str]]:
+    """Topics of stage one and stage two."""
+    return [GPU_SAMPLES_TOPIC], [TOKENS_TOPIC, internal_topic]
+
+
+def stage_consumer(
+    settings: KafkaSettings, group_id: str, *, co_partitioned: bool, **kwargs: object
+) -> AIOKafkaConsumer:
+    strategy = (RangePartitionAssignor,) if co_partitioned else None
+    extra: dict[str, object] = {"partition_assignment_strategy": strategy} if strategy else {}
+    return AIOKafkaConsumer(
+        **settings.client_kwargs(),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=3_600_000,  # a sink retrying through an outage is not a dead worker
+        isolation_level="read_committed" if settings.idempotent else "read_uncommitted",
+        **extra,
+        **kwargs,
+    )
+
+
+def all_partitions_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
+    """A consumer outside any group, for topics every worker reads whole."""
+    return AIOKafkaConsumer(
+        **settings.client_kwargs(),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+
+
+__all__ = [
+    "DEAD_LETTER_TOPIC",
+    "PODS_TOPIC",
+    "DeadLetterLog",
+    "StageHandlers",
+    "StageRunner",
+    "all_partitions_consumer",
+    "stage_consumer",
+    "topics_for",
+]

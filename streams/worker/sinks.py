@@ -1,0 +1,135 @@
+"""Where the worker's output goes: ClickHouse (batched, off the event loop, retried) and Kafka
+(billing topics, the internal pod-costs topic, dead letters).
+
+The order is the guarantee: insert into ClickHouse, then produce to Kafka and wait for every
+acknowledgement, and only then commit input offsets. A crash anywhere before the commit replays
+the input, which rewrites the same keys with the same versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from schemas.events import DEAD_LETTER_TOPIC, format_time
+from streams.metrics import WorkerMetrics
+from streams.rows import Row, as_json
+from streams.store import ClickHouseStore
+
+log = logging.getLogger("gpuledger.worker")
+
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class Outbox:
+    """Output waiting for the next flush."""
+
+    rows: list[Row] = field(default_factory=list)
+    # (topic, key, value, partition or None for the key's default partition)
+    messages: list[tuple[str, bytes, bytes, int | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.messages)
+
+    def take(self) -> Outbox:
+        taken = Outbox(self.rows, self.messages)
+        self.rows, self.messages = [], []
+        return taken
+
+
+Message = tuple[str, bytes, bytes, int | None]
+
+
+def row_message(topic: str, row: Row) -> Message:
+    return topic, row.key.encode(), orjson.dumps(as_json(row)), None
+
+
+def dead_letter_message(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    detail: str,
+    now_s: float,
+) -> Message:
+    """The original bytes travel base64-encoded beside where they came from and why."""
+    body = {
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "reason": reason,
+        "detail": detail,
+        "key_base64": base64.b64encode(key).decode() if key is not None else None,
+        "value_base64": base64.b64encode(value).decode() if value is not None else None,
+        "dead_lettered_at": format_time(int(now_s * 1000)),
+    }
+    return DEAD_LETTER_TOPIC, dead_letter_key(topic, partition, offset), orjson.dumps(body), None
+
+
+def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
+    return f"{topic}|{partition}|{offset}".encode()
+
+
+class Sinks:
+    """Writes an outbox durably, retrying with backoff until it succeeds or `stopping` is set.
+
+    While a write is retried the caller does not consume: back-pressure instead of memory."""
+
+    def __init__(
+        self,
+        store: ClickHouseStore,
+        producer: AIOKafkaProducer,
+        metrics: WorkerMetrics,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.store = store
+        self.producer = producer
+        self.metrics = metrics
+        self.stopping = stopping
+        self._batch = 0
+
+    async def write(self, outbox: Outbox, label: str) -> bool:
+        """True once everything is durable; False if stopping interrupted the retries."""
+        self._batch += 1
+        token = f"{label}:{time.time_ns()}:{self._batch}"
+        if outbox.rows and not await self._retry(
+            "clickhouse",
+            lambda: asyncio.to_thread(self.store.insert_rows, outbox.rows, dedup_token=token),
+        ):
+            return False
+        return not outbox.messages or await self._retry("kafka", lambda: self._produce(outbox))
+
+    async def _produce(self, outbox: Outbox) -> None:
+        futures = [
+            await self.producer.send(topic, value=value, key=key, partition=partition)
+            for topic, key, value, partition in outbox.messages
+        ]
+        await asyncio.gather(*futures)
+
+    async def _retry(self, sink: str, attempt: object) -> bool:
+        backoff = 0.2
+        while True:
+            started = time.perf_counter()
+            try:
+                await attempt()  # type: ignore[operator]
+            except Exception as exc:  # any failure of the sink is retried, never dropped
+                self.metrics.sink_failures.labels(sink).inc()
+                log.warning("%s write failed, retrying in %.1f s: %s", sink, backoff, exc)
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
+                    return False
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            self.metrics.sink_batch.labels(sink).observe(time.perf_counter() - started)
+            return True
