@@ -29,8 +29,8 @@ def export_bytes(export: ChargebackExport, fmt: str) -> bytes:
 
 def to_parquet(export: ChargebackExport) -> bytes:
     try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         raise ConfigError("focus-parquet needs pyarrow (pip install pyarrow)") from None
     records = export.records()

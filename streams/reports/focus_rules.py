@@ -177,9 +177,13 @@ def check_rows(rows: Iterable[Mapping[str, Any]]) -> list[str]:
                 bad("a Usage charge needs ConsumedQuantity and ConsumedUnit")
         unit_price = _decimal(row.get("ListUnitPrice"))
         list_cost = _decimal(row.get("ListCost"))
-        if unit_price is not None and quantity is not None and list_cost is not None:
-            if abs(unit_price * quantity - list_cost) > Decimal("0.01"):
-                bad("ListUnitPrice x PricingQuantity differs from ListCost by more than a cent")
+        if (
+            unit_price is not None
+            and quantity is not None
+            and list_cost is not None
+            and abs(unit_price * quantity - list_cost) > Decimal("0.01")
+        ):
+            bad("ListUnitPrice x PricingQuantity differs from ListCost by more than a cent")
         billed, effective = _decimal(row.get("BilledCost")), _decimal(row.get("EffectiveCost"))
         if billed is not None and effective is not None and billed != effective:
             bad("EffectiveCost differs from BilledCost without any discount")

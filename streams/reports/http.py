@@ -1,0 +1,79 @@
+"""Reports over HTTP, for the process that owns an embedded data folder (SPEC section 6):
+`handle_report_request(store, path, query)` answers
+
+    GET /report/showback?from=..&to=..&by=team&format=json|csv|table
+    GET /report/tags?from=..&to=..&format=..
+    GET /report/unit-economics?from=..&to=..&format=..
+    GET /report/html?from=..&to=..
+    GET /export/chargeback?period=2026-11&format=focus-csv|focus-parquet|json
+
+with (status, content type, body). Bad parameters give 400 and one line of text; a store
+failure gives 503.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from schemas.errors import ConfigError, StoreError
+from streams.reports.chargeback import ChargebackSettings, chargeback
+from streams.reports.focus_files import export_bytes
+from streams.reports.html_report import html_report
+from streams.reports.params import EXPORT_FORMATS, FORMATS, check_choice, parse_month, parse_period
+from streams.reports.render import Report, render
+from streams.reports.showback import showback
+from streams.reports.tags import tag_compliance
+from streams.reports.unit_economics import unit_economics
+from streams.store import ClickHouseStore
+
+TEXT = "text/plain; charset=utf-8"
+CONTENT_TYPES = {
+    "table": TEXT,
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "focus-csv": "text/csv; charset=utf-8",
+    "focus-parquet": "application/vnd.apache.parquet",
+}
+REPORT_PATHS = (
+    "/report/showback",
+    "/report/tags",
+    "/report/unit-economics",
+    "/report/html",
+    "/export/chargeback",
+)
+
+
+def handle_report_request(
+    store: ClickHouseStore,
+    path: str,
+    query: Mapping[str, str],
+    *,
+    settings: ChargebackSettings | None = None,
+    now_ms: int | None = None,
+) -> tuple[int, str, bytes]:
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    try:
+        if path == "/export/chargeback":
+            fmt = check_choice(query.get("format", "focus-csv"), EXPORT_FORMATS, "format")
+            period = parse_month(query.get("period", ""))
+            export = chargeback(store, period, settings)
+            return 200, CONTENT_TYPES[fmt], export_bytes(export, fmt)
+        period = parse_period(query.get("from"), query.get("to"), now_ms=now)
+        if path == "/report/html":
+            return 200, "text/html; charset=utf-8", html_report(store, period).encode()
+        fmt = check_choice(query.get("format", "json"), FORMATS, "format")
+        report: Report
+        if path == "/report/showback":
+            report = showback(store, period, query.get("by", "team"))
+        elif path == "/report/tags":
+            report = tag_compliance(store, period)
+        elif path == "/report/unit-economics":
+            report = unit_economics(store, period)
+        else:
+            return 404, TEXT, f"no report at {path}; try {', '.join(REPORT_PATHS)}\n".encode()
+        return 200, CONTENT_TYPES[fmt], render(report, fmt).encode("utf-8")
+    except ConfigError as exc:
+        return 400, TEXT, f"{exc}\n".encode()
+    except StoreError as exc:
+        return 503, TEXT, f"{exc}\n".encode()
