@@ -1,0 +1,313 @@
+"""Every report checked against totals computed here, independently, from the raw rows; with
+replays and corrections, rollups on and off, empty and idle-only periods, non-ASCII labels."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
+
+import pytest
+from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, corrected, fresh_store
+
+from streams.reports.chargeback import chargeback
+from streams.reports.focus_files import export_bytes
+from streams.reports.focus_rules import check_rows
+from streams.reports.http import handle_report_request
+from streams.reports.params import Period, parse_month
+from streams.reports.render import to_csv, to_json
+from streams.reports.showback import showback
+from streams.reports.tags import tag_compliance
+from streams.reports.unit_economics import unit_economics
+from streams.rollups import read_horizon, seal_hours, unseal_from
+from streams.rows import CostRow, Row, TokenCostRow
+from streams.store import ClickHouseStore
+
+HOURS = 5
+PERIOD = Period(T0_MS, T0_MS + HOURS * HOUR_MS)
+CENT = Decimal("0.01")
+
+
+def latest(rows: list[Row]) -> list[Row]:
+    """What FINAL shows: per table and key, the row with the highest version (last wins)."""
+    best: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        k = (r.TABLE, r.key)
+        if k not in best or r.version >= best[k].version:
+            best[k] = r
+    return list(best.values())
+
+
+@pytest.fixture(scope="module")
+def loaded() -> tuple[ClickHouseStore, list[Row]]:
+    store = fresh_store()
+    original = cluster_rows(hours=HOURS)
+    replay = original[: len(original) // 2]  # a replay: same keys, same version
+    fix = corrected(original[len(original) // 3 :])  # corrections: higher version
+    for batch in (original, replay, fix):
+        store.insert_rows(batch)
+    return store, latest(original + replay + fix)
+
+
+def expected_by(rows: list[Row], dim: str, period: Period = PERIOD) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = defaultdict(Decimal)
+    for r in rows:
+        if isinstance(r, CostRow) and period.start_ms <= r.window_start_ms < period.end_ms:
+            if r.kind == "idle":
+                out["(idle)"] += r.cost_usd
+            elif r.kind == "host":
+                out["(host)"] += r.cost_usd
+            else:
+                out[getattr(r, dim)] += r.cost_usd
+    return dict(out)
+
+
+def report_by(report: object) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = defaultdict(Decimal)
+    for line in report.lines:  # type: ignore[attr-defined]
+        name = {"idle": "(idle)", "host": "(host)"}.get(line.line_kind, line.key)
+        out[name] += line.cost_usd
+    return dict(out)
+
+
+@pytest.mark.parametrize("use_rollups", [False, True])
+@pytest.mark.parametrize("dim", ["team", "product", "namespace", "cost_center"])
+def test_showback_matches_raw_rows(loaded, dim: str, use_rollups: bool) -> None:
+    store, rows = loaded
+    if use_rollups:
+        seal_hours(store, T0_MS + 3 * HOUR_MS + HOUR_MS)  # hours 0-2 sealed, 3-4 base rows
+    report = showback(store, PERIOD, dim, use_rollups=use_rollups)
+    assert report_by(report) == expected_by(rows, dim)
+    total = sum(r.cost_usd for r in rows if isinstance(r, CostRow))
+    assert report.total_usd == total
+    assert report.reconciles
+    assert sum(line.cost_cents_usd for line in report.lines) == total.quantize(CENT, ROUND_HALF_UP)
+    secs = sum(r.device_seconds for r in rows if isinstance(r, CostRow))
+    assert report.gpu_hours == pytest.approx(secs / 3600)
+
+
+def test_showback_by_model_splits_pod_cost_by_token_rows(loaded) -> None:
+    store, rows = loaded
+    report = showback(store, PERIOD, "model")
+    got = report_by(report)
+    for model in ("llama-3-70b", "mistral-7b", "llama-3-8b"):
+        want = sum(r.cost_usd for r in rows if isinstance(r, TokenCostRow) and r.model == model)
+        assert got[model] == want
+        tokens = sum(
+            r.prompt_tokens + r.completion_tokens
+            for r in rows
+            if isinstance(r, TokenCostRow) and r.model == model
+        )
+        line = next(x for x in report.lines if x.key == model)
+        assert line.tokens == tokens
+    assert report.total_usd == sum(r.cost_usd for r in rows if isinstance(r, CostRow))
+    assert report.reconciles
+
+
+def test_corrections_are_not_double_counted_by_rollups(loaded) -> None:
+    store, rows = loaded
+    seal_hours(store, T0_MS + 10 * HOUR_MS)
+    seal_hours(store, T0_MS + 10 * HOUR_MS)  # again: idempotent
+    assert read_horizon(store) == T0_MS + 9 * HOUR_MS
+    # one more correction of an already sealed hour, then unseal and reseal that hour
+    target = next(r for r in rows if isinstance(r, CostRow) and r.kind == "usage")
+    bumped = dataclasses.replace(target, cost_usd=target.cost_usd + 1, version=target.version + 5)
+    store.insert_rows([bumped])
+    unseal_from(store, target.window_start_ms)
+    seal_hours(store, T0_MS + 10 * HOUR_MS)
+    new_rows = latest([*rows, bumped])
+    for use_rollups in (True, False):
+        report = showback(store, PERIOD, "team", use_rollups=use_rollups)
+        assert report_by(report) == expected_by(new_rows, "team")
+    store.insert_rows(
+        [dataclasses.replace(bumped, cost_usd=target.cost_usd, version=bumped.version + 1)]
+    )
+    unseal_from(store, target.window_start_ms)
+    seal_hours(store, T0_MS + 10 * HOUR_MS)
+
+
+def test_partial_hours_read_base_rows() -> None:
+    store = fresh_store()
+    rows = cluster_rows(hours=3)
+    store.insert_rows(rows)
+    seal_hours(store, T0_MS + 5 * HOUR_MS)
+    period = Period(T0_MS + 17 * MIN_MS, T0_MS + 2 * HOUR_MS + 29 * MIN_MS)
+    a = showback(store, period, "team", use_rollups=True)
+    b = showback(store, period, "team", use_rollups=False)
+    assert report_by(a) == report_by(b) == expected_by(rows, "team", period)
+
+
+def test_empty_period(loaded) -> None:
+    store, _ = loaded
+    empty = Period(T0_MS - 10 * HOUR_MS, T0_MS - 9 * HOUR_MS)
+    report = showback(store, empty, "team")
+    assert report.lines == () and report.total_usd == 0 and report.reconciles
+    assert "total" in to_json(report)
+    assert tag_compliance(store, empty).untagged_usd == 0
+    assert unit_economics(store, empty).lines == ()
+    export = chargeback(store, Period(empty.start_ms, empty.end_ms))
+    assert export.rows == () and export.total_cents_usd == 0
+
+
+def test_idle_only_period() -> None:
+    store = fresh_store()
+    idle = [r for r in cluster_rows(hours=1) if isinstance(r, CostRow) and r.kind == "idle"]
+    store.insert_rows(idle)
+    report = showback(store, PERIOD, "team")
+    assert [line.line_kind for line in report.lines] == ["idle"]
+    assert report.idle_usd == report.total_usd == sum(r.cost_usd for r in idle)
+    export = chargeback(store, parse_month("2026-11"))
+    assert {r["x_CostKind"] for r in export.rows} == {"idle"}
+    assert all(r["AllocatedResourceId"] is None for r in export.rows)
+    assert check_rows(export.records()) == []
+    assert unit_economics(store, PERIOD).lines == ()
+
+
+def test_tags_report_matches_raw_rows(loaded) -> None:
+    store, rows = loaded
+    report = tag_compliance(store, PERIOD)
+    usage = [r for r in rows if isinstance(r, CostRow) and r.kind == "usage"]
+    untagged = [r for r in usage if "__untagged__" in (r.team, r.product, r.cost_center)]
+    assert report.untagged_usd == sum(r.cost_usd for r in untagged)
+    assert report.usage_usd == sum(r.cost_usd for r in usage)
+    missing = {k.label_key: k.cost_usd for k in report.missing_keys}
+    assert missing["team"] == sum(r.cost_usd for r in usage if r.team == "__untagged__")
+    assert missing["cost-center"] == sum(
+        r.cost_usd for r in usage if r.cost_center == "__untagged__"
+    )
+    assert report.pods[0].pod == "notebook-7"
+    assert report.pods[0].missing_keys[-1] == "cost-center"
+    assert [n.namespace for n in report.namespaces] == ["sandbox"]
+
+
+def test_unit_economics_matches_raw_rows(loaded) -> None:
+    store, rows = loaded
+    report = unit_economics(store, PERIOD)
+    cpt = [r for r in rows if isinstance(r, TokenCostRow)]
+    costs = [r for r in rows if isinstance(r, CostRow)]
+    usage = sum(r.cost_usd for r in costs if r.kind == "usage")
+    idle = sum(r.cost_usd for r in costs if r.kind == "idle")
+    # Per hour: allocation basis = token cost x (usage + idle) / usage of that hour.
+    want_alloc = Decimal(0)
+    for h in range(HOURS):
+        lo, hi = T0_MS + h * HOUR_MS, T0_MS + (h + 1) * HOUR_MS
+        u = sum(r.cost_usd for r in costs if r.kind == "usage" and lo <= r.window_start_ms < hi)
+        i = sum(r.cost_usd for r in costs if r.kind == "idle" and lo <= r.window_start_ms < hi)
+        t = sum(r.cost_usd for r in cpt if lo <= r.window_start_ms < hi)
+        want_alloc += t * (u + i) / u
+    got_alloc = sum(line.allocation.cost_usd for line in report.lines)
+    assert abs(got_alloc - want_alloc) < Decimal("1e-9")
+    assert sum(line.usage.cost_usd for line in report.lines) == sum(r.cost_usd for r in cpt)
+    assert usage > 0 and idle > 0
+    line = next(x for x in report.lines if x.model == "llama-3-70b")
+    tokens = sum(r.prompt_tokens + r.completion_tokens for r in cpt if r.model == "llama-3-70b")
+    requests = sum(r.requests for r in cpt if r.model == "llama-3-70b")
+    assert line.tokens == tokens and line.requests == requests
+    assert line.usage.cost_per_1m_tokens_usd == (line.usage.cost_usd * 1_000_000 / tokens).quantize(
+        Decimal("1e-6"), ROUND_HALF_UP
+    )
+    assert line.split_basis == "time"
+    assert len(line.trend) == HOURS
+    assert "ESTIMATE" in "".join(n for t in report.table() for n in t.notes)
+
+
+def test_chargeback_lines_reconcile_to_the_cent(loaded) -> None:
+    store, rows = loaded
+    export = chargeback(store, parse_month("2026-11"))
+    assert check_rows(export.records()) == []
+    costs = [r for r in rows if isinstance(r, CostRow)]
+    total = sum(r.cost_usd for r in costs)
+    assert export.total_usd == total
+    billed = sum(r["BilledCost"] for r in export.rows)
+    assert billed == total.quantize(CENT, ROUND_HALF_UP) == export.total_cents_usd
+    assert sum(r["x_UnroundedCost"] for r in export.rows) == total
+    for row in export.rows:  # largest remainder: each line within a cent of its exact amount
+        assert abs(row["BilledCost"] - row["x_UnroundedCost"]) < CENT
+    kinds = defaultdict(Decimal)
+    for row in export.rows:
+        kinds[row["x_CostKind"]] += row["x_UnroundedCost"]
+    assert kinds["idle"] == sum(r.cost_usd for r in costs if r.kind == "idle")
+    assert kinds["host"] == sum(r.cost_usd for r in costs if r.kind == "host")
+    by_model = defaultdict(Decimal)
+    for row in export.rows:
+        by_model[row["x_Model"]] += row["x_UnroundedCost"]
+    cpt = [r for r in rows if isinstance(r, TokenCostRow)]
+    assert by_model["llama-3-70b"] == sum(r.cost_usd for r in cpt if r.model == "llama-3-70b")
+    assert any(
+        r["x_Team"] == "récommandations" and r["x_Product"] == "猫-feed" for r in export.rows
+    )
+    # tokens of every model land on exactly one line
+    for model in ("llama-3-70b", "mistral-7b", "llama-3-8b"):
+        want = sum(r.prompt_tokens for r in cpt if r.model == model)
+        assert sum(r["x_PromptTokens"] for r in export.rows if r["x_Model"] == model) == want
+
+
+def test_chargeback_files_pass_the_focus_rules(loaded) -> None:
+    store, _ = loaded
+    export = chargeback(store, parse_month("2026-11"))
+    rows_csv = list(csv.DictReader(io.StringIO(export_bytes(export, "focus-csv").decode())))
+    assert check_rows(rows_csv) == []
+    assert "猫-feed" in rows_csv[0]["AllocatedTags"] + rows_csv[1]["AllocatedTags"]
+    doc = json.loads(export_bytes(export, "json"))
+    assert doc["focus_version"] == "1.3" and check_rows(doc["rows"]) == []
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(export_bytes(export, "focus-parquet")))
+    parquet_rows = table.to_pylist()
+    for r in parquet_rows:
+        for col in (
+            "BillingPeriodStart",
+            "BillingPeriodEnd",
+            "ChargePeriodStart",
+            "ChargePeriodEnd",
+        ):
+            r[col] = r[col].strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert check_rows(parquet_rows) == []
+    assert sum(r["BilledCost"] for r in parquet_rows) == export.total_cents_usd
+
+
+def test_focus_rules_catch_a_broken_export(loaded) -> None:
+    store, _ = loaded
+    records = chargeback(store, parse_month("2026-11")).records()
+    broken = [dict(r) for r in records]
+    broken[0]["ChargeCategory"] = "Use"
+    broken[1]["BillingPeriodStart"] = "2026-11-01"
+    broken[2]["AllocatedMethodDetails"] = (
+        broken[2]["AllocatedMethodDetails"]
+        .replace('"AllocatedRatio":', '"AllocatedRatio":0.5', 1)
+        .replace("0.50.", "0.5", 1)
+    )
+    del broken[3]["BilledCost"]
+    problems = check_rows(broken)
+    assert any("ChargeCategory" in p for p in problems)
+    assert any("BillingPeriodStart" in p for p in problems)
+    assert any("mandatory column BilledCost" in p for p in problems)
+
+
+def test_http_handler(loaded) -> None:
+    store, _ = loaded
+    status, ctype, body = handle_report_request(
+        store,
+        "/report/showback",
+        {"from": "2026-11-01", "to": "2026-11-01T05:00:00Z", "by": "team", "format": "csv"},
+    )
+    assert status == 200 and ctype.startswith("text/csv")
+    assert to_csv(showback(store, PERIOD, "team")) == body.decode()
+    status, _, body = handle_report_request(store, "/report/showback", {"by": "colour"})
+    assert status == 400 and body.decode().count("\n") == 1 and "colour" in body.decode()
+    status, _, _ = handle_report_request(
+        store, "/report/tags", {"from": "2026-11-02", "to": "2026-11-01"}
+    )
+    assert status == 400
+    status, ctype, body = handle_report_request(
+        store, "/export/chargeback", {"period": "2026-11", "format": "focus-parquet"}
+    )
+    assert status == 200 and body[:4] == b"PAR1"
+    assert (
+        handle_report_request(store, "/report/html", {"from": "2026-11-01", "to": "2026-11-02"})[0]
+        == 200
+    )
+    assert handle_report_request(store, "/nope", {})[0] == 404
