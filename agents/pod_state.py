@@ -1,0 +1,176 @@
+"""The pod watcher's state: pods and namespaces as last seen, and what to publish when they
+change. Pure: it takes Kubernetes objects (dicts, as the API returns them) and returns
+`PodEmission`s; the watcher does the I/O.
+
+Only changes that matter downstream (node, labels, namespace labels, deletion) are emitted, so
+status churn does not flood the compacted topic. Event ids are `<uid>:<pod rv>:<namespace rv>`
+(or `<uid>:deleted`): stable when the same observation is re-sent, new for every change.
+A pod's first event carries its creation time, so metadata covers everything it ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from schemas.events import PodInfo
+
+
+@dataclass(frozen=True, slots=True)
+class PodEmission:
+    info: PodInfo
+    event_id: str
+    time_ms: int
+    kind: str  # added | updated | deleted
+
+
+@dataclass(frozen=True, slots=True)
+class _Pod:
+    uid: str
+    namespace: str
+    name: str
+    node: str
+    labels: Mapping[str, str]
+    resource_version: str
+    created_ms: int | None
+
+
+def _created_ms(meta: Mapping[str, Any]) -> int | None:
+    text = meta.get("creationTimestamp")
+    if not isinstance(text, str):
+        return None
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def _pod(obj: Mapping[str, Any]) -> _Pod | None:
+    meta = obj.get("metadata") or {}
+    uid = meta.get("uid")
+    if not uid or not meta.get("namespace") or not meta.get("name"):
+        return None
+    return _Pod(
+        uid=str(uid),
+        namespace=str(meta["namespace"]),
+        name=str(meta["name"]),
+        node=str((obj.get("spec") or {}).get("nodeName") or ""),
+        labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+        resource_version=str(meta.get("resourceVersion", "")),
+        created_ms=_created_ms(meta),
+    )
+
+
+class PodState:
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.pods: dict[str, _Pod] = {}
+        self.namespaces: dict[str, tuple[dict[str, str], str]] = {}  # labels, resourceVersion
+        self.published: dict[str, PodInfo] = {}
+
+    # --- namespaces ----------------------------------------------------------------------------
+
+    def apply_namespace(self, obj: Mapping[str, Any], now_ms: int) -> list[PodEmission]:
+        meta = obj.get("metadata") or {}
+        name = meta.get("name")
+        if not name:
+            return []
+        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+        self.namespaces[str(name)] = (labels, str(meta.get("resourceVersion", "")))
+        return self._emit_all([p for p in self.pods.values() if p.namespace == name], now_ms)
+
+    def delete_namespace(self, name: str) -> None:
+        self.namespaces.pop(name, None)  # its pods get their own DELETED events
+
+    def resync_namespaces(
+        self, items: Iterable[Mapping[str, Any]], now_ms: int
+    ) -> list[PodEmission]:
+        self.namespaces.clear()
+        out: list[PodEmission] = []
+        for obj in items:
+            meta = obj.get("metadata") or {}
+            if meta.get("name"):
+                labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+                self.namespaces[str(meta["name"])] = (labels, str(meta.get("resourceVersion", "")))
+        out.extend(self._emit_all(list(self.pods.values()), now_ms))
+        return out
+
+    # --- pods ----------------------------------------------------------------------------------
+
+    def apply_pod(self, event_type: str, obj: Mapping[str, Any], now_ms: int) -> list[PodEmission]:
+        pod = _pod(obj)
+        if pod is None:
+            return []
+        if event_type == "DELETED":
+            return self._delete(pod.uid, now_ms, pod)
+        self.pods[pod.uid] = pod
+        emission = self._emission(pod, now_ms)
+        return [emission] if emission is not None else []
+
+    def resync_pods(self, items: Iterable[Mapping[str, Any]], now_ms: int) -> list[PodEmission]:
+        """After a fresh list (start, or watch expiry with 410 Gone): emit what changed while we
+        were not watching, including deletions we never saw."""
+        listed: dict[str, _Pod] = {}
+        for obj in items:
+            pod = _pod(obj)
+            if pod is not None:
+                listed[pod.uid] = pod
+        out: list[PodEmission] = []
+        for uid in [u for u in self.pods if u not in listed]:
+            out.extend(self._delete(uid, now_ms, None))
+        self.pods.update(listed)
+        for pod in listed.values():
+            emission = self._emission(pod, now_ms)
+            if emission is not None:
+                out.append(emission)
+        return out
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _info(self, pod: _Pod) -> PodInfo:
+        ns_labels = self.namespaces.get(pod.namespace, ({}, ""))[0]
+        return PodInfo(
+            cluster=self.cluster,
+            uid=pod.uid,
+            namespace=pod.namespace,
+            name=pod.name,
+            node=pod.node,
+            labels=dict(pod.labels),
+            namespace_labels=dict(ns_labels),
+        )
+
+    def _emission(self, pod: _Pod, now_ms: int) -> PodEmission | None:
+        if not pod.node:
+            return None  # not scheduled yet: it cannot use a GPU
+        info = self._info(pod)
+        before = self.published.get(pod.uid)
+        if before == info:
+            return None
+        self.published[pod.uid] = info
+        ns_rv = self.namespaces.get(pod.namespace, ({}, ""))[1]
+        if before is None:
+            time_ms = pod.created_ms if pod.created_ms is not None else now_ms
+            kind = "added"
+        else:
+            time_ms, kind = now_ms, "updated"
+        return PodEmission(info, f"{pod.uid}:{pod.resource_version}:{ns_rv}", time_ms, kind)
+
+    def _delete(self, uid: str, now_ms: int, final: _Pod | None) -> list[PodEmission]:
+        self.pods.pop(uid, None)
+        before = self.published.pop(uid, None)
+        if before is None:
+            return []  # never published (never scheduled): nothing to retract
+        info = before
+        if final is not None and final.node:
+            info = self._info(final)
+        return [PodEmission(replace(info, deleted=True), f"{uid}:deleted", now_ms, "deleted")]
+
+    def _emit_all(self, pods: list[_Pod], now_ms: int) -> list[PodEmission]:
+        out = []
+        for pod in pods:
+            emission = self._emission(pod, now_ms)
+            if emission is not None:
+                out.append(emission)
+        return out

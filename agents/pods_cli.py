@@ -1,0 +1,118 @@
+"""`gpuledger pods`: the pod watcher. Publishes `io.gpuledger.pod.v1` to the compacted
+`gpuledger.pods` topic, keyed by pod uid, on every pod add, label or node change and delete.
+Run it once per cluster (a Deployment with one replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from agents.kube_client import KubeClient, KubeSettings, add_kube_options, kube_settings_from
+from agents.metrics import PodsMetrics
+from agents.pod_state import PodEmission, PodState
+from agents.pod_watcher import PodWatcher
+from agents.runtime import (
+    RunSettings,
+    add_run_options,
+    configure_logging,
+    make_publisher,
+    run_producer,
+    run_settings_from,
+)
+from schemas.errors import GpuledgerError
+from schemas.events import PODS_TOPIC, make_event
+
+DEFAULT_METRICS_PORT = 9110
+
+
+@dataclass(frozen=True, slots=True)
+class PodsConfig:
+    run: RunSettings  # interval_s: how often to list everything again
+    kube: KubeSettings
+    log_level: str = "INFO"
+
+
+def register(subparsers: Any, env: Mapping[str, str]) -> None:
+    parser = subparsers.add_parser(
+        "pods",
+        help="pod watcher: publish pod and namespace labels from the Kubernetes API",
+        description=__doc__,
+    )
+    add_run_options(
+        parser,
+        env,
+        prefix="PODS",
+        default_interval_s=300.0,
+        default_metrics_port=DEFAULT_METRICS_PORT,
+    )
+    add_kube_options(parser, env)
+    parser.add_argument("--log-level", default=env.get("GPULEDGER_LOG_LEVEL", "INFO"))
+    parser.set_defaults(handler=lambda args: main(pods_config_from(args, env)))
+
+
+def pods_config_from(args: argparse.Namespace, env: Mapping[str, str]) -> PodsConfig:
+    return PodsConfig(
+        run=run_settings_from(args, env), kube=kube_settings_from(args), log_level=args.log_level
+    )
+
+
+async def run_pods(config: PodsConfig, registry: CollectorRegistry | None = None) -> int:
+    registry = registry or CollectorRegistry()
+    metrics = PodsMetrics(registry, config.run.cluster)
+    publisher = make_publisher(config.run, PODS_TOPIC, metrics.buffer)
+    source = f"gpuledger/pods/{config.run.cluster}"
+
+    def emit(emission: PodEmission) -> None:
+        event = make_event(
+            emission.info, event_id=emission.event_id, source=source, time_ms=emission.time_ms
+        )
+        publisher.publish(PODS_TOPIC, emission.info.uid, event)
+
+    client = KubeClient(config.kube)
+    await client.start()
+    watcher = PodWatcher(client, PodState(config.run.cluster), emit, metrics)
+    first = [True]
+
+    async def one_pass() -> None:
+        if first[0]:
+            first[0] = False  # the watcher's own start lists everything
+            return
+        if watcher.synced:
+            try:
+                await watcher.resync()
+            except GpuledgerError:
+                metrics.api_error("resync")
+
+    def health() -> tuple[bool, str]:
+        if not watcher.synced:
+            return False, "initial list not done"
+        age = time.time() - (watcher.last_contact_s or 0)
+        if age > 2 * watcher.watch_timeout_s:
+            return False, f"no answer from the API server for {age:.0f} s"
+        return True, f"ok: {len(watcher.state.pods)} pods"
+
+    try:
+        return await run_producer(
+            config.run, registry, publisher, health, one_pass, background=[watcher.run]
+        )
+    finally:
+        await client.close()
+
+
+def main(config: PodsConfig) -> int:
+    configure_logging(config.log_level)
+    try:
+        return asyncio.run(run_pods(config))
+    except GpuledgerError as exc:
+        print(f"gpuledger pods: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
