@@ -8,10 +8,13 @@ names the URL where that process serves the same report).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -140,7 +143,20 @@ def _open(args: argparse.Namespace) -> ClickHouseStore:
     dsn: str = args.clickhouse
     if "://" not in dsn:
         raise ConfigError(f"--clickhouse {dsn!r} is not chdb:///path or http(s)://host:port/db")
-    store = ClickHouseStore(dsn)
+    # clickhouse-connect logs connection failures itself; the one line below says it all
+    driver_log = logging.getLogger("clickhouse_connect")
+    driver_log.addHandler(logging.NullHandler())
+    driver_log.propagate = False
+    try:
+        if dsn.startswith("chdb://"):
+            with _native_stderr_silenced():
+                store = ClickHouseStore(dsn)
+        else:
+            store = ClickHouseStore(dsn)
+    except StoreError as exc:
+        if dsn.startswith("chdb://") and _looks_held(_folder(dsn), str(exc)):
+            raise StoreLockedError(str(exc)) from exc
+        raise
     if store.embedded:
         store.create_schema()  # a new folder reads as empty, not as an error
     return store
@@ -206,9 +222,40 @@ def _write(data: bytes, output: str | None) -> None:
         sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """chDB's engine writes its own errors to file descriptor 2; ours is the one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _folder(dsn: str) -> Path:
+    return Path(dsn.removeprefix("chdb://").split("?", 1)[0])
+
+
+def _looks_held(folder: Path, message: str) -> bool:
+    """chDB reports a folder held by another process as "Cannot lock file" or, in some
+    versions, as a failure to initialise the embedded server; the owner file confirms it."""
+    if "Cannot lock file" in message:
+        return True
+    try:
+        pid = int(json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "EmbeddedServer" in message and (folder / "status").exists()
+    return pid != os.getpid()
+
+
 def _locked_line(args: argparse.Namespace) -> str:
     dsn: str = args.clickhouse
-    folder = Path(dsn.removeprefix("chdb://").split("?", 1)[0])
+    folder = _folder(dsn)
     where = f"the data folder {folder} is in use by another gpuledger process"
     try:
         owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
