@@ -1,0 +1,123 @@
+"""Prometheus alert rules: `promtool check` on the rules and the compose scrape config, and
+`promtool test rules` on the unit tests, which must fail when a rule is broken."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_tools import REPO, require
+
+PROM = REPO / "deploy" / "prometheus"
+RULES = PROM / "rules" / "gpuledger-alerts.yml"
+TESTS = PROM / "tests" / "gpuledger-alerts.test.yml"
+# The worker's and agent's metric names (streams/metrics.py, agents): every rule uses only these.
+KNOWN_METRICS = {
+    "gpuledger_events_total",
+    "gpuledger_events_rejected_total",
+    "gpuledger_events_duplicate_total",
+    "gpuledger_events_late_total",
+    "gpuledger_dead_letters_total",
+    "gpuledger_window_emit_lag_seconds",
+    "gpuledger_consumer_lag_messages",
+    "gpuledger_sink_batch_seconds",
+    "gpuledger_sink_failures_total",
+    "gpuledger_idle_burn_usd_per_hour",
+    "gpuledger_untagged_cost_usd_per_hour",
+    "gpuledger_cost_usd_per_hour",
+    "gpuledger_unknown_gpu_model_samples_total",
+    "gpuledger_agent_last_sample_timestamp_seconds",
+    "gpuledger_agent_samples_total",
+}
+REQUIRED_ALERTS = {
+    "GpuledgerIdleGpuBurnHigh",
+    "GpuledgerUntaggedCostShareHigh",
+    "GpuledgerAgentSilent",
+    "GpuledgerConsumerLagGrowing",
+    "GpuledgerDeadLetters",
+}
+
+
+def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
+    tool = require("promtool", "apt-get install prometheus")
+    return subprocess.run(
+        [tool, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _rules() -> list[dict[str, object]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_rules_and_config_pass_promtool_check() -> None:
+    result = promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+def test_every_required_alert_exists_and_uses_known_metrics() -> None:
+    rules = _rules()
+    names = {str(r["alert"]) for r in rules}
+    assert names >= REQUIRED_ALERTS
+    for rule in rules:
+        metrics = set(re.findall(r"\bgpuledger_\w+", str(rule["expr"])))
+        assert metrics, rule["alert"]
+        assert metrics <= KNOWN_METRICS, f"{rule['alert']}: unknown {metrics - KNOWN_METRICS}"
+        assert rule["labels"]["severity"] in ("warning", "critical")  # type: ignore[index]
+        assert {"summary", "description"} <= set(rule["annotations"])  # type: ignore[arg-type]
+    idle = next(r for r in rules if r["alert"] == "GpuledgerIdleGpuBurnHigh")
+    assert idle["for"] == "15m"
+
+
+def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
+    doc = yaml.safe_load(TESTS.read_text())
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for case in doc["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    names = {str(r["alert"]) for r in _rules()}
+    assert fired == names, f"no firing case for {names - fired}"
+    assert quiet == names, f"no silent case for {names - quiet}"
+
+
+def test_promtool_unit_tests_pass() -> None:
+    result = promtool("test", "rules", str(TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("alert", "old", "new"),
+    [
+        ("GpuledgerIdleGpuBurnHigh", "> 10", "> 12"),
+        ("GpuledgerUntaggedCostShareHigh", "> 0.10", "> 0.25"),
+        ("GpuledgerAgentSilent", "> 300", "> 900"),
+        ("GpuledgerConsumerLagGrowing", "> 0\n", ">= 0\n"),
+        ("GpuledgerDeadLetters", "[10m]", "[1m]"),
+        ("GpuledgerSinkFailing", "for: 5m", "for: 30m"),
+    ],
+)
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
+    text = RULES.read_text()
+    start = text.index(f"- alert: {alert}")
+    end = text.find("- alert:", start + 1)
+    end = len(text) if end < 0 else end
+    block = text[start:end]
+    assert old in block, f"{old!r} not in {alert}"
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "rules" / RULES.name).write_text(
+        text[:start] + block.replace(old, new, 1) + text[end:]
+    )
+    shutil.copy(TESTS, tmp_path / "tests" / TESTS.name)
+    result = promtool("test", "rules", str(tmp_path / "tests" / TESTS.name), cwd=tmp_path)
+    assert result.returncode != 0, f"the unit tests still pass with {alert} changed"
+    assert alert in result.stdout + result.stderr
