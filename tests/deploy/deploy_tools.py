@@ -4,6 +4,7 @@ or a failure that says how to install them. Nothing is skipped silently."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -44,3 +45,34 @@ def kustomize_command() -> list[str]:
         if result.returncode != 0 or not built.exists():
             pytest.fail(f"could not build kustomize with go:\n{result.stderr[-2000:]}")
     return [str(built), "build"]
+
+
+def _code_text() -> str:
+    return "\n".join(
+        p.read_text(encoding="utf-8")
+        for d in ("agents", "streams", "schemas")
+        for p in (REPO / d).rglob("*.py")
+    )
+
+
+def read_by_code(key: str) -> bool:
+    """Whether gpuledger's code reads the variable `key`: it appears as a string literal, or
+    fits a per-part template such as f"GPULEDGER_{prefix}_INTERVAL"."""
+    text = _code_text()
+    if f'"{key}"' in text or f"'{key}'" in text:
+        return True
+    for template in re.findall(r'f"(GPULEDGER_[A-Z_]*\{\w+\}[A-Z_]*)"', text):
+        pattern = re.sub(r"\\\{\w+\\\}", "[A-Z]+", re.escape(template))
+        if re.fullmatch(pattern, key):
+            return True
+    return False
+
+
+# The ClickHouse password variables are part of the contract (SPEC section 6: credentials from
+# env or files); until the store reads them, the tests that need it say so as expected failures.
+CLICKHOUSE_PASSWORD_KEYS = ("GPULEDGER_CLICKHOUSE_PASSWORD", "GPULEDGER_CLICKHOUSE_PASSWORD_FILE")
+PASSWORD_NOT_READ = pytest.mark.xfail(
+    not all(read_by_code(k) for k in CLICKHOUSE_PASSWORD_KEYS),
+    reason="streams/store.py does not read GPULEDGER_CLICKHOUSE_PASSWORD[_FILE] yet",
+    strict=True,
+)
