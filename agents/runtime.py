@@ -181,6 +181,8 @@ async def run_producer(
             if next_tick < now:  # a pass overran: skip missed ticks rather than burst
                 passes_behind = int((now - started) / settings.interval_s)
                 next_tick = started + (passes_behind + 1) * settings.interval_s
+            if settings.duration_s is not None:
+                next_tick = min(next_tick, started + settings.duration_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_tick - now))
     finally:

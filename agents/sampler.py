@@ -188,6 +188,8 @@ class DeviceSampler:
     def _call(self, name: str, *args: Any) -> Any:
         try:
             return getattr(self.nvml, name)(*args)
+        except pynvml.NVMLError_NotFound:
+            raise  # "no sample newer than the timestamp": the normal answer for idle devices
         except pynvml.NVMLError as exc:
             self.metrics.nvml_error(name, error_name(exc))
             raise
