@@ -176,6 +176,8 @@ class KafkaPublisher:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            except Exception as exc:  # already raised to the owner by check()
+                log.error("the Kafka sender had died: %r", exc)
         await self._close_producer()
         if len(self.buffer):
             log.warning("stopping with %d events not acknowledged by Kafka", len(self.buffer))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from agents.pod_state import PodState
 from kube_api import recorded
+
+from agents.pod_state import PodState
 
 NOW = 1_795_000_000_000
 

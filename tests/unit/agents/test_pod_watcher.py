@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import orjson
+from kube_api import FakeKubeApi, recorded
 from prometheus_client import CollectorRegistry
 
 from agents.kube_client import KubeClient, KubeSettings, kubeconfig_settings
 from agents.metrics import PodsMetrics
 from agents.pod_state import PodEmission, PodState
 from agents.pod_watcher import PodWatcher
-from kube_api import FakeKubeApi, recorded
 
 
 async def _run_until(watcher: PodWatcher, seen: list[PodEmission], count: int) -> None:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (real metric pages have long lines)
 """Token counters from real-format pages of each server, and deltas across resets."""
 
 from __future__ import annotations
