@@ -187,3 +187,15 @@ def main(config: AgentConfig) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+if __name__ == "__main__":  # `python -m agents.agent_cli ...`: the agent alone, fewer imports
+    import os
+
+    from streams.cli import gpuledger_env
+
+    _env = gpuledger_env(os.environ)
+    _parser = argparse.ArgumentParser(prog="gpuledger")
+    register(_parser.add_subparsers(dest="command"), _env)
+    _args = _parser.parse_args()
+    sys.exit(int(_args.handler(_args)))
