@@ -149,3 +149,20 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer
     }
     kwargs.update(overrides)
     return AIOKafkaProducer(**kwargs)
+
+
+async def partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+    """Number of partitions of each topic (which must exist)."""
+    admin = AIOKafkaAdminClient(**settings.client_kwargs())
+    try:
+        await admin.start()
+        described = await admin.describe_topics(list(topics))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topics on {settings.bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+    counts = {d["topic"]: len(d["partitions"]) for d in described if d.get("partitions")}
+    missing = [t for t in topics if t not in counts]
+    if missing:
+        raise BrokerError(f"topics without partitions: {', '.join(missing)}")
+    return counts

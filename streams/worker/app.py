@@ -12,11 +12,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
-from streams.kafka_io import KafkaSettings, TopicSpec, default_topics, ensure_topics, make_producer
+from streams.kafka_io import (
+    KafkaSettings,
+    TopicSpec,
+    default_topics,
+    ensure_topics,
+    make_producer,
+    partition_counts,
+)
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.pricing import PriceBook
@@ -34,6 +41,8 @@ from streams.worker.runtime import (
 from streams.worker.sinks import Outbox, Sinks
 
 log = logging.getLogger("gpuledger.worker")
+
+STOP_GRACE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +103,17 @@ class Worker:
         samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
         tokens = stage_consumer(cfg.kafka, f"{cfg.group_id}.pods", co_partitioned=True)
         try:
+            self._partition_counts = await partition_counts(
+                cfg.kafka,
+                [
+                    GPU_SAMPLES_TOPIC,
+                    TOKENS_TOPIC,
+                    PODS_TOPIC,
+                    DEAD_LETTER_TOPIC,
+                    cfg.internal_topic,
+                ],
+            )
             await self._load_dead_letters()
-            for topic in (GPU_SAMPLES_TOPIC, TOKENS_TOPIC, cfg.internal_topic):
-                self._partition_counts[topic] = await self._partitions_of(topic)
             if cfg.http_port:
                 self.http = HttpEndpoint(self, cfg.http_host, cfg.http_port)
                 await self.http.start()
@@ -112,8 +129,9 @@ class Worker:
                 owned_sample_partitions=lambda: sorted(tp.partition for tp in samples.assignment()),
                 internal_partitions=lambda: self._partition_counts[cfg.internal_topic],
             )
-            tasks.append(asyncio.create_task(self._pods_loop(handlers, sinks), name="pods"))
-            await self._wait(self.pods_ready)
+            pods_task = asyncio.create_task(self._pods_loop(handlers, sinks), name="pods")
+            tasks.append(pods_task)
+            await self._wait(self.pods_ready, pods_task)
             device_runner = StageRunner(
                 "devices",
                 samples,
@@ -150,6 +168,9 @@ class Worker:
             await self._supervise(tasks)
         finally:
             self.stopping.set()
+            # Loops notice `stopping` within one fetch; cancel only those that do not.
+            if tasks:
+                await asyncio.wait(tasks, timeout=STOP_GRACE_S)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -173,23 +194,22 @@ class Worker:
             if task is not stop_wait and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def _wait(self, event: asyncio.Event) -> None:
+    async def _wait(self, event: asyncio.Event, task: asyncio.Task[None]) -> None:
+        """Wait for `event`; raise at once if `task`, which should set it, dies."""
         stop_wait = asyncio.create_task(self.stopping.wait())
         ready_wait = asyncio.create_task(event.wait())
-        await asyncio.wait([stop_wait, ready_wait], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([stop_wait, ready_wait, task], return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
         ready_wait.cancel()
+        if task.done() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     async def _pods_loop(self, handlers: StageHandlers, sinks: Sinks) -> None:
         """Read the compacted pods topic whole, then follow it; signal once caught up."""
         consumer = all_partitions_consumer(self.config.kafka)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(PODS_TOPIC) or set()
-            if not partitions:
-                await consumer.force_metadata_update()
-                partitions = consumer.partitions_for_topic(PODS_TOPIC) or set()
-            tps = [TopicPartition(PODS_TOPIC, p) for p in sorted(partitions)]
+            tps = [TopicPartition(PODS_TOPIC, p) for p in range(self._partition_counts[PODS_TOPIC])]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
@@ -206,16 +226,14 @@ class Worker:
                     if all(positions[tp] >= end[tp] for tp in tps):
                         self.pods_ready.set()
         finally:
-            await consumer.stop()
+            await _stop(consumer)
 
     async def _load_dead_letters(self) -> None:
         consumer = all_partitions_consumer(self.config.kafka)
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(DEAD_LETTER_TOPIC) or set()
-            tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in sorted(partitions)]
-            if not tps:
-                return
+            count = self._partition_counts[DEAD_LETTER_TOPIC]
+            tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in range(count)]
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             end = await consumer.end_offsets(tps)
@@ -227,28 +245,14 @@ class Worker:
                 for records in batch.values():
                     self.dead_letters.seen.update(m.key for m in records if m.key)
         finally:
-            await consumer.stop()
-
-    async def _partitions_of(self, topic: str) -> int:
-        consumer = all_partitions_consumer(self.config.kafka)
-        await consumer.start()
-        try:
-            for _ in range(50):
-                partitions = consumer.partitions_for_topic(topic)
-                if partitions:
-                    return len(partitions)
-                await consumer.force_metadata_update()
-                await asyncio.sleep(0.1)
-            raise RuntimeError(f"topic {topic} has no partitions")
-        finally:
-            await consumer.stop()
+            await _stop(consumer)
 
     async def _exit_when_idle(self, idle_s: float) -> None:
         """For bounded runs (tests, demo): once no input arrived for `idle_s`, emit every
         open window, make it durable, and stop."""
         while not self.stopping.is_set():
             await asyncio.sleep(0.2)
-            quiet = min(time.monotonic() - r.last_record_s for r in self.runners)
+            quiet = min(r.quiet_for_s() for r in self.runners)
             if quiet >= idle_s:
                 await self.drain()
                 self.stop()
@@ -278,6 +282,13 @@ class Worker:
         if self._owner_file is not None:
             with contextlib.suppress(OSError):
                 self._owner_file.unlink()
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    # aiokafka's group-less consumer cancels a task it just created; let it start first, or
+    # stopping right after starting raises CancelledError.
+    await asyncio.sleep(0)
+    await consumer.stop()
 
 
 def _listener(runner: StageRunner):  # type: ignore[no-untyped-def]

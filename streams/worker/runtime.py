@@ -109,10 +109,16 @@ class StageRunner:
         self.max_outbox = max_outbox
         self.outbox = Outbox()
         self.lock = asyncio.Lock()
-        self.assigned_at_s = time.monotonic()
-        self.last_record_s = time.monotonic()
+        self.assigned_at_s: float | None = None  # monotonic time of the last assignment
+        self.last_record_s = 0.0
         self.records = 0
         self._last_flush_s = time.monotonic()
+
+    def quiet_for_s(self) -> float:
+        """How long this runner has had partitions and no records; 0 before an assignment."""
+        if self.assigned_at_s is None:
+            return 0.0
+        return time.monotonic() - max(self.last_record_s, self.assigned_at_s)
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -154,10 +160,19 @@ class StageRunner:
     async def _flush(self) -> None:
         self._last_flush_s = time.monotonic()
         outbox = self.outbox.take()
-        if len(outbox) and not await self.sinks.write(outbox, self.name):
-            self.outbox = outbox  # stopping before it was durable: nothing is committed
+        try:
+            durable = not len(outbox) or await self.sinks.write(outbox, self.name)
+        except BaseException:
+            self._restore(outbox)  # cancelled mid-write: keep it for the final flush
+            raise
+        if not durable:
+            self._restore(outbox)  # stopping before it was durable: nothing is committed
             return
         await self._commit()
+
+    def _restore(self, outbox: Outbox) -> None:
+        self.outbox.rows[:0] = outbox.rows
+        self.outbox.messages[:0] = outbox.messages
 
     async def _commit(self) -> None:
         assigned = self.consumer.assignment()
