@@ -29,7 +29,7 @@ from streams.kafka_io import KafkaSettings, TopicSpec, ensure_topics, make_produ
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUFFER_MAX_EVENTS = 200_000
+DEFAULT_BUFFER_MAX_EVENTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
