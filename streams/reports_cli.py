@@ -36,7 +36,13 @@ from streams.reports.render import Report, render
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
-from streams.store import OWNER_FILE, ClickHouseStore, add_clickhouse_option, redact
+from streams.store import (
+    OWNER_FILE,
+    ClickHouseStore,
+    add_clickhouse_option,
+    redact,
+    store_from_args,
+)
 
 EXIT_ARGS, EXIT_STORE, EXIT_LOCKED = 2, 1, 3
 _DEFAULTS = ChargebackSettings()
@@ -150,9 +156,9 @@ def _open(args: argparse.Namespace) -> ClickHouseStore:
     try:
         if dsn.startswith("chdb://"):
             with _native_stderr_silenced():
-                store = ClickHouseStore(dsn)
+                store = store_from_args(args)
         else:
-            store = ClickHouseStore(dsn)
+            store = store_from_args(args)
     except StoreError as exc:
         if dsn.startswith("chdb://") and _looks_held(_folder(dsn), str(exc)):
             raise StoreLockedError(str(exc)) from exc

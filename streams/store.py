@@ -45,6 +45,27 @@ def add_clickhouse_option(parser: argparse.ArgumentParser, env: Mapping[str, str
         help="chdb:///path (embedded) or http(s)://user@host:8123/db "
         "(env GPULEDGER_CLICKHOUSE_DSN; password from GPULEDGER_CLICKHOUSE_PASSWORD[_FILE])",
     )
+    parser.set_defaults(clickhouse_env={k: v for k, v in env.items() if "CLICKHOUSE" in k})
+
+
+def store_from_args(args: argparse.Namespace) -> ClickHouseStore:
+    """Open the store named by --clickhouse, with the password from the environment."""
+    env: Mapping[str, str] = getattr(args, "clickhouse_env", {})
+    return ClickHouseStore(args.clickhouse, password=clickhouse_password(env))
+
+
+def clickhouse_password(env: Mapping[str, str]) -> str | None:
+    """The server password from GPULEDGER_CLICKHOUSE_PASSWORD or the file named by
+    GPULEDGER_CLICKHOUSE_PASSWORD_FILE (a mounted secret); never printed."""
+    path = env.get("GPULEDGER_CLICKHOUSE_PASSWORD_FILE")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read GPULEDGER_CLICKHOUSE_PASSWORD_FILE: {exc.strerror}"
+            ) from exc
+    return env.get("GPULEDGER_CLICKHOUSE_PASSWORD")
 
 
 def ddl_statements(database: str) -> list[str]:
@@ -60,8 +81,11 @@ def ddl_statements(database: str) -> list[str]:
 class ClickHouseStore:
     """One connection; a lock serialises calls because a client is not thread safe."""
 
-    def __init__(self, dsn: str, *, database: str | None = None) -> None:
+    def __init__(
+        self, dsn: str, *, database: str | None = None, password: str | None = None
+    ) -> None:
         self.dsn = dsn
+        self._password = password
         parts = urlsplit(dsn)
         self.embedded = parts.scheme == "chdb"
         path_db = parts.path.strip("/") if not self.embedded else ""
@@ -77,8 +101,11 @@ class ClickHouseStore:
                 return clickhouse_connect.get_client(dsn=self.dsn)
             # The server's default database need not exist yet: connect to `default`.
             parts = urlsplit(self.dsn)
+            extra: dict[str, Any] = {}
+            if self._password is not None and parts.password is None:
+                extra["password"] = self._password
             return clickhouse_connect.get_client(
-                dsn=parts._replace(path="/default").geturl(), connect_timeout=5
+                dsn=parts._replace(path="/default").geturl(), connect_timeout=5, **extra
             )
         except Exception as exc:  # clickhouse-connect and chdb raise many types here
             raise _convert(exc, f"cannot open ClickHouse at {redact(self.dsn)}") from exc
@@ -159,7 +186,7 @@ class ClickHouseStore:
 
 def _convert(exc: Exception, context: str) -> StoreError:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "Cannot lock file" in str(exc):
+    if "Cannot lock file" in str(exc) or "Error initializing EmbeddedServer" in str(exc):
         return StoreLockedError(
             f"{context}: the embedded data folder is in use by another process ({message})"
         )

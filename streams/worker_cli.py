@@ -15,7 +15,7 @@ from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
 from streams.kafka_io import add_kafka_options, kafka_settings_from
 from streams.labels import LabelSettings
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
-from streams.store import add_clickhouse_option
+from streams.store import add_clickhouse_option, store_from_args
 from streams.worker.device_stage import StreamSettings
 
 
@@ -128,7 +128,7 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             http_port=args.metrics_port,
             exit_when_idle_s=args.exit_when_idle,
         )
-        return asyncio.run(_serve(Worker(config, book)))
+        return asyncio.run(_serve(Worker(config, book, store=store_from_args(args))))
     except GpuledgerError as exc:
         print(f"gpuledger worker: {exc}", file=sys.stderr)
         return 1

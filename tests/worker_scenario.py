@@ -234,7 +234,7 @@ def expected_rows(
         token_rows += rows.values()
         as_of = start + size + GRACE_MS
         ns, name, team, product, cc = resolve_owner(
-            uid, lambda u: history.as_of(u, as_of), settings.labels
+            uid, lambda u, t=as_of: history.as_of(u, t), settings.labels
         )
         any_row = next(iter(rows.values()))
         owner = PodOwner(

@@ -1,0 +1,221 @@
+"""The worker under faults: ClickHouse down, two workers, late events, SIGKILL and restart.
+
+Whatever happens, the final rows in ClickHouse equal what the allocation core computes from
+the whole input, and nothing is lost or counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from clickhouse_connect.driver.exceptions import OperationalError
+from test_worker_e2e import (
+    assert_matches_core,
+    broker,  # noqa: F401 - fixture
+    make_worker,
+    read_topic,
+    run_worker,
+    stored,
+)
+from worker_scenario import (
+    T0,
+    comparable,
+    expected_rows,
+    gpu_samples,
+    pod_events,
+    publish,
+    publish_scenario,
+    token_events,
+)
+
+from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, make_event
+from streams.embedded_broker import free_port
+from streams.rows import CostRow, TokenCostRow, TokenRow
+from streams.store import ClickHouseStore
+
+pytestmark = pytest.mark.kafka
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def test_clickhouse_down_for_a_while_loses_nothing(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+) -> None:
+    await publish_scenario(broker)
+    client = store._client
+    real_insert = client.insert
+    down_until = time.monotonic() + 4
+    calls = {"failed": 0}
+
+    def flaky_insert(*args: Any, **kwargs: Any) -> Any:
+        if time.monotonic() < down_until:
+            calls["failed"] += 1
+            raise OperationalError("Error HTTPConnectionPool: Connection refused")
+        return real_insert(*args, **kwargs)
+
+    client.insert = flaky_insert
+    worker = make_worker(broker, store)
+    try:
+        await run_worker(worker)
+    finally:
+        client.insert = real_insert
+    assert calls["failed"] > 0
+    assert worker.metrics.sink_failures.labels("clickhouse")._value.get() == calls["failed"]
+    assert_matches_core(store)
+
+
+async def test_two_workers_produce_the_rows_of_one(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+) -> None:
+    await publish_scenario(broker)
+    first = make_worker(broker, store, exit_when_idle_s=6.0)
+    second = make_worker(broker, store, exit_when_idle_s=6.0)
+    await asyncio.gather(run_worker(first), run_worker(second))
+    assert first.runners[0].records > 0 and second.runners[0].records > 0
+    assert_matches_core(store)
+
+
+async def test_late_events_correct_rows_within_retention_and_dead_letter_beyond(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+) -> None:
+    await publish_scenario(broker)
+    await run_worker(make_worker(broker, store))
+    before = {r.key: r for r in stored(store)[0]}
+
+    base = gpu_samples()[0]  # GPU-h100-a, first window
+    late = make_event(base.data, event_id="late-1", source="agent/n1", time_ms=base.time_ms + 7)
+    too_old = make_event(
+        base.data, event_id="ancient-1", source="agent/n1", time_ms=T0 - 3 * 3600_000
+    )
+    await publish(broker, GPU_SAMPLES_TOPIC, [late, too_old], lambda ev: ev.data.device_uuid)
+    await run_worker(make_worker(broker, store))
+
+    cost, tokens, cpt = stored(store)
+    want = expected_rows([*gpu_samples(), late], pod_events(), token_events())
+    assert comparable(cost) == comparable(want[0])
+    assert comparable(tokens) == comparable(want[1])
+    assert comparable(cpt) == comparable(want[2])
+    corrected = [
+        r for r in cost if r.device_uuid == base.data.device_uuid and r.window_start_ms == T0
+    ]
+    assert corrected and all(r.version > before[r.key].version for r in corrected)
+    letters = [orjson.loads(v) for _, v in await read_topic(broker, DEAD_LETTER_TOPIC)]
+    assert [(d["reason"], d["topic"]) for d in letters] == [("too_late", GPU_SAMPLES_TOPIC)]
+
+
+def _query_folder(folder: Path, sql: str) -> list[list[Any]]:
+    """Read a chDB folder from a subprocess: this process may hold another folder."""
+    code = (
+        "import sys, orjson; from streams.store import ClickHouseStore;"
+        f"s = ClickHouseStore('chdb://{folder}');"
+        "sys.stdout.buffer.write(orjson.dumps(s.query_rows(sys.argv[1]), default=str))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, sql], check=True, capture_output=True, timeout=120, cwd=REPO
+    )
+    rows: list[list[Any]] = orjson.loads(out.stdout)
+    return rows
+
+
+def _metric(port: int, name: str) -> float:
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _worker_process(
+    bootstrap: str, folder: Path, port: int, *extra: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streams.cli",
+            "worker",
+            "--kafka",
+            bootstrap,
+            "--clickhouse",
+            f"chdb://{folder}",
+            "--metrics-port",
+            str(port),
+            "--partitions",
+            "2",
+            "--idle-flush-s",
+            "2",
+            "--flush-interval-s",
+            "0.3",
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_sigkill_mid_run_and_restart_gives_the_same_totals(
+    broker: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    asyncio.run(publish_scenario(broker))
+    folder = tmp_path / "ledger"
+    port = free_port()
+    victim = _worker_process(broker, folder, port)
+    deadline = time.monotonic() + 90
+    while _metric(port, "gpuledger_events_total") < 100 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victim.poll() is None, victim.stderr.read().decode() if victim.stderr else ""
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    survivor = _worker_process(broker, folder, free_port(), "--exit-when-idle", "4")
+    _, err = survivor.communicate(timeout=180)
+    assert survivor.returncode == 0, err.decode()[-3000:]
+
+    def read(row_type: Any) -> list[Any]:
+        names = [f.name for f in dataclasses.fields(row_type)]
+        cols = ", ".join(
+            f"toUnixTimestamp64Milli({n.removesuffix('_ms')})" if n.endswith("_ms") else n
+            for n in names
+        )
+        rows = _query_folder(folder, f"SELECT {cols} FROM gpuledger.{row_type.TABLE} FINAL")
+        return [row_type(**dict(zip(names, _typed(row_type, r), strict=True))) for r in rows]
+
+    want = expected_rows(gpu_samples(), pod_events(), token_events())
+    assert comparable(read(CostRow)) == comparable(want[0])
+    assert comparable(read(TokenRow)) == comparable(want[1])
+    assert comparable(read(TokenCostRow)) == comparable(want[2])
+
+
+def _typed(row_type: Any, values: list[Any]) -> list[Any]:
+    """JSON brought Decimals back as strings and ints as ints; restore the dataclass types."""
+    from decimal import Decimal
+
+    out = []
+    for f, value in zip(dataclasses.fields(row_type), values, strict=True):
+        if value is not None and "Decimal" in str(f.type):
+            value = Decimal(str(value))
+        elif value is not None and f.type == "float":
+            value = float(value)
+        out.append(value)
+    return out
