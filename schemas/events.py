@@ -315,9 +315,9 @@ def _tokens(d: dict[str, Any]) -> TokenDelta:
         completion_tokens=d["completion_tokens"],
         requests=d["requests"],
         interval_s=float(d["interval_s"]),
-        cached_tokens=d["cached_tokens"],
-        prefill_s=_float_or_none(d["prefill_s"]),
-        decode_s=_float_or_none(d["decode_s"]),
+        cached_tokens=d.get("cached_tokens"),
+        prefill_s=_float_or_none(d.get("prefill_s")),
+        decode_s=_float_or_none(d.get("decode_s")),
     )
 
 
