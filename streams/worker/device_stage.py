@@ -108,6 +108,8 @@ class DeviceStage:
         self._by_pod: dict[str, set[tuple[int, str]]] = {}
         self._dirty: set[tuple[int, str]] = set()
         self._closed_until_ms: int | None = None
+        # Earliest offset per partition that each window (open or retained) still needs.
+        self._held: dict[int, dict[Partition, int]] = {}
 
     # ------------------------------------------------------------------ input
 
@@ -135,6 +137,7 @@ class DeviceStage:
         split = split_sample(event, self.book, self.settings.allocation)
         slot.window.add(split)
         hold(slot.held, partition, offset)
+        hold(self._held.setdefault(start, {}), partition, offset)
         if slot.closed:
             self._mark_dirty(start, slot)
             return LATE, split
@@ -215,6 +218,7 @@ class DeviceStage:
     def _expire(self, watermark: int) -> None:
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms
         for start in [s for s in self._closed if s <= horizon]:
+            self._held.pop(start, None)
             for device, slot in self._closed.pop(start).items():
                 for owner in slot.window.owners:
                     keys = self._by_pod.get(owner)
@@ -227,11 +231,9 @@ class DeviceStage:
 
     def commit_positions(self) -> dict[Partition, int]:
         held: dict[Partition, int] = {}
-        for group in (self._open, self._closed):
-            for slots in group.values():
-                for slot in slots.values():
-                    for partition, offset in slot.held.items():
-                        hold(held, partition, offset)
+        for by_partition in self._held.values():
+            for partition, offset in by_partition.items():
+                hold(held, partition, offset)
         return self.offsets.positions(held)
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
@@ -249,6 +251,9 @@ class DeviceStage:
             for uid, keys in self._by_pod.items()
         }
         self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
+        for by_partition in self._held.values():
+            for partition in lost:
+                by_partition.pop(partition, None)
         self.watermark.forget(lost)
         self.offsets.forget(lost)
 
