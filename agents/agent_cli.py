@@ -123,8 +123,10 @@ def build_sampler(config: AgentConfig, metrics_registry: CollectorRegistry) -> D
         from agents.fake_nvml import FakeNvml
         from agents.scenario_views import cgroup_reader
 
-        # Start the simulation two minutes back so its workloads are already running.
-        scenario = SCENARIOS[config.fake_scenario](time.time() - 120.0)
+        # Start the simulation back in time so its workloads are already running (the faults
+        # scenario only 20 s back, so its GPU loss and driver restart are still to come).
+        lead_s = 20.0 if config.fake_scenario == "faults" else 120.0
+        scenario = SCENARIOS[config.fake_scenario](time.time() - lead_s)
         names = [n.name for n in scenario.nodes]
         node = config.node if config.node in names else names[0]
         labels = {**scenario.node(node).labels, **labels}

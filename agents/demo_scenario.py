@@ -9,6 +9,8 @@ import hashlib
 import uuid
 from collections.abc import Callable
 
+from pynvml import NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_GPU_IS_LOST
+
 from agents.scenario import (
     A100_80GB,
     GIB,
@@ -328,8 +330,6 @@ def faults_scenario(start_unix_s: float) -> Scenario:
     and a driver restart (every call failing, init refused) from t=90 s to t=100 s."""
     base = demo_scenario(start_unix_s)
     lost = base.nodes[0].gpus[1].uuid
-    from pynvml import NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_GPU_IS_LOST
-
     faults = (
         FaultSpec("gpu-node-1", NVML_ERROR_GPU_IS_LOST, 30.0, 90.0, device_uuid=lost),
         FaultSpec("gpu-node-1", NVML_ERROR_DRIVER_NOT_LOADED, 90.0, 100.0),
