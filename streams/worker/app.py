@@ -15,6 +15,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from schemas.errors import GpuledgerError
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
 from streams.kafka_io import (
     KafkaSettings,
@@ -27,6 +28,7 @@ from streams.kafka_io import (
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.pricing import PriceBook
+from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
 from streams.worker.device_stage import DeviceStage, StreamSettings
 from streams.worker.http import HttpEndpoint
@@ -43,6 +45,7 @@ from streams.worker.sinks import Outbox, Sinks
 log = logging.getLogger("gpuledger.worker")
 
 STOP_GRACE_S = 10.0
+SEAL_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +166,7 @@ class Worker:
             tokens.subscribe([TOKENS_TOPIC, cfg.internal_topic], listener=_listener(pod_runner))
             for runner in self.runners:
                 tasks.append(asyncio.create_task(runner.run(self.stopping), name=runner.name))
+            tasks.append(asyncio.create_task(self._seal_loop(), name="seal"))
             if cfg.exit_when_idle_s is not None:
                 tasks.append(asyncio.create_task(self._exit_when_idle(cfg.exit_when_idle_s)))
             await self._supervise(tasks)
@@ -246,6 +250,20 @@ class Worker:
                     self.dead_letters.seen.update(m.key for m in records if m.key)
         finally:
             await _stop(consumer)
+
+    async def _seal_loop(self) -> None:
+        """Roll up whole hours that no correction can reach any more (see streams.rollups)."""
+        stream = self.config.stream
+        margin_s = int(stream.retention_s + stream.allocation.window_s + stream.grace_s)
+        while not self.stopping.is_set():
+            watermark = self.devices.watermark.value(time.time())
+            if watermark is not None:
+                try:
+                    await asyncio.to_thread(seal_hours, self.store, watermark, retention_s=margin_s)
+                except GpuledgerError as exc:
+                    log.warning("sealing hourly rollups failed, retrying later: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=SEAL_EVERY_S)
 
     async def _exit_when_idle(self, idle_s: float) -> None:
         """For bounded runs (tests, demo): once no input arrived for `idle_s`, emit every
