@@ -76,7 +76,7 @@ async def test_dry_run_prints_valid_sample_events() -> None:
     ids = [orjson.loads(line)["id"] for line in lines]
     assert len(set(ids)) == len(ids)
     last = [orjson.loads(line)["data"] for line in lines[-7:]]
-    assert all(0.15 < d["interval_s"] < 0.4 for d in last)
+    assert all(0.15 < d["interval_s"] < 1.0 for d in last)  # real elapsed, ~0.2 s
     assert any(p["pod_uid"] for d in last for p in d["processes"])
 
 
