@@ -1,0 +1,187 @@
+"""`gpuledger demo` through the command line, as a user runs it: a short demo to the end, and
+one stopped with Ctrl-C. The data folder is read afterwards from another process (chDB opens
+one folder per process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+TOTAL_LINE = re.compile(r"total \(all metered GPU cost\)\W+([\d,]+\.\d{2})")
+
+FOLDER_FACTS = """
+import json, sys
+from streams.store import ClickHouseStore
+store = ClickHouseStore(sys.argv[1])
+db = store.database
+def one(sql):
+    return store.query_rows(sql)[0][0]
+cost = f"{db}.gpu_cost_windows FINAL"
+usage = f"(SELECT * FROM {cost} WHERE kind = 'usage')"
+print(json.dumps({
+    "total_usd": str(one(f"SELECT sum(cost_usd) FROM {cost}")),
+    "nodes": one(f"SELECT uniqExact(node) FROM {cost}"),
+    "devices": one(f"SELECT uniqExact(device_uuid) FROM {cost}"),
+    "mig_devices": one(f"SELECT uniqExact(device_uuid) FROM {cost} WHERE mig_profile != ''"),
+    "pods": one(f"SELECT uniqExact(pod_uid) FROM {usage}"),
+    "teams": one(f"SELECT uniqExact(team) FROM {usage} WHERE team != '__untagged__'"),
+    "products": one(f"SELECT uniqExact(product) FROM {usage} WHERE product != '__untagged__'"),
+    "untagged_namespaces": one(
+        f"SELECT uniqExact(namespace) FROM {usage} WHERE team = '__untagged__'"),
+    "host_rows": one(f"SELECT count() FROM {cost} WHERE kind = 'host'"),
+    "idle_rows": one(f"SELECT count() FROM {cost} WHERE kind = 'idle'"),
+    "idle_gap_rows": one(f"SELECT count() FROM {usage} WHERE sm_util_avg = 0"),
+    "models_with_tokens": one(
+        f"SELECT uniqExact(model) FROM {db}.token_windows FINAL "
+        "WHERE prompt_tokens + completion_tokens > 0"),
+}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def demo_command(tmp: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "streams.cli",
+        "demo",
+        "--data",
+        str(tmp / "data"),
+        "--report",
+        str(tmp / "report.html"),
+        "--port",
+        str(free_port()),
+        *args,
+    ]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
+
+
+def folder_facts(data: Path) -> dict[str, Any]:
+    result = subprocess.run(
+        [sys.executable, "-c", FOLDER_FACTS, f"chdb://{data}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
+    facts: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return facts
+
+
+def shown_total(stdout: str) -> Decimal:
+    match = TOTAL_LINE.search(stdout)
+    assert match, stdout
+    return Decimal(match.group(1).replace(",", ""))
+
+
+def assert_self_contained_report(path: Path) -> None:
+    html = path.read_text(encoding="utf-8")
+    assert html.lstrip().lower().startswith("<!doctype html")
+    assert "<svg" in html
+    # Nothing is fetched when it is viewed: every link is inline data or an anchor.
+    links = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", html)
+    assert all(link.startswith(("data:", "#")) for link in links), links
+    assert "@import" not in html and "url(http" not in html
+
+
+def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        demo_command(tmp_path, "--minutes", "3", "--speed", "30"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    out = result.stdout
+    assert "GPU showback by team" in out and "reconciles" in out
+    assert "DOES NOT RECONCILE" not in out
+    assert f"HTML report: {tmp_path / 'report.html'}" in out
+    facts = folder_facts(tmp_path / "data")
+    # The table's total is the stored rows' total, to the cent.
+    stored = Decimal(facts["total_usd"]).quantize(Decimal("0.01"))
+    assert shown_total(out) == stored > 0
+    assert facts["nodes"] >= 3
+    assert facts["devices"] >= 12 and facts["mig_devices"] >= 1
+    assert facts["pods"] >= 10
+    assert facts["teams"] >= 4 and facts["products"] >= 3
+    assert facts["untagged_namespaces"] >= 1
+    assert facts["host_rows"] > 0 and facts["idle_rows"] > 0 and facts["idle_gap_rows"] > 0
+    assert facts["models_with_tokens"] >= 3
+    assert_self_contained_report(tmp_path / "report.html")
+    assert time.monotonic() - started < 120
+
+
+def test_ctrl_c_stops_cleanly_and_still_reports(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    process = subprocess.Popen(
+        demo_command(tmp_path, "--minutes", "10", "--speed", "10"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    try:
+        assert process.stdout is not None
+        url = ""
+        deadline = time.monotonic() + 90
+        while not url and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line, "the demo ended before it served its dashboard"
+            found = re.search(r"dashboard (http://127\.0\.0\.1:\d+)", line)
+            url = found.group(1) if found else ""
+        assert url
+        time.sleep(4)  # some simulated minutes
+        # While it runs, the demo owns the folder: a report elsewhere is pointed at its URL.
+        report = ["report", "showback", "--clickhouse", f"chdb://{data}"]
+        held = subprocess.run(
+            [sys.executable, "-m", "streams.cli", *report],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=clean_env(),
+            timeout=60,
+            check=False,
+        )
+        assert held.returncode != 0 and url in held.stderr, held.stderr
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "Stopped early" in rest and "reconciles" in rest
+    stored = Decimal(folder_facts(data)["total_usd"]).quantize(Decimal("0.01"))
+    assert shown_total(rest) == stored > 0
+    assert_self_contained_report(tmp_path / "report.html")
