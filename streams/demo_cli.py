@@ -147,6 +147,7 @@ async def _run(config: DemoConfig, console: Console) -> int:
     from streams.demo.pipeline import DemoRun
 
     run = DemoRun(config)
+    run.prepare()
     interrupted = asyncio.Event()
     main_task = asyncio.current_task()
     loop = asyncio.get_running_loop()

@@ -42,9 +42,10 @@ def scenario_summary(scenario: Scenario) -> str:
 
 def print_intro(console: Console, config: DemoConfig, scenario: Scenario) -> None:
     wall_s = config.duration_s / config.speed
+    pace = f"about {_clock(wall_s)} of wall time" if wall_s >= 10 else "as fast as it can"
     console.print(
         f"[bold]gpuledger demo[/bold]: {config.minutes:g} simulated minutes at "
-        f"{config.speed:g}x (about {_clock(wall_s)} of wall time), no Docker, no GPU"
+        f"{config.speed:g}x ({pace}), no Docker, no GPU"
     )
     console.print(f"  cluster   {scenario_summary(scenario)}")
     console.print(f"  data      {config.dsn}")

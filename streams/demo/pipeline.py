@@ -161,10 +161,18 @@ class DemoRun:
         self.scenario = demo_scenario(float(start), config.duration_s)
         self.clock = SimClock(float(start))
         self.progress.sim_total_s = config.duration_s
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Reset the data folder (or refuse it) before anything starts."""
+        prepare_data_dir(self.config.data_dir)
+        self._prepared = True
 
     async def run(self, interrupted: asyncio.Event) -> DemoOutcome:
         cfg = self.config
         progress = self.progress
+        if not self._prepared:
+            self.prepare()
         progress.phase = "starting the embedded broker"
         broker = EmbeddedBroker()
         await asyncio.to_thread(broker.start)
@@ -173,7 +181,6 @@ class DemoRun:
         producers: SimulatedProducers | None = None
         try:
             progress.phase = "opening embedded ClickHouse"
-            prepare_data_dir(cfg.data_dir)
             store = await asyncio.to_thread(CountingStore, cfg.dsn)
             kafka = KafkaSettings(bootstrap=broker.bootstrap)
             worker = Worker(
