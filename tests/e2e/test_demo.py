@@ -185,3 +185,21 @@ def test_ctrl_c_stops_cleanly_and_still_reports(tmp_path: Path) -> None:
     stored = Decimal(folder_facts(data)["total_usd"]).quantize(Decimal("0.01"))
     assert shown_total(rest) == stored > 0
     assert_self_contained_report(tmp_path / "report.html")
+
+
+def test_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ledger.csv").write_text("keep me\n")
+    result = subprocess.run(
+        demo_command(tmp_path, "--minutes", "1"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "did not write" in result.stderr
+    assert (data / "ledger.csv").read_text() == "keep me\n" and result.stdout == ""
