@@ -17,20 +17,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from schemas.errors import ConfigError, GpuledgerError
+from schemas.errors import ConfigError, KubeApiError
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 IN_CLUSTER_SERVER = "https://kubernetes.default.svc"
-
-
-class KubeApiError(GpuledgerError):
-    """The Kubernetes API refused a request or could not be reached; `status` is the HTTP status
-    (410: the resource version is too old, list again), 0 when there was no answer."""
-
-    def __init__(self, message: str, *, status: int = 0, retriable: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retriable = retriable
 
 
 @dataclass(frozen=True, slots=True)

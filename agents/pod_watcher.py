@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agents.kube_client import KubeApiError, KubeClient
+from agents.kube_client import KubeClient
 from agents.metrics import PodsMetrics
 from agents.pod_state import PodEmission, PodState
+from schemas.errors import KubeApiError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from agents.kube_client import (
-    KubeApiError,
     KubeClient,
     KubeSettings,
     add_kube_options,
@@ -39,7 +38,7 @@ from agents.token_scraper import (
     parse_static_target,
     targets_from_pods,
 )
-from schemas.errors import ConfigError, GpuledgerError
+from schemas.errors import ConfigError, GpuledgerError, KubeApiError
 from schemas.events import TOKENS_TOPIC
 
 DEFAULT_METRICS_PORT = 9111

@@ -6,6 +6,7 @@
     ├── StoreError             ClickHouse refused or could not be reached (retriable flag set)
     │   └── StoreLockedError   an embedded chDB folder is held by another process
     ├── BrokerError            Kafka refused or could not be reached (retriable flag set)
+    ├── KubeApiError           the Kubernetes API refused or could not be reached (HTTP status)
     └── DeviceError            NVML failed in a way the agent cannot absorb (retriable flag set)
 
 Bad *input records* are not errors: they are data (`schemas.events.Rejected`) and go to the
@@ -63,4 +64,14 @@ class DeviceError(GpuledgerError):
 
     def __init__(self, message: str, *, retriable: bool = True) -> None:
         super().__init__(message)
+        self.retriable = retriable
+
+
+class KubeApiError(GpuledgerError):
+    """The Kubernetes API refused a request or could not be reached; `status` is the HTTP status
+    (410: the resource version is too old, list again), 0 when there was no answer."""
+
+    def __init__(self, message: str, *, status: int = 0, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
         self.retriable = retriable

@@ -13,7 +13,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from agents.fake_nvml import FakeNvml
-from agents.kube_client import KubeApiError, KubeClient, KubeSettings
+from agents.kube_client import KubeClient, KubeSettings
 from agents.metrics import AgentMetrics, BufferMetrics, PodsMetrics, TokensMetrics
 from agents.pod_state import PodEmission, PodState
 from agents.pod_watcher import PodWatcher
@@ -22,6 +22,7 @@ from agents.sampler import DeviceSampler, SamplerSettings
 from agents.scenario import Scenario, SimClock
 from agents.scenario_views import cgroup_reader
 from agents.token_scraper import TokenScraper, http_fetcher, targets_from_pods
+from schemas.errors import KubeApiError
 from schemas.events import GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC, make_event
 from streams.demo.cluster_api import SimulatedClusterApi
 from streams.kafka_io import KafkaSettings, default_topics
