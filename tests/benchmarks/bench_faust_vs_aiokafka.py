@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def _faust_child(bootstrap: str, n: int, manual_ack: bool, queue: Any) -> None:
         web_enabled=False,
         topic_partitions=PARTITIONS,
         value_serializer="raw",
+        datadir=tempfile.mkdtemp(prefix="faust-bench-"),
     )
     topic = app.topic(TOPIC, value_serializer="raw", partitions=PARTITIONS)
     state = {"seen": 0, "started": 0.0}

@@ -156,7 +156,7 @@ def test_referenced_configmaps_accounts_and_secrets(rendered: list[dict[str, Any
             for mount in c.get("volumeMounts", []):
                 assert mount["name"] in mounted, f"{c['name']} mounts unknown {mount['name']}"
     assert secrets_used == EXTERNAL_SECRETS
-    docs = (REPO / "docs" / "run-it-for-real.md").read_text()
+    docs = (REPO / "README.md").read_text()
     for secret in EXTERNAL_SECRETS:
         assert f"create secret generic {secret}" in docs, (
             f"the README must say how to create {secret}"

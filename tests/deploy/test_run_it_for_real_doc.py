@@ -1,4 +1,4 @@
-"""docs/run-it-for-real.md: every path, kustomization, variable and example it names exists."""
+"""README "Run it for real": every path, kustomization, variable and example it names exists."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 from deploy_tools import CLICKHOUSE_PASSWORD_KEYS, REPO, read_by_code
 from test_billing_consumer import billing
 
-DOC = (REPO / "docs" / "run-it-for-real.md").read_text(encoding="utf-8")
+README = (REPO / "README.md").read_text(encoding="utf-8")
+DOC = README.split("\n## Run it for real\n", 1)[1].split("\n## ", 1)[0]
 
 
 def test_paths_in_the_doc_exist() -> None:
