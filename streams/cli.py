@@ -58,7 +58,11 @@ def _not_yet(command: str):  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     env = gpuledger_env(os.environ)
-    parser = build_parser(env)
+    try:
+        parser = build_parser(env)
+    except ValueError as exc:  # a GPULEDGER_* number that is not one
+        print(f"gpuledger: invalid GPULEDGER_* setting: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:
