@@ -1,6 +1,7 @@
 """Showback: cost per team, product, model, namespace or cost centre over a period, with the
 idle, untagged and host lines, and a total that reconciles with all metered GPU cost:
-allocated + untagged + host + idle = total."""
+allocated + untagged + host + idle = total. By model, pod time that served no tokens is its own
+`(no model)` line, counted as allocated: the GPU was held by a pod, just not for inference."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from streams.rows import KIND_HOST, KIND_IDLE, UNKNOWN, UNTAGGED
 from streams.store import ClickHouseStore
 
 ALLOCATED, UNTAGGED_LINE, HOST_LINE, IDLE_LINE = "allocated", "untagged", "host", "idle"
+NO_MODEL_LINE = "no_model"  # by model only; part of the allocated total
+NO_MODEL = "__no_model__"
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
 
@@ -24,12 +27,12 @@ _MILLION = Decimal(1_000_000)
 @dataclass(frozen=True, slots=True)
 class ShowbackLine:
     key: str
-    line_kind: str  # allocated | untagged | host | idle
+    line_kind: str  # allocated | no_model | untagged | host | idle
     cost_usd: Decimal
     cost_cents_usd: Decimal  # largest-remainder cents: lines add up to the rounded total
     share_pct: float
     gpu_hours: float
-    avg_sm_util_pct: float | None
+    avg_sm_util_pct: float | None  # None on the idle line: idle time has no workload to rate
     idle_share_usd: Decimal  # idle cost already spread into this line (idle policies)
     tokens: int
     requests: int
@@ -42,13 +45,14 @@ class ShowbackReport:
     period: Period
     by: str
     lines: tuple[ShowbackLine, ...]
-    allocated_usd: Decimal
+    allocated_usd: Decimal  # includes no_model_usd
     untagged_usd: Decimal
     host_usd: Decimal
     idle_usd: Decimal
     total_usd: Decimal
     total_cents_usd: Decimal
     gpu_hours: float
+    no_model_usd: Decimal = _ZERO
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -67,12 +71,13 @@ class ShowbackReport:
             "tokens",
             "USD / 1M tok",
         )
+        places = gpu_hours_places(self.gpu_hours)
         rows = tuple(
             (
-                display(line.key) if line.line_kind == ALLOCATED else _line_label(line),
+                line_label(line),
                 money(line.cost_cents_usd),
                 pct(line.share_pct),
-                num(line.gpu_hours, 1),
+                num(line.gpu_hours, places),
                 pct(line.avg_sm_util_pct, 0),
                 f"{line.tokens:,}" if line.tokens else "-",
                 money(line.cost_per_1m_tokens_usd)
@@ -86,18 +91,27 @@ class ShowbackReport:
                 "total (all metered GPU cost)",
                 money(self.total_cents_usd),
                 pct(100.0 if self.total_usd else None),
-                num(self.gpu_hours, 1),
+                num(self.gpu_hours, places),
                 "",
                 "",
                 "",
             ),
         )
         check = "reconciles" if self.reconciles else "DOES NOT RECONCILE"
+        # The parts are sums of the displayed cents, so they match the lines above and add up.
+        cents = self.cents_by_kind()
+        allocated = money(cents[ALLOCATED] + cents[NO_MODEL_LINE])
+        if any(line.line_kind == NO_MODEL_LINE for line in self.lines):
+            allocated += (
+                f" (models {money(cents[ALLOCATED])} + no model {money(cents[NO_MODEL_LINE])})"
+            )
         notes = (
-            f"allocated {money(round_total(self.allocated_usd))} + untagged "
-            f"{money(round_total(self.untagged_usd))} + host {money(round_total(self.host_usd))}"
-            f" + idle {money(round_total(self.idle_usd))} = {money(self.total_cents_usd)} "
-            f"({check}; lines rounded to cents by largest remainder)",
+            f"allocated {allocated} + untagged {money(cents[UNTAGGED_LINE])} + host "
+            f"{money(cents[HOST_LINE])} + idle {money(cents[IDLE_LINE])} = "
+            f"{money(self.total_cents_usd)} ({check}; lines rounded to cents by largest "
+            "remainder)",
+            "avg SM: SM utilisation of the line's pods, weighted by window time; "
+            "none for idle GPU time",
             *self.notes,
         )
         title = (
@@ -106,10 +120,19 @@ class ShowbackReport:
         )
         return (Tabular(title, headers, rows, footer, notes),)
 
+    def cents_by_kind(self) -> dict[str, Decimal]:
+        """The displayed (largest-remainder) cents summed per line kind; they add up to the
+        rounded total."""
+        out = dict.fromkeys(_ORDER, _ZERO)
+        for line in self.lines:
+            out[line.line_kind] += line.cost_cents_usd
+        return out
+
     def records(self) -> list[dict[str, Any]]:
         return [
             {
                 self.by: line.key,
+                "label": line_label(line),
                 "line_kind": line.line_kind,
                 "cost_usd": line.cost_usd,
                 "cost_usd_cents": line.cost_cents_usd,
@@ -136,6 +159,7 @@ class ShowbackReport:
             "lines": self.records(),
             "totals": {
                 "allocated_usd": self.allocated_usd,
+                "no_model_usd": self.no_model_usd,
                 "untagged_usd": self.untagged_usd,
                 "host_usd": self.host_usd,
                 "idle_usd": self.idle_usd,
@@ -148,12 +172,25 @@ class ShowbackReport:
         }
 
 
-def _line_label(line: ShowbackLine) -> str:
+def line_label(line: ShowbackLine) -> str:
+    """What a person reads for the line: the value, or what the line stands for."""
     if line.line_kind == IDLE_LINE:
         return "(idle GPU time)"
     if line.line_kind == HOST_LINE:
         return "(host processes, no pod)"
+    if line.line_kind == NO_MODEL_LINE:
+        return "(no model)"
     return display(line.key)
+
+
+def gpu_hours_places(total_gpu_hours: float) -> int:
+    """Decimals for a GPU-hours column, from its total: a 10-minute period needs thousandths
+    (0.047), a month of a fleet does not."""
+    if total_gpu_hours >= 100:
+        return 1
+    if total_gpu_hours >= 10:
+        return 2
+    return 3
 
 
 @dataclass
@@ -202,8 +239,8 @@ def showback(
     if by == "model":
         _split_by_model(store, costs, tokens, groups)
         notes.append(
-            "model lines: the cost of the pods that served the model's tokens; "
-            "(untagged): pods that served no tokens"
+            "model lines: the cost of the pods that served the model's tokens; (no model): "
+            "pods that served no tokens (batch, notebooks), counted as allocated"
         )
     for key, token_cost, n_tokens, requests in token_rows:
         line_kind = ALLOCATED if by == "model" or key not in (UNTAGGED, UNKNOWN) else UNTAGGED_LINE
@@ -228,7 +265,7 @@ def _split_by_model(
     store: ClickHouseStore, costs: str, tokens: str, groups: dict[tuple[str, str], _Acc]
 ) -> None:
     """Usage cost goes to models by the cost-per-token rows; GPU time and SM use follow each
-    pod-hour's cost share. What no model claims stays on the untagged line."""
+    pod-hour's cost share. What no model claims is the (no model) line."""
     usage = groups.pop((ALLOCATED, ""), None) or _Acc()
     untagged = groups.pop((UNTAGGED_LINE, ""), None)
     if untagged is not None:
@@ -264,10 +301,10 @@ def _split_by_model(
         max(0.0, usage.window_s - claimed.window_s),
     )
     if rest.cost != 0 or rest.seconds > 1e-9:
-        groups[(UNTAGGED_LINE, UNTAGGED)] = rest
+        groups[(NO_MODEL_LINE, NO_MODEL)] = rest
 
 
-_ORDER = {ALLOCATED: 0, UNTAGGED_LINE: 1, HOST_LINE: 2, IDLE_LINE: 3}
+_ORDER = {ALLOCATED: 0, NO_MODEL_LINE: 1, UNTAGGED_LINE: 2, HOST_LINE: 3, IDLE_LINE: 4}
 
 
 def _build(
@@ -288,7 +325,9 @@ def _build(
                 cost_cents_usd=cent,
                 share_pct=float(acc.cost / total * 100) if total else 0.0,
                 gpu_hours=acc.seconds / 3600,
-                avg_sm_util_pct=acc.sm_pct_s / acc.window_s if acc.window_s > 0 else None,
+                avg_sm_util_pct=acc.sm_pct_s / acc.window_s
+                if acc.window_s > 0 and line_kind != IDLE_LINE
+                else None,
                 idle_share_usd=acc.idle_share,
                 tokens=acc.tokens,
                 requests=acc.requests,
@@ -302,12 +341,13 @@ def _build(
         period=period,
         by=by,
         lines=tuple(lines),
-        allocated_usd=sums[ALLOCATED],
+        allocated_usd=sums[ALLOCATED] + sums[NO_MODEL_LINE],
         untagged_usd=sums[UNTAGGED_LINE],
         host_usd=sums[HOST_LINE],
         idle_usd=sums[IDLE_LINE],
         total_usd=total,
         total_cents_usd=round_total(total),
         gpu_hours=sum(acc.seconds for _, acc in items) / 3600,
+        no_model_usd=sums[NO_MODEL_LINE],
         notes=notes,
     )

@@ -68,6 +68,13 @@ def test_showback_csv_and_table(dsn: str) -> None:
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert {r["line_kind"] for r in rows} == {"allocated", "untagged", "host", "idle"}
+    by_model = gpuledger(
+        "report", "showback", "--clickhouse", dsn, *span, "--by", "model", "--format", "csv"
+    )
+    assert by_model.returncode == 0, by_model.stderr
+    model_rows = list(csv.DictReader(io.StringIO(by_model.stdout)))
+    assert {r["line_kind"] for r in model_rows} == {"allocated", "no_model", "host", "idle"}
+    assert "(no model)" in {r["label"] for r in model_rows}
     table = gpuledger("report", "showback", "--clickhouse", dsn, *span, "--by", "product")
     assert table.returncode == 0 and "猫-feed" in table.stdout and "reconciles" in table.stdout
 

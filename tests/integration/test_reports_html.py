@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -14,10 +15,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_reports_data import HOUR_MS, T0_MS, cluster_rows, fresh_store
+from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, fresh_store
 
 from streams.reports.html_report import html_report
 from streams.reports.params import Period
+from streams.reports.showback import showback
+from streams.rows import CostRow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path(tempfile.gettempdir()) / "gpuledger-report-screenshot.png"
@@ -120,6 +123,35 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     assert all(c["w"] > 100 and c["h"] > 20 and c["bars"] > 0 for c in charts), charts
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     SCREENSHOT.write_bytes(png)
+
+
+def test_a_ten_minute_period_is_charted_per_minute() -> None:
+    store = fresh_store()
+    rows = [
+        r
+        for r in cluster_rows(hours=1, window_minutes_step=1)
+        if r.window_start_ms < T0_MS + 10 * MIN_MS
+    ]
+    store.insert_rows(rows)
+    period = Period(T0_MS, T0_MS + 10 * MIN_MS)
+    text = html_report(store, period)
+    assert "Cost by team over time (per minute)" in text and "USD per minute" in text
+    team_chart = _svg(text, "chart-team-cost")
+    starts = set(re.findall(r'<rect class="bar" x="([0-9.]+)"', team_chart))
+    assert len(starts) == 10  # one stack per minute
+    # Two bars (allocated, idle) per minute, and the minute values add up to the period.
+    assert _svg(text, "chart-utilisation").count('<rect class="bar"') == 20
+    costs = [r for r in rows if isinstance(r, CostRow)]
+    total = sum(r.cost_usd for r in costs)
+    report = showback(store, period, "team")
+    assert report.total_usd == total and report.reconciles
+    assert f"${report.total_cents_usd}" in text
+    assert f">{report.gpu_hours:.3f}<" in text  # GPU-hours to the thousandth, not 0.3
+
+
+def _svg(text: str, chart_id: str) -> str:
+    start = text.index(f'id="{chart_id}"')
+    return text[start : text.index("</svg>", start)]
 
 
 def test_html_report_of_an_empty_period_is_still_a_page() -> None:

@@ -18,7 +18,7 @@ from streams.reports.focus_files import export_bytes
 from streams.reports.focus_rules import check_rows
 from streams.reports.http import handle_report_request
 from streams.reports.params import Period, parse_month
-from streams.reports.render import to_csv, to_json
+from streams.reports.render import to_csv, to_json, to_table
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
@@ -105,6 +105,24 @@ def test_showback_by_model_splits_pod_cost_by_token_rows(loaded) -> None:
         assert line.tokens == tokens
     assert report.total_usd == sum(r.cost_usd for r in rows if isinstance(r, CostRow))
     assert report.reconciles
+    # Pods that served no tokens are their own line, counted as allocated, not untagged.
+    no_token_pods = {r.pod_uid for r in rows if isinstance(r, CostRow)} - {
+        r.pod_uid for r in rows if isinstance(r, TokenCostRow)
+    }
+    no_model = [line for line in report.lines if line.line_kind == "no_model"]
+    assert len(no_model) == 1 and no_model[0].key == "__no_model__"
+    want_no_model = sum(
+        r.cost_usd
+        for r in rows
+        if isinstance(r, CostRow) and r.kind == "usage" and r.pod_uid in no_token_pods
+    )
+    assert no_model[0].cost_usd == report.no_model_usd == want_no_model
+    assert report.untagged_usd == 0
+    usage = sum(r.cost_usd for r in rows if isinstance(r, CostRow) and r.kind == "usage")
+    assert report.allocated_usd == usage
+    text = to_table(report)
+    assert "(no model)" in text and "(untagged)" not in text
+    assert f"no model {no_model[0].cost_cents_usd}" in text and "reconciles" in text
 
 
 def test_corrections_are_not_double_counted_by_rollups(loaded) -> None:
@@ -138,6 +156,43 @@ def test_partial_hours_read_base_rows() -> None:
     a = showback(store, period, "team", use_rollups=True)
     b = showback(store, period, "team", use_rollups=False)
     assert report_by(a) == report_by(b) == expected_by(rows, "team", period)
+
+
+def test_short_period_showback_reads_as_a_finops_table() -> None:
+    """Ten minutes of a cluster: GPU-hours to the thousandth, no SM average on idle time, and
+    the summary line made of the displayed cents."""
+    store = fresh_store()
+    rows = [
+        r
+        for r in cluster_rows(hours=1, window_minutes_step=1)
+        if r.window_start_ms < T0_MS + 10 * MIN_MS
+    ]
+    store.insert_rows(rows)
+    period = Period(T0_MS, T0_MS + 10 * MIN_MS)
+    costs = [r for r in rows if isinstance(r, CostRow)]
+    for dim in ("team", "model"):
+        report = showback(store, period, dim)
+        total = sum(r.cost_usd for r in costs)
+        assert report.total_usd == total and report.reconciles
+        assert sum(line.cost_cents_usd for line in report.lines) == total.quantize(
+            CENT, ROUND_HALF_UP
+        )
+        assert report.gpu_hours == pytest.approx(sum(r.device_seconds for r in costs) / 3600)
+        idle = next(line for line in report.lines if line.line_kind == "idle")
+        assert idle.avg_sm_util_pct is None
+        tab = report.table()[0]
+        idle_row = next(row for row in tab.rows if row[0] == "(idle GPU time)")
+        assert idle_row[3] == f"{idle.gpu_hours:.3f}" and idle_row[4] == "-"
+        assert tab.footer[0][3] == f"{report.gpu_hours:.3f}"
+        cents = report.cents_by_kind()
+        assert sum(cents.values()) == report.total_cents_usd
+        summary = tab.notes[0]
+        assert f"idle {cents['idle']}" in summary and f"= {report.total_cents_usd}" in summary
+        parsed = json.loads(to_json(report))
+        assert Decimal(parsed["totals"]["total_usd"]) == total
+        by_label = {r["label"]: r for r in csv.DictReader(io.StringIO(to_csv(report)))}
+        assert by_label["(idle GPU time)"]["avg_sm_util_pct"] == ""
+        assert sum(Decimal(r["cost_usd"]) for r in by_label.values()) == total
 
 
 def test_empty_period(loaded) -> None:
