@@ -35,6 +35,7 @@ from streams.worker.http import HttpEndpoint
 from streams.worker.pod_stage import PodStage
 from streams.worker.runtime import (
     DeadLetterLog,
+    RebalanceListener,
     StageHandlers,
     StageRunner,
     all_partitions_consumer,
@@ -161,9 +162,11 @@ class Worker:
             )
             self.runners = [device_runner, pod_runner]
             await samples.start()
-            samples.subscribe([GPU_SAMPLES_TOPIC], listener=_listener(device_runner))
+            samples.subscribe([GPU_SAMPLES_TOPIC], listener=RebalanceListener(device_runner))
             await tokens.start()
-            tokens.subscribe([TOKENS_TOPIC, cfg.internal_topic], listener=_listener(pod_runner))
+            tokens.subscribe(
+                [TOKENS_TOPIC, cfg.internal_topic], listener=RebalanceListener(pod_runner)
+            )
             for runner in self.runners:
                 tasks.append(asyncio.create_task(runner.run(self.stopping), name=runner.name))
             tasks.append(asyncio.create_task(self._seal_loop(), name="seal"))
@@ -307,9 +310,3 @@ async def _stop(consumer: AIOKafkaConsumer) -> None:
     # stopping right after starting raises CancelledError.
     await asyncio.sleep(0)
     await consumer.stop()
-
-
-def _listener(runner: StageRunner):  # type: ignore[no-untyped-def]
-    from streams.worker.runtime import _Listener
-
-    return _Listener(runner)

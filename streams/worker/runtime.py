@@ -19,13 +19,9 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from schemas.events import (
     COST_WINDOWS_TOPIC,
-    DEAD_LETTER_TOPIC,
     GPU_SAMPLE_TYPE,
-    GPU_SAMPLES_TOPIC,
     POD_TYPE,
-    PODS_TOPIC,
     TOKEN_COST_WINDOWS_TOPIC,
-    TOKENS_TOPIC,
     TOKENS_TYPE,
     Ok,
     Rejected,
@@ -69,7 +65,9 @@ class DeadLetterLog:
         return True
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Makes a runner's output durable and drops the state of partitions it loses."""
+
     def __init__(self, runner: StageRunner) -> None:
         self.runner = runner
 
@@ -342,11 +340,6 @@ class StageHandlers:
         self.pods_stage.on_pod_event(event.data.uid, event.time_ms)
 
 
-def topics_for(internal_topic: str) -> tuple[list[str], list[str]]:
-    """Topics of stage one and stage two."""
-    return [GPU_SAMPLES_TOPIC], [TOKENS_TOPIC, internal_topic]
-
-
 def stage_consumer(
     settings: KafkaSettings, group_id: str, *, co_partitioned: bool, **kwargs: object
 ) -> AIOKafkaConsumer:
@@ -372,15 +365,3 @@ def all_partitions_consumer(settings: KafkaSettings) -> AIOKafkaConsumer:
         auto_offset_reset="earliest",
         group_id=None,
     )
-
-
-__all__ = [
-    "DEAD_LETTER_TOPIC",
-    "PODS_TOPIC",
-    "DeadLetterLog",
-    "StageHandlers",
-    "StageRunner",
-    "all_partitions_consumer",
-    "stage_consumer",
-    "topics_for",
-]
