@@ -6,6 +6,7 @@ run. Usage (device_seconds) sits beside the price used so a past period can be r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import astuple, dataclass, fields
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -120,16 +121,31 @@ def as_values(row: Row) -> tuple[Any, ...]:
 
 def as_json(row: Row) -> dict[str, Any]:
     """The billing-topic form: money as decimal strings, times as Unix ms and RFC 3339."""
+    out: dict[str, Any] = {}
+    for name in _field_names(type(row)):
+        value = getattr(row, name)
+        if name.endswith("_ms"):
+            out[name] = value
+            out[name[:-3]] = _time_text(value)
+        elif isinstance(value, Decimal):
+            out[name] = format(value, "f")
+        else:
+            out[name] = value
+    return out
+
+
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _field_names(row_type: type[Any]) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(row_type)
+    if names is None:
+        names = _FIELD_NAMES[row_type] = tuple(f.name for f in fields(row_type))
+    return names
+
+
+@functools.lru_cache(maxsize=4096)
+def _time_text(time_ms: int) -> str:
     from schemas.events import format_time
 
-    out: dict[str, Any] = {}
-    for f in fields(row):
-        value = getattr(row, f.name)
-        if f.name.endswith("_ms"):
-            out[f.name] = value
-            out[f.name.removesuffix("_ms")] = format_time(value)
-        elif isinstance(value, Decimal):
-            out[f.name] = format(value, "f")
-        else:
-            out[f.name] = value
-    return out
+    return format_time(time_ms)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import Counter
 
 from schemas.events import (
     COST_WINDOWS_TOPIC,
@@ -132,13 +133,15 @@ class StageRunner:
                     for msg in records:
                         self.handle(msg, now, self.outbox)
                     self.records += len(records)
-                    self.last_record_s = time.monotonic()
                     if records:
                         self._update_lag(tp, records[-1].offset + 1)
                 self.poll(now, False, self.outbox)
                 due = time.monotonic() - self._last_flush_s >= self.flush_interval_s
-                if len(self.outbox) >= self.max_outbox or (due and len(self.outbox)) or due:
+                if len(self.outbox) >= self.max_outbox or due:
                     await self._flush()
+                if batch:
+                    # Quiet time counts from the end of the work a batch caused, flush included.
+                    self.last_record_s = time.monotonic()
 
     async def drain(self) -> None:
         """Close every open window now (end of a bounded run) and make it durable."""
@@ -219,6 +222,7 @@ class StageHandlers:
         self.internal_partitions = internal_partitions
         self.window_s = devices.settings.allocation.window_s
         self._markers_sent: dict[int, int] = {}
+        self._children: dict[tuple[int, str], Counter] = {}
         self._idle_since_s: float | None = None
 
     def _reject(self, msg: ConsumerRecord, outbox: Outbox, reason: str, detail: str) -> None:
@@ -240,13 +244,21 @@ class StageHandlers:
 
     def _count(self, topic: str, status: str, msg: ConsumerRecord, outbox: Outbox) -> None:
         if status == DUPLICATE:
-            self.metrics.duplicates.labels(topic).inc()
+            self._child(self.metrics.duplicates, topic).inc()
         elif status == TOO_LATE:
             self._reject(msg, outbox, "too_late", "event time is older than the retention")
         else:
-            self.metrics.events.labels(topic).inc()
+            self._child(self.metrics.events, topic).inc()
             if status == LATE:
-                self.metrics.late.labels(topic).inc()
+                self._child(self.metrics.late, topic).inc()
+
+    def _child(self, metric: Counter, topic: str) -> Counter:
+        """`metric.labels(topic)`, cached: labels() costs microseconds on a per-event path."""
+        key = (id(metric), topic)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(topic)
+        return child
 
     # ------------------------------------------------------------------ stage one
 
@@ -267,10 +279,15 @@ class StageHandlers:
         out = self.devices.poll(now_s)
         for row in out.rows:
             outbox.rows.append(row)
-            outbox.messages.append(row_message(COST_WINDOWS_TOPIC, row))
+            outbox.messages.append(row_message(COST_WINDOWS_TOPIC, row, row.device_uuid.encode()))
         for partial in out.partials:
             outbox.messages.append(
-                (self.internal_topic, partial.pod_uid.encode(), partial.encode(), None)
+                (
+                    self.internal_topic,
+                    partial.pod_uid.encode(),
+                    partial.encode(),
+                    partial.pod_uid.encode(),
+                )
             )
         if out.rows:
             self.metrics.rows_emitted(out.rows, self.window_s, time.time())
@@ -323,7 +340,7 @@ class StageHandlers:
         outbox.rows += out.token_rows
         for row in out.cost_rows:
             outbox.rows.append(row)
-            outbox.messages.append(row_message(TOKEN_COST_WINDOWS_TOPIC, row))
+            outbox.messages.append(row_message(TOKEN_COST_WINDOWS_TOPIC, row, row.pod_uid.encode()))
 
     # ------------------------------------------------------------------ pods
 
