@@ -20,7 +20,6 @@ from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, KIND_USAGE, CostRow
 from streams.windows import window_of
 
 MONEY_QUANTUM = Decimal("1e-15")
-SECONDS_QUANTUM = Decimal("1e-9")
 PCT_SECONDS_QUANTUM = Decimal("1e-6")
 _ZERO = Decimal(0)
 _SECONDS_PER_HOUR = Decimal(3600)
@@ -81,14 +80,20 @@ def sample_cost_usd(price_per_hour_usd: Decimal, interval_s: float) -> Decimal:
     return cost.quantize(MONEY_QUANTUM, ROUND_HALF_EVEN)
 
 
+FEMTO_PER_USD = 10**15
+NANOS_PER_SECOND = 10**9
+MICROS = 10**6
+
+
 @dataclass(frozen=True, slots=True)
 class OwnerPart:
-    """One owner's (pod uid, or `__host__`) part of one sample."""
+    """One owner's (pod uid, or `__host__`) part of one sample, in integer units so that sums
+    are exact and cheap: femto-USD, nanoseconds, micro(percent x seconds), byte-seconds."""
 
     owner: str
-    cost_usd: Decimal
-    device_seconds: Decimal
-    sm_pct_seconds: Decimal
+    cost_fusd: int
+    device_ns: int
+    sm_pct_us: int
     mem_byte_seconds: int
 
 
@@ -101,10 +106,10 @@ class SampleSplit:
     price_per_hour_usd: Decimal  # of this device (MIG share applied)
     pricing: str
     known_model: bool
-    cost_usd: Decimal
-    idle_cost_usd: Decimal
-    interval_s: Decimal
-    sm_pct_seconds: Decimal
+    cost_fusd: int
+    idle_fusd: int
+    interval_ns: int
+    sm_pct_us: int
     mem_byte_seconds: int
     owners: tuple[OwnerPart, ...]
 
@@ -112,35 +117,38 @@ class SampleSplit:
 def split_sample(
     event: CloudEvent[GpuSample], book: PriceBook, settings: AllocationSettings
 ) -> SampleSplit:
-    """Steps 1-6 for one sample: price it, share it among processes, group by pod."""
+    """Steps 1-6 for one sample: price it, share it among processes, group by pod.
+
+    The sample cost is exact (Decimal, quantised to 1e-15 USD); each process's part of it is
+    rounded once to a whole femto-dollar, and the idle part is what is left, so the parts add
+    up to the sample cost exactly."""
     s = event.data
     pricing = book.pricing_class(s.node_labels)
     quote = book.quote(s.gpu_model, pricing, event.time_ms)
     price = device_price_per_hour(quote.price_per_hour_usd, s.mig_slices, s.gpu_slices)
-    cost = sample_cost_usd(price, s.interval_s)
-    dt = Decimal(repr(s.interval_s))
+    cost = int(sample_cost_usd(price, s.interval_s).scaleb(15))
+    dt = s.interval_s
+    dt_ns = round(dt * NANOS_PER_SECOND)
     shares = process_shares(s.processes, s.mem_total_bytes, settings)
 
-    grouped: dict[str, list[Decimal]] = {}
-    mem_seconds: dict[str, int] = {}
+    grouped: dict[str, list[int]] = {}
     for proc, share in zip(s.processes, shares, strict=True):
         owner = proc.pod_uid or HOST
-        a = Decimal(repr(share))
-        part = grouped.setdefault(owner, [_ZERO, _ZERO, _ZERO])
-        part[0] += (cost * a).quantize(MONEY_QUANTUM, ROUND_HALF_EVEN)
-        part[1] += (dt * a).quantize(SECONDS_QUANTUM, ROUND_HALF_EVEN)
-        part[2] += (dt * Decimal(repr(proc.sm_util_pct or 0.0))).quantize(PCT_SECONDS_QUANTUM)
-        mem_seconds[owner] = mem_seconds.get(owner, 0) + round(proc.mem_used_bytes * s.interval_s)
+        part = grouped.get(owner)
+        if part is None:
+            part = grouped[owner] = [0, 0, 0, 0]
+        part[0] += round(cost * share)
+        part[1] += round(dt_ns * share)
+        part[2] += round(dt * (proc.sm_util_pct or 0.0) * MICROS)
+        part[3] += round(proc.mem_used_bytes * dt)
 
-    allocated = sum((p[0] for p in grouped.values()), _ZERO)
+    allocated = sum(p[0] for p in grouped.values())
     if allocated > cost:
         # Rounding of normalised shares can overshoot by a few quanta: take it from the largest.
         largest = max(grouped, key=lambda o: (grouped[o][0], o))
         grouped[largest][0] -= allocated - cost
         allocated = cost
-    owners = tuple(
-        OwnerPart(o, v[0], v[1], v[2], mem_seconds[o]) for o, v in sorted(grouped.items())
-    )
+    owners = tuple(OwnerPart(o, *v) for o, v in sorted(grouped.items()))
     return SampleSplit(
         event_id=event.id,
         time_ms=event.time_ms,
@@ -149,45 +157,47 @@ def split_sample(
         price_per_hour_usd=price,
         pricing=quote.pricing,
         known_model=quote.known_model,
-        cost_usd=cost,
-        idle_cost_usd=cost - allocated,
-        interval_s=dt,
-        sm_pct_seconds=(dt * Decimal(repr(s.sm_util_pct or 0.0))).quantize(PCT_SECONDS_QUANTUM),
-        mem_byte_seconds=round(s.mem_used_bytes * s.interval_s),
+        cost_fusd=cost,
+        idle_fusd=cost - allocated,
+        interval_ns=dt_ns,
+        sm_pct_us=round(dt * (s.sm_util_pct or 0.0) * MICROS),
+        mem_byte_seconds=round(s.mem_used_bytes * dt),
         owners=owners,
     )
 
 
-@dataclass
 class _OwnerTotals:
-    cost_usd: Decimal = _ZERO
-    device_seconds: Decimal = _ZERO
-    sm_pct_seconds: Decimal = _ZERO
-    mem_byte_seconds: int = 0
+    __slots__ = ("cost_fusd", "device_ns", "mem_byte_seconds", "sm_pct_us")
+
+    def __init__(self) -> None:
+        self.cost_fusd = 0
+        self.device_ns = 0
+        self.sm_pct_us = 0
+        self.mem_byte_seconds = 0
 
 
 class DeviceWindow:
     """Sums of the sample splits of one (window, device); the result is order independent."""
 
     __slots__ = (
-        "cost_usd",
-        "idle_cost_usd",
-        "interval_s",
+        "cost_fusd",
+        "idle_fusd",
+        "interval_ns",
         "latest",
         "mem_byte_seconds",
         "owners",
         "sample_ids",
-        "sm_pct_seconds",
+        "sm_pct_us",
         "window_start_ms",
     )
 
     def __init__(self, window_start_ms: int) -> None:
         self.window_start_ms = window_start_ms
         self.sample_ids: set[str] = set()
-        self.cost_usd = _ZERO
-        self.idle_cost_usd = _ZERO
-        self.interval_s = _ZERO
-        self.sm_pct_seconds = _ZERO
+        self.cost_fusd = 0
+        self.idle_fusd = 0
+        self.interval_ns = 0
+        self.sm_pct_us = 0
         self.mem_byte_seconds = 0
         self.owners: dict[str, _OwnerTotals] = {}
         self.latest: SampleSplit | None = None
@@ -197,16 +207,18 @@ class DeviceWindow:
         if split.event_id in self.sample_ids:
             return False
         self.sample_ids.add(split.event_id)
-        self.cost_usd += split.cost_usd
-        self.idle_cost_usd += split.idle_cost_usd
-        self.interval_s += split.interval_s
-        self.sm_pct_seconds += split.sm_pct_seconds
+        self.cost_fusd += split.cost_fusd
+        self.idle_fusd += split.idle_fusd
+        self.interval_ns += split.interval_ns
+        self.sm_pct_us += split.sm_pct_us
         self.mem_byte_seconds += split.mem_byte_seconds
         for part in split.owners:
-            totals = self.owners.setdefault(part.owner, _OwnerTotals())
-            totals.cost_usd += part.cost_usd
-            totals.device_seconds += part.device_seconds
-            totals.sm_pct_seconds += part.sm_pct_seconds
+            totals = self.owners.get(part.owner)
+            if totals is None:
+                totals = self.owners[part.owner] = _OwnerTotals()
+            totals.cost_fusd += part.cost_fusd
+            totals.device_ns += part.device_ns
+            totals.sm_pct_us += part.sm_pct_us
             totals.mem_byte_seconds += part.mem_byte_seconds
         latest = self.latest
         if latest is None or (split.time_ms, split.event_id) > (latest.time_ms, latest.event_id):
@@ -216,6 +228,11 @@ class DeviceWindow:
     @property
     def sample_count(self) -> int:
         return len(self.sample_ids)
+
+
+def usd(fusd: int) -> Decimal:
+    """Femto-USD as an exact Decimal of USD with 15 decimals."""
+    return Decimal(fusd).scaleb(-15)
 
 
 PodLookup = Callable[[str], PodInfo | None]
@@ -230,12 +247,13 @@ def finalize_device_window(
     if latest is None:
         return []
     s = latest.sample
-    seconds = window.interval_s
+    interval_ns = window.interval_ns
     start = window.window_start_ms
     end = start + settings.window_s * 1000
 
-    def avg(total: Decimal | int) -> float:
-        return float(Decimal(total) / seconds) if seconds else 0.0
+    def per_second(total: int, units_per_one: int) -> float:
+        """A time-weighted average: `total` in units x seconds, over the metered seconds."""
+        return total * NANOS_PER_SECOND / units_per_one / interval_ns if interval_ns else 0.0
 
     def row(kind: str, owner: str, labels: tuple[str, str, str, str, str], **kw: object) -> CostRow:
         namespace, pod, team, product, cost_center = labels
@@ -263,7 +281,7 @@ def finalize_device_window(
 
     owners = sorted(window.owners.items())
     idle_shares = _spread_idle(
-        window.idle_cost_usd, [(o, t.cost_usd) for o, t in owners if o != HOST], settings
+        usd(window.idle_fusd), [(o, usd(t.cost_fusd)) for o, t in owners if o != HOST], settings
     )
     rows = []
     for owner, totals in owners:
@@ -274,23 +292,23 @@ def finalize_device_window(
                 kind,
                 owner,
                 resolve_owner(owner, pod_lookup, settings.labels),
-                device_seconds=float(totals.device_seconds),
-                sm_util_avg=avg(totals.sm_pct_seconds),
-                mem_bytes_avg=avg(totals.mem_byte_seconds),
-                cost_usd=totals.cost_usd + extra,
+                device_seconds=totals.device_ns / NANOS_PER_SECOND,
+                sm_util_avg=per_second(totals.sm_pct_us, MICROS),
+                mem_bytes_avg=per_second(totals.mem_byte_seconds, 1),
+                cost_usd=usd(totals.cost_fusd) + extra,
                 idle_cost_usd=extra,
             )
         )
-    idle_left = window.idle_cost_usd - sum(idle_shares.values(), _ZERO)
-    used_seconds = sum((t.device_seconds for t in window.owners.values()), _ZERO)
+    idle_left = usd(window.idle_fusd) - sum(idle_shares.values(), _ZERO)
+    used_ns = sum(t.device_ns for t in window.owners.values())
     rows.append(
         row(
             KIND_IDLE,
             IDLE,
             resolve_owner(IDLE, pod_lookup, settings.labels),
-            device_seconds=float(max(seconds - used_seconds, _ZERO)),
-            sm_util_avg=avg(window.sm_pct_seconds),
-            mem_bytes_avg=avg(window.mem_byte_seconds),
+            device_seconds=max(interval_ns - used_ns, 0) / NANOS_PER_SECOND,
+            sm_util_avg=per_second(window.sm_pct_us, MICROS),
+            mem_bytes_avg=per_second(window.mem_byte_seconds, 1),
             cost_usd=idle_left,
             idle_cost_usd=idle_left,
         )
