@@ -117,16 +117,18 @@ def token_hourly_select(database: str, where: str) -> str:
     )
 
 
-def _earliest_window_ms(store: ClickHouseStore) -> int | None:
+def _earliest_window_ms(store: ClickHouseStore, since_ms: int = 0) -> int | None:
+    """The earliest window start at or after `since_ms` in either base table, if any."""
     db = store.database
+    since = f"window_start >= {ms_literal(since_ms)} AND window_start > 0"
     rows = store.query_rows(
         f"SELECT least("
         f"(SELECT toUnixTimestamp64Milli(min(window_start)) FROM {db}.gpu_cost_windows "
-        f"WHERE window_start > 0), "
+        f"WHERE {since}), "
         f"(SELECT toUnixTimestamp64Milli(min(window_start)) FROM {db}.cost_per_token_windows "
-        f"WHERE window_start > 0)), "
-        f"(SELECT count() FROM {db}.gpu_cost_windows) + "
-        f"(SELECT count() FROM {db}.cost_per_token_windows)"
+        f"WHERE {since})), "
+        f"(SELECT count() FROM {db}.gpu_cost_windows WHERE {since}) + "
+        f"(SELECT count() FROM {db}.cost_per_token_windows WHERE {since})"
     )
     if not rows or int(rows[0][1]) == 0:
         return None
@@ -148,6 +150,12 @@ def seal_hours(
     start = horizon
     db = store.database
     while horizon < target:
+        data_from = _earliest_window_ms(store, since_ms=horizon)
+        if data_from is None or data_from >= target:
+            _write_horizon(store, target)  # nothing left to roll up below the target
+            horizon = target
+            break
+        horizon = max(horizon, floor_hour(data_from))  # skip empty hours at once
         chunk_end = min(target, horizon + _SEAL_CHUNK_HOURS * HOUR_MS)
         where = f"window_start >= {ms_literal(horizon)} AND window_start < {ms_literal(chunk_end)}"
         store.command(f"INSERT INTO {db}.gpu_cost_hourly {cost_hourly_select(db, where)}")
