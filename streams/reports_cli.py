@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from schemas.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
 from streams.reports.chargeback import ChargebackSettings, chargeback
@@ -40,6 +40,7 @@ from streams.store import (
     OWNER_FILE,
     ClickHouseStore,
     add_clickhouse_option,
+    embedded_dsn,
     redact,
     store_from_args,
 )
@@ -243,7 +244,7 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 
 def _folder(dsn: str) -> Path:
-    return Path(dsn.removeprefix("chdb://").split("?", 1)[0])
+    return Path(urlsplit(embedded_dsn(dsn)).path)
 
 
 def _looks_held(folder: Path, message: str) -> bool:

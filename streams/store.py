@@ -28,6 +28,16 @@ OWNER_FILE = ".gpuledger-owner.json"  # in an embedded folder: who holds it and 
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def embedded_dsn(dsn: str) -> str:
+    """`chdb://./data` and `chdb://data` are folders relative to the working directory, which
+    clickhouse-connect would read as a database name: make the folder absolute."""
+    parts = urlsplit(dsn)
+    folder = (parts.netloc + parts.path) or "."
+    if folder == "memory":
+        return dsn
+    return f"chdb://{Path(folder).resolve()}"
+
+
 def redact(dsn: str) -> str:
     """The DSN without its password, for logs and messages."""
     parts = urlsplit(dsn)
@@ -84,10 +94,10 @@ class ClickHouseStore:
     def __init__(
         self, dsn: str, *, database: str | None = None, password: str | None = None
     ) -> None:
-        self.dsn = dsn
-        self._password = password
         parts = urlsplit(dsn)
         self.embedded = parts.scheme == "chdb"
+        self.dsn = embedded_dsn(dsn) if self.embedded else dsn
+        self._password = password
         path_db = parts.path.strip("/") if not self.embedded else ""
         self.database = database or path_db or DEFAULT_DATABASE
         if not _DB_NAME.match(self.database):

@@ -291,10 +291,9 @@ class Worker:
         await pod_runner.drain()
 
     def _write_owner_file(self) -> None:
-        parts = urlsplit(self.config.clickhouse_dsn)
-        if parts.scheme != "chdb" or self.http is None:
+        if not self.store.embedded or self.http is None:
             return
-        folder = Path(parts.path or ".")
+        folder = Path(urlsplit(self.store.dsn).path)
         with contextlib.suppress(OSError):
             self._owner_file = folder / OWNER_FILE
             self._owner_file.write_bytes(orjson.dumps({"pid": os.getpid(), "url": self.http.url}))

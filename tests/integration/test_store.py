@@ -162,3 +162,14 @@ def test_server_dsn_password_is_redacted() -> None:
         "https://alice:***@ch.example:8443/ledger"
     )
     assert "{db}" not in " ".join(ddl_statements("gpuledger"))
+
+
+def test_relative_embedded_folders_are_made_absolute(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams.store import embedded_dsn
+
+    monkeypatch.chdir(str(tmp_path))
+    assert embedded_dsn("chdb://./ledger") == f"chdb://{tmp_path}/ledger"
+    assert embedded_dsn("chdb://ledger") == f"chdb://{tmp_path}/ledger"
+    assert embedded_dsn("chdb:///var/lib/ledger") == "chdb:///var/lib/ledger"
