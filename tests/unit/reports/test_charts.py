@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.reports.html_report import bucket_starts_ms, chart_bucket, nice_axis_top
+from streams.reports.charts import bucket_starts_ms, chart_bucket, nice_axis_top
 from streams.reports.params import Period
 
 T0_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
