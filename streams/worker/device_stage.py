@@ -122,10 +122,11 @@ class DeviceStage:
     ) -> tuple[str, SampleSplit | None]:
         self.offsets.consumed(partition, offset)
         start = window_of(event.time_ms, self.settings.allocation.window_s)
-        watermark = self.watermark.value(now_s)
-        self.watermark.observe(partition, event.time_ms, now_s)
         device = event.data.device_uuid
         slot = self._open.get(start, {}).get(device) or self._closed.get(start, {}).get(device)
+        # Only a new (window, device) can be too late: judged by the watermark before this event.
+        watermark = self.watermark.value(now_s) if slot is None else None
+        self.watermark.observe(partition, event.time_ms, now_s)
         if slot is None:
             end = start + self.settings.window_ms
             if watermark is not None and end + self.settings.retention_ms <= watermark:
