@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import InvalidOperation
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -322,9 +323,14 @@ class StageHandlers:
     def handle_pod_stage(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
         tp = (msg.topic, msg.partition)
         if msg.topic == self.internal_topic:
-            status = self.pods_stage.add_internal(tp, msg.offset, decode_internal(msg.value), now_s)
-            if status == TOO_LATE:
+            try:
+                message = decode_internal(msg.value)
+            except (ValueError, KeyError, TypeError, InvalidOperation) as exc:
+                # Only stage one writes here; anything else is still data, not a crash.
+                self._reject(msg, outbox, "invalid_internal", f"not a pod-cost message: {exc!r}")
                 self.pods_stage.skip(tp, msg.offset)
+                return
+            self.pods_stage.add_internal(tp, msg.offset, message, now_s)
             return
         decoded = self._decode(msg, TOKENS_TYPE, outbox)
         if decoded is None:

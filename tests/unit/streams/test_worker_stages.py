@@ -128,3 +128,31 @@ def test_pod_stage_splits_costs_once_every_sample_partition_has_passed() -> None
     )
     assert {r.model for r in search} == {"llama-3-70b", "mistral-7b"}
     assert all(r.team == "search" for r in search)
+
+
+def test_garbage_on_the_internal_topic_is_dead_lettered_not_a_crash() -> None:
+    from aiokafka import ConsumerRecord
+    from prometheus_client import CollectorRegistry
+
+    from streams.metrics import WorkerMetrics
+    from streams.worker.runtime import DeadLetterLog, StageHandlers
+    from streams.worker.sinks import Outbox
+
+    devices, pods = stage()
+    handlers = StageHandlers(
+        devices,
+        PodStage(StreamSettings(), pods),
+        pods,
+        WorkerMetrics(CollectorRegistry()),
+        DeadLetterLog(),
+        "internal",
+        lambda: 1,
+        lambda: [0],
+        lambda: 1,
+    )
+    outbox = Outbox()
+    record = ConsumerRecord("internal", 0, 7, 0, 0, b"k", b"not json", None, 1, 8, ())
+    handlers.handle_pod_stage(record, NOW, outbox)
+    handlers.handle_pod_stage(record, NOW, outbox)  # the same record again: one letter
+    assert [(m[0], m[1]) for m in outbox.messages] == [("gpuledger.dead-letter", b"internal|0|7")]
+    assert handlers.pods_stage.commit_positions() == {("internal", 0): 8}
