@@ -20,7 +20,6 @@ from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, KIND_USAGE, CostRow
 from streams.windows import window_of
 
 MONEY_QUANTUM = Decimal("1e-15")
-PCT_SECONDS_QUANTUM = Decimal("1e-6")
 _ZERO = Decimal(0)
 _SECONDS_PER_HOUR = Decimal(3600)
 

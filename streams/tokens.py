@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from schemas.events import CloudEvent, TokenDelta
-from streams.allocation import PCT_SECONDS_QUANTUM, split_exact
+from streams.allocation import split_exact
 from streams.rows import TokenCostRow, TokenRow
 
 _ZERO = Decimal(0)
 _MILLION = Decimal(1_000_000)
 CPT_QUANTUM = Decimal("1e-9")
+SECONDS_QUANTUM = Decimal("1e-6")  # prefill and decode time, summed exactly
 
 
 class TokenWindow:
@@ -54,9 +55,9 @@ class TokenWindow:
         self.requests += d.requests
         self.cached_tokens += d.cached_tokens or 0
         if d.prefill_s is not None:
-            self.prefill_s += Decimal(repr(d.prefill_s)).quantize(PCT_SECONDS_QUANTUM)
+            self.prefill_s += Decimal(repr(d.prefill_s)).quantize(SECONDS_QUANTUM)
         if d.decode_s is not None:
-            self.decode_s += Decimal(repr(d.decode_s)).quantize(PCT_SECONDS_QUANTUM)
+            self.decode_s += Decimal(repr(d.decode_s)).quantize(SECONDS_QUANTUM)
         ident = (event.time_ms, event.id, d.cluster, d.namespace, d.pod)
         if self.identity is None or ident[:2] > self.identity[:2]:
             self.identity = ident

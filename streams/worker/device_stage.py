@@ -93,7 +93,6 @@ class _Slot:
 class StageOutput:
     rows: list[CostRow] = field(default_factory=list)
     partials: list[PodCostPartial] = field(default_factory=list)
-    closed_window_ends_ms: list[int] = field(default_factory=list)
 
 
 class DeviceStage:
@@ -175,7 +174,6 @@ class DeviceStage:
                 for owner in slot.window.owners:
                     self._by_pod.setdefault(owner, set()).add((start, device))
                 self._emit(start, slot, out)
-            out.closed_window_ends_ms.append(start + size)
             self._closed_until_ms = max(self._closed_until_ms or 0, start + size)
         if not flush_all:
             # Every window ending at or before this point is closed, even the empty ones.

@@ -176,7 +176,7 @@ class PodStage:
         out = PodOutput()
         cost_mark = self._cost_watermark()
         token_mark = self.token_watermark.value(now_s)
-        idle = self._last_input_s and now_s - self._last_input_s >= self.settings.idle_flush_s
+        idle = self._last_input_s > 0 and now_s - self._last_input_s >= self.settings.idle_flush_s
         size, grace = self.settings.window_ms, self.settings.grace_ms
         for key in sorted(self._slots):
             slot = self._slots[key]
