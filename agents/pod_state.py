@@ -11,9 +11,11 @@ A pod's first event carries its creation time, so metadata covers everything it 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from msgspec.structs import replace
 
 from schemas.events import PodInfo
 
@@ -139,6 +141,7 @@ class PodState:
             node=pod.node,
             labels=dict(pod.labels),
             namespace_labels=dict(ns_labels),
+            deleted=False,
         )
 
     def _emission(self, pod: _Pod, now_ms: int) -> PodEmission | None:

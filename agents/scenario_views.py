@@ -148,6 +148,7 @@ def pod_infos(scenario: Scenario, t: float) -> list[PodInfo]:
             node=p.node,
             labels=dict(p.labels),
             namespace_labels=dict(scenario.namespace_labels(p.namespace)),
+            deleted=False,
         )
         for p in scenario.pods_at(t)
     ]

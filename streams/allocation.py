@@ -46,28 +46,32 @@ class AllocationSettings:
             raise ValueError("window_s must be positive")
 
 
-def _clamp01(x: float) -> float:
-    return 0.0 if x < 0.0 else 1.0 if x > 1.0 else x
-
-
 def process_shares(
     processes: Iterable[ProcessSample], mem_total_bytes: int, settings: AllocationSettings
 ) -> list[float]:
-    """Each process's share a_i of the device (steps 3 and 4): normalised when they sum > 1."""
+    """Each process's share a_i of the device (steps 3 and 4): normalised when they sum > 1.
+
+    m (memory) and u (SM) are clamped to [0, 1]; this runs for every sample, so it is written
+    out without helper calls."""
     policy = settings.share_policy
+    w = settings.sm_weight
     shares = []
+    total = 0.0
     for p in processes:
-        m = _clamp01(p.mem_used_bytes / mem_total_bytes)
-        u = _clamp01((p.sm_util_pct or 0.0) / 100.0)
+        m = p.mem_used_bytes / mem_total_bytes
+        m = 0.0 if m < 0.0 else 1.0 if m > 1.0 else m
+        u = (p.sm_util_pct or 0.0) / 100.0
+        u = 0.0 if u < 0.0 else 1.0 if u > 1.0 else u
         if policy == "dominant":
-            shares.append(max(m, u))
+            a = m if m > u else u
         elif policy == "memory":
-            shares.append(m)
+            a = m
         elif policy == "sm":
-            shares.append(u)
+            a = u
         else:
-            shares.append(settings.sm_weight * u + (1.0 - settings.sm_weight) * m)
-    total = sum(shares)
+            a = w * u + (1.0 - w) * m
+        shares.append(a)
+        total += a
     if total > 1.0:
         shares = [a / total for a in shares]
     return shares
@@ -82,6 +86,76 @@ def sample_cost_usd(price_per_hour_usd: Decimal, interval_s: float) -> Decimal:
 FEMTO_PER_USD = 10**15
 NANOS_PER_SECOND = 10**9
 MICROS = 10**6
+
+# Positions in an owner's totals: [femto-USD, nanoseconds, micro(percent x seconds), byte-seconds]
+COST, DEVICE_NS, SM_PCT_US, MEM_BYTE_SECONDS = 0, 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePrice:
+    """What one device costs per hour at an event time, and where that price came from."""
+
+    price_per_hour_usd: Decimal  # of this device (MIG share applied)
+    pricing: str
+    known_model: bool
+
+
+def price_device(book: PriceBook, sample: GpuSample, time_ms: int) -> DevicePrice:
+    """Step 1: the book's price for the sample's model and node, scaled to its MIG share."""
+    quote = book.quote(sample.gpu_model, book.pricing_class(sample.node_labels), time_ms)
+    price = device_price_per_hour(quote.price_per_hour_usd, sample.mig_slices, sample.gpu_slices)
+    return DevicePrice(price, quote.pricing, quote.known_model)
+
+
+class _Known:
+    """One remembered device price, the event-time span it holds for, and sample costs at it
+    by interval (agents sample on a steady period: few distinct intervals per price)."""
+
+    __slots__ = ("costs", "price", "valid_from_ms", "valid_until_ms")
+
+    def __init__(self, price: DevicePrice, valid_from_ms: int, valid_until_ms: int) -> None:
+        self.price = price
+        self.valid_from_ms = valid_from_ms
+        self.valid_until_ms = valid_until_ms
+        self.costs: dict[float, int] = {}
+
+
+class Pricer:
+    """`price_device` and `sample_cost_fusd`, remembered per (model, pricing class, MIG
+    slices, GPU slices) for the span of event time over which the book says the price holds."""
+
+    __slots__ = ("_known", "book")
+
+    MAX_INTERVALS = 10_000  # remembered costs per price
+
+    def __init__(self, book: PriceBook) -> None:
+        self.book = book
+        self._known: dict[tuple[str, str, int | None, int], _Known] = {}
+
+    def price(self, sample: GpuSample, time_ms: int) -> tuple[DevicePrice, int]:
+        """The device's price and this sample's cost in femto-USD."""
+        pricing = self.book.pricing_class(sample.node_labels)
+        key = (sample.gpu_model, pricing, sample.mig_slices, sample.gpu_slices)
+        known = self._known.get(key)
+        if known is None or not known.valid_from_ms <= time_ms < known.valid_until_ms:
+            quote, valid_from, valid_until = self.book.quote_span(
+                sample.gpu_model, pricing, time_ms
+            )
+            price = DevicePrice(
+                device_price_per_hour(
+                    quote.price_per_hour_usd, sample.mig_slices, sample.gpu_slices
+                ),
+                quote.pricing,
+                quote.known_model,
+            )
+            known = self._known[key] = _Known(price, valid_from, valid_until)
+        interval_s = sample.interval_s
+        cost = known.costs.get(interval_s)
+        if cost is None:
+            if len(known.costs) >= self.MAX_INTERVALS:
+                known.costs.clear()
+            cost = known.costs[interval_s] = sample_cost_fusd(known.price, interval_s)
+        return known.price, cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +176,7 @@ class SampleSplit:
     time_ms: int
     window_start_ms: int
     sample: GpuSample
-    price_per_hour_usd: Decimal  # of this device (MIG share applied)
-    pricing: str
-    known_model: bool
+    price: DevicePrice
     cost_fusd: int
     idle_fusd: int
     interval_ns: int
@@ -112,77 +184,92 @@ class SampleSplit:
     mem_byte_seconds: int
     owners: tuple[OwnerPart, ...]
 
+    @property
+    def price_per_hour_usd(self) -> Decimal:
+        return self.price.price_per_hour_usd
+
+    @property
+    def known_model(self) -> bool:
+        return self.price.known_model
+
+
+def owner_parts(
+    sample: GpuSample, cost_fusd: int, interval_ns: int, settings: AllocationSettings
+) -> tuple[dict[str, list[int]], int]:
+    """Steps 3-6 for one priced sample: each owner's part (see COST..MEM_BYTE_SECONDS) and the
+    idle femto-USD. Each process's cost is rounded once to a whole femto-dollar and the idle
+    part is what is left, so the parts add up to the sample cost exactly."""
+    dt = sample.interval_s
+    processes = sample.processes
+    shares = process_shares(processes, sample.mem_total_bytes, settings)
+    grouped: dict[str, list[int]] = {}
+    allocated = 0
+    for proc, share in zip(processes, shares, strict=True):
+        cost = round(cost_fusd * share)
+        allocated += cost
+        ns = round(interval_ns * share)
+        sm = round(dt * (proc.sm_util_pct or 0.0) * MICROS)
+        mem = round(proc.mem_used_bytes * dt)
+        owner = proc.pod_uid or HOST
+        part = grouped.get(owner)
+        if part is None:
+            grouped[owner] = [cost, ns, sm, mem]
+        else:
+            part[COST] += cost
+            part[DEVICE_NS] += ns
+            part[SM_PCT_US] += sm
+            part[MEM_BYTE_SECONDS] += mem
+    if allocated > cost_fusd:
+        # Rounding of normalised shares can overshoot by a few quanta: take it from the largest.
+        largest = max(grouped, key=lambda o: (grouped[o][COST], o))
+        grouped[largest][COST] -= allocated - cost_fusd
+        allocated = cost_fusd
+    return grouped, cost_fusd - allocated
+
+
+def sample_cost_fusd(price: DevicePrice, interval_s: float) -> int:
+    """Step 2 in femto-USD: exact, as `sample_cost_usd` is."""
+    return int(sample_cost_usd(price.price_per_hour_usd, interval_s).scaleb(15))
+
 
 def split_sample(
     event: CloudEvent[GpuSample], book: PriceBook, settings: AllocationSettings
 ) -> SampleSplit:
-    """Steps 1-6 for one sample: price it, share it among processes, group by pod.
-
-    The sample cost is exact (Decimal, quantised to 1e-15 USD); each process's part of it is
-    rounded once to a whole femto-dollar, and the idle part is what is left, so the parts add
-    up to the sample cost exactly."""
+    """Steps 1-6 for one sample as a value: price it, share it among processes, group by pod.
+    (The worker folds samples into a `DeviceWindow` with `add_sample`, the same arithmetic.)"""
     s = event.data
-    pricing = book.pricing_class(s.node_labels)
-    quote = book.quote(s.gpu_model, pricing, event.time_ms)
-    price = device_price_per_hour(quote.price_per_hour_usd, s.mig_slices, s.gpu_slices)
-    cost = int(sample_cost_usd(price, s.interval_s).scaleb(15))
-    dt = s.interval_s
-    dt_ns = round(dt * NANOS_PER_SECOND)
-    shares = process_shares(s.processes, s.mem_total_bytes, settings)
-
-    grouped: dict[str, list[int]] = {}
-    for proc, share in zip(s.processes, shares, strict=True):
-        owner = proc.pod_uid or HOST
-        part = grouped.get(owner)
-        if part is None:
-            part = grouped[owner] = [0, 0, 0, 0]
-        part[0] += round(cost * share)
-        part[1] += round(dt_ns * share)
-        part[2] += round(dt * (proc.sm_util_pct or 0.0) * MICROS)
-        part[3] += round(proc.mem_used_bytes * dt)
-
-    allocated = sum(p[0] for p in grouped.values())
-    if allocated > cost:
-        # Rounding of normalised shares can overshoot by a few quanta: take it from the largest.
-        largest = max(grouped, key=lambda o: (grouped[o][0], o))
-        grouped[largest][0] -= allocated - cost
-        allocated = cost
-    owners = tuple(OwnerPart(o, *v) for o, v in sorted(grouped.items()))
+    price = price_device(book, s, event.time_ms)
+    cost = sample_cost_fusd(price, s.interval_s)
+    dt_ns = round(s.interval_s * NANOS_PER_SECOND)
+    grouped, idle = owner_parts(s, cost, dt_ns, settings)
     return SampleSplit(
         event_id=event.id,
         time_ms=event.time_ms,
         window_start_ms=window_of(event.time_ms, settings.window_s),
         sample=s,
-        price_per_hour_usd=price,
-        pricing=quote.pricing,
-        known_model=quote.known_model,
+        price=price,
         cost_fusd=cost,
-        idle_fusd=cost - allocated,
+        idle_fusd=idle,
         interval_ns=dt_ns,
-        sm_pct_us=round(dt * (s.sm_util_pct or 0.0) * MICROS),
-        mem_byte_seconds=round(s.mem_used_bytes * dt),
-        owners=owners,
+        sm_pct_us=round(s.interval_s * (s.sm_util_pct or 0.0) * MICROS),
+        mem_byte_seconds=round(s.mem_used_bytes * s.interval_s),
+        owners=tuple(OwnerPart(o, *v) for o, v in sorted(grouped.items())),
     )
 
 
-class _OwnerTotals:
-    __slots__ = ("cost_fusd", "device_ns", "mem_byte_seconds", "sm_pct_us")
-
-    def __init__(self) -> None:
-        self.cost_fusd = 0
-        self.device_ns = 0
-        self.sm_pct_us = 0
-        self.mem_byte_seconds = 0
-
-
 class DeviceWindow:
-    """Sums of the sample splits of one (window, device); the result is order independent."""
+    """Sums of the sample parts of one (window, device); the result is order independent.
+
+    `owners` maps each owner to its totals, indexed by COST..MEM_BYTE_SECONDS. The latest
+    sample (by event time, then id) supplies the row's device attributes and price."""
 
     __slots__ = (
         "cost_fusd",
         "idle_fusd",
         "interval_ns",
-        "latest",
+        "latest_key",
+        "latest_price",
+        "latest_sample",
         "mem_byte_seconds",
         "owners",
         "sample_ids",
@@ -198,31 +285,116 @@ class DeviceWindow:
         self.interval_ns = 0
         self.sm_pct_us = 0
         self.mem_byte_seconds = 0
-        self.owners: dict[str, _OwnerTotals] = {}
-        self.latest: SampleSplit | None = None
+        self.owners: dict[str, list[int]] = {}
+        self.latest_key: tuple[int, str] | None = None
+        self.latest_sample: GpuSample | None = None
+        self.latest_price: DevicePrice | None = None
 
     def add(self, split: SampleSplit) -> bool:
         """Fold one split in; returns False (and changes nothing) for a duplicate event id."""
         if split.event_id in self.sample_ids:
             return False
-        self.sample_ids.add(split.event_id)
-        self.cost_fusd += split.cost_fusd
-        self.idle_fusd += split.idle_fusd
-        self.interval_ns += split.interval_ns
-        self.sm_pct_us += split.sm_pct_us
-        self.mem_byte_seconds += split.mem_byte_seconds
-        for part in split.owners:
-            totals = self.owners.get(part.owner)
-            if totals is None:
-                totals = self.owners[part.owner] = _OwnerTotals()
-            totals.cost_fusd += part.cost_fusd
-            totals.device_ns += part.device_ns
-            totals.sm_pct_us += part.sm_pct_us
-            totals.mem_byte_seconds += part.mem_byte_seconds
-        latest = self.latest
-        if latest is None or (split.time_ms, split.event_id) > (latest.time_ms, latest.event_id):
-            self.latest = split
+        self._fold(
+            split.event_id,
+            split.time_ms,
+            split.sample,
+            split.price,
+            split.cost_fusd,
+            split.interval_ns,
+            {
+                p.owner: [p.cost_fusd, p.device_ns, p.sm_pct_us, p.mem_byte_seconds]
+                for p in split.owners
+            },
+            split.idle_fusd,
+        )
         return True
+
+    def add_sample(
+        self,
+        event_id: str,
+        time_ms: int,
+        sample: GpuSample,
+        price: DevicePrice,
+        cost: int,
+        settings: AllocationSettings,
+    ) -> bool:
+        """Split one sample of `cost` femto-USD (`sample_cost_fusd`) and fold it in, without
+        building a SampleSplit; False (and no change) for a duplicate event id."""
+        ids = self.sample_ids
+        if event_id in ids:
+            return False
+        dt = sample.interval_s
+        interval_ns = round(dt * NANOS_PER_SECOND)
+        processes = sample.processes
+        shares = process_shares(processes, sample.mem_total_bytes, settings)
+        costs = [round(cost * a) for a in shares]
+        allocated = sum(costs)
+        if allocated > cost:
+            # Rare (normalised shares rounding up): `owner_parts` settles it.
+            grouped, idle = owner_parts(sample, cost, interval_ns, settings)
+            self._fold(event_id, time_ms, sample, price, cost, interval_ns, grouped, idle)
+            return True
+        # What `owner_parts` + `_fold` do, without building the per-sample parts.
+        ids.add(event_id)
+        owners = self.owners
+        for proc, share, part_cost in zip(processes, shares, costs):  # noqa: B905 (same length)
+            owner = proc.pod_uid or HOST
+            ns = round(interval_ns * share)
+            sm = round(dt * (proc.sm_util_pct or 0.0) * MICROS)
+            mem = round(proc.mem_used_bytes * dt)
+            totals = owners.get(owner)
+            if totals is None:
+                owners[owner] = [part_cost, ns, sm, mem]
+            else:
+                totals[COST] += part_cost
+                totals[DEVICE_NS] += ns
+                totals[SM_PCT_US] += sm
+                totals[MEM_BYTE_SECONDS] += mem
+        self.cost_fusd += cost
+        self.idle_fusd += cost - allocated
+        self.interval_ns += interval_ns
+        self.sm_pct_us += round(dt * (sample.sm_util_pct or 0.0) * MICROS)
+        self.mem_byte_seconds += round(sample.mem_used_bytes * dt)
+        key = (time_ms, event_id)
+        if self.latest_key is None or key > self.latest_key:
+            self.latest_key = key
+            self.latest_sample = sample
+            self.latest_price = price
+        return True
+
+    def _fold(
+        self,
+        event_id: str,
+        time_ms: int,
+        sample: GpuSample,
+        price: DevicePrice,
+        cost_fusd: int,
+        interval_ns: int,
+        grouped: dict[str, list[int]],
+        idle_fusd: int,
+    ) -> None:
+        self.sample_ids.add(event_id)
+        dt = sample.interval_s
+        self.cost_fusd += cost_fusd
+        self.idle_fusd += idle_fusd
+        self.interval_ns += interval_ns
+        self.sm_pct_us += round(dt * (sample.sm_util_pct or 0.0) * MICROS)
+        self.mem_byte_seconds += round(sample.mem_used_bytes * dt)
+        owners = self.owners
+        for owner, part in grouped.items():
+            totals = owners.get(owner)
+            if totals is None:
+                owners[owner] = part
+            else:
+                totals[COST] += part[COST]
+                totals[DEVICE_NS] += part[DEVICE_NS]
+                totals[SM_PCT_US] += part[SM_PCT_US]
+                totals[MEM_BYTE_SECONDS] += part[MEM_BYTE_SECONDS]
+        key = (time_ms, event_id)
+        if self.latest_key is None or key > self.latest_key:
+            self.latest_key = key
+            self.latest_sample = sample
+            self.latest_price = price
 
     @property
     def sample_count(self) -> int:
@@ -242,10 +414,9 @@ def finalize_device_window(
 ) -> list[CostRow]:
     """Rows of one closed (window, device): one per owner plus the idle row (always present,
     possibly at zero cost, so a correction can overwrite an earlier idle amount)."""
-    latest = window.latest
-    if latest is None:
+    s, price = window.latest_sample, window.latest_price
+    if s is None or price is None:
         return []
-    s = latest.sample
     interval_ns = window.interval_ns
     start = window.window_start_ms
     end = start + settings.window_s * 1000
@@ -272,15 +443,15 @@ def finalize_device_window(
             product=product,
             cost_center=cost_center,
             kind=kind,
-            price_per_hour=latest.price_per_hour_usd.quantize(MONEY_QUANTUM),
-            pricing=latest.pricing,
+            price_per_hour=price.price_per_hour_usd.quantize(MONEY_QUANTUM),
+            pricing=price.pricing,
             version=version,
             **kw,  # type: ignore[arg-type]
         )
 
     owners = sorted(window.owners.items())
     idle_shares = _spread_idle(
-        usd(window.idle_fusd), [(o, usd(t.cost_fusd)) for o, t in owners if o != HOST], settings
+        usd(window.idle_fusd), [(o, usd(t[COST])) for o, t in owners if o != HOST], settings
     )
     rows = []
     for owner, totals in owners:
@@ -291,15 +462,15 @@ def finalize_device_window(
                 kind,
                 owner,
                 resolve_owner(owner, pod_lookup, settings.labels),
-                device_seconds=totals.device_ns / NANOS_PER_SECOND,
-                sm_util_avg=per_second(totals.sm_pct_us, MICROS),
-                mem_bytes_avg=per_second(totals.mem_byte_seconds, 1),
-                cost_usd=usd(totals.cost_fusd) + extra,
+                device_seconds=totals[DEVICE_NS] / NANOS_PER_SECOND,
+                sm_util_avg=per_second(totals[SM_PCT_US], MICROS),
+                mem_bytes_avg=per_second(totals[MEM_BYTE_SECONDS], 1),
+                cost_usd=usd(totals[COST]) + extra,
                 idle_cost_usd=extra,
             )
         )
     idle_left = usd(window.idle_fusd) - sum(idle_shares.values(), _ZERO)
-    used_ns = sum(t.device_ns for t in window.owners.values())
+    used_ns = sum(t[DEVICE_NS] for t in window.owners.values())
     rows.append(
         row(
             KIND_IDLE,

@@ -79,6 +79,22 @@ class PriceBook:
                 return Quote(found, pricing if candidate == pricing else candidate, True)
         return Quote(self.default_price_per_hour_usd, pricing, False)
 
+    def quote_span(self, gpu_model: str, pricing: str, time_ms: int) -> tuple[Quote, int, int]:
+        """`quote(...)` and the times [from, until) in Unix ms over which it holds unchanged:
+        the nearest effective dates around `time_ms` of every series the quote consults."""
+        lo, hi = -(2**63), 2**63
+        for candidate in {pricing, "on_demand"}:
+            series = self._index.get((gpu_model, candidate))
+            if series is None:
+                continue
+            starts = series[0]
+            at = bisect_right(starts, time_ms)
+            if at:
+                lo = max(lo, starts[at - 1])
+            if at < len(starts):
+                hi = min(hi, starts[at])
+        return self.quote(gpu_model, pricing, time_ms), lo, hi
+
     def _lookup(self, gpu_model: str, pricing: str, time_ms: int) -> Decimal | None:
         series = self._index.get((gpu_model, pricing))
         if series is None:

@@ -110,7 +110,7 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
 
 
 def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from streams.worker.app import Worker, WorkerConfig
+    from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -128,7 +128,9 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             http_port=args.metrics_port,
             exit_when_idle_s=args.exit_when_idle,
         )
-        return asyncio.run(_serve(Worker(config, book, store=store_from_args(args))))
+        worker = Worker(config, book, store=store_from_args(args))
+        tune_garbage_collector()
+        return asyncio.run(_serve(worker))
     except GpuledgerError as exc:
         print(f"gpuledger worker: {exc}", file=sys.stderr)
         return 1

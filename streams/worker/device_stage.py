@@ -16,7 +16,7 @@ from decimal import Decimal
 import orjson
 
 from schemas.events import CloudEvent, GpuSample
-from streams.allocation import AllocationSettings, DeviceWindow, SampleSplit, split_sample
+from streams.allocation import AllocationSettings, DeviceWindow, Pricer
 from streams.allocation import finalize_device_window as finalize
 from streams.labels import PodHistory
 from streams.pricing import PriceBook
@@ -90,6 +90,17 @@ class _Slot:
 
 
 @dataclass
+class SampleCounts:
+    """What became of a batch of samples (indices of too-late ones, to dead-letter them)."""
+
+    ok: int = 0
+    late: int = 0
+    duplicates: int = 0
+    too_late: list[int] = field(default_factory=list)
+    unknown_models: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StageOutput:
     rows: list[CostRow] = field(default_factory=list)
     partials: list[PodCostPartial] = field(default_factory=list)
@@ -98,6 +109,7 @@ class StageOutput:
 class DeviceStage:
     def __init__(self, book: PriceBook, settings: StreamSettings, pods: PodHistory) -> None:
         self.book = book
+        self.pricer = Pricer(book)
         self.settings = settings
         self.pods = pods
         self.watermark = Watermark(settings.idle_flush_s)
@@ -118,30 +130,81 @@ class DeviceStage:
 
     def add_sample(
         self, partition: Partition, offset: int, event: CloudEvent[GpuSample], now_s: float
-    ) -> tuple[str, SampleSplit | None]:
-        self.offsets.consumed(partition, offset)
-        start = window_of(event.time_ms, self.settings.allocation.window_s)
-        device = event.data.device_uuid
-        slot = self._open.get(start, {}).get(device) or self._closed.get(start, {}).get(device)
-        # Only a new (window, device) can be too late: judged by the watermark before this event.
-        watermark = self.watermark.value(now_s) if slot is None else None
-        self.watermark.observe(partition, event.time_ms, now_s)
-        if slot is None:
-            end = start + self.settings.window_ms
-            if watermark is not None and end + self.settings.retention_ms <= watermark:
-                return TOO_LATE, None
-            slot = _Slot(start, device)
-            self._open.setdefault(start, {})[device] = slot
-        if event.id in slot.window.sample_ids:
-            return DUPLICATE, None
-        split = split_sample(event, self.book, self.settings.allocation)
-        slot.window.add(split)
-        hold(slot.held, partition, offset)
-        hold(self._held.setdefault(start, {}), partition, offset)
-        if slot.closed:
-            self._mark_dirty(start, slot)
-            return LATE, split
-        return OK, split
+    ) -> str:
+        """Fold one sample in (see `add_samples`); returns its status."""
+        counts = self.add_samples(partition, [offset], [event], now_s)
+        if counts.too_late:
+            return TOO_LATE
+        return DUPLICATE if counts.duplicates else LATE if counts.late else OK
+
+    def add_samples(
+        self,
+        partition: Partition,
+        offsets: list[int],
+        events: list[CloudEvent[GpuSample]],
+        now_s: float,
+    ) -> SampleCounts:
+        """Fold in a batch of samples read from one partition, in offset order.
+
+        A sample that opens a (window, device) is too late when that window's retention had
+        passed by the watermark before this batch; the batch then moves the watermark."""
+        counts = SampleCounts()
+        if not events:
+            return counts
+        self.offsets.consumed(partition, offsets[-1])
+        watermark = self.watermark.value(now_s)
+        size = self.settings.window_ms
+        horizon = None if watermark is None else watermark - size - self.settings.retention_ms
+        allocation = self.settings.allocation
+        price_of = self.pricer.price
+        open_, closed_ = self._open, self._closed
+        max_time_ms = events[0].time_ms
+        window_start: int | None = None
+        window_held: dict[Partition, int] = {}
+        for index, event in enumerate(events):
+            offset = offsets[index]
+            time_ms = event.time_ms
+            if time_ms > max_time_ms:
+                max_time_ms = time_ms
+            start = time_ms - time_ms % size
+            sample = event.data
+            device = sample.device_uuid
+            slots = open_.get(start)
+            slot = slots.get(device) if slots is not None else None
+            if slot is None:
+                closed = closed_.get(start)
+                slot = closed.get(device) if closed is not None else None
+                if slot is None:
+                    if horizon is not None and start <= horizon:
+                        counts.too_late.append(index)
+                        continue
+                    slot = _Slot(start, device)
+                    if slots is None:
+                        slots = open_[start] = {}
+                    slots[device] = slot
+            window = slot.window
+            if event.id in window.sample_ids:
+                counts.duplicates += 1
+                continue
+            price, cost = price_of(sample, time_ms)
+            if not price.known_model:
+                counts.unknown_models.append(sample.gpu_model)
+            window.add_sample(event.id, time_ms, sample, price, cost, allocation)
+            held = slot.held
+            if held.get(partition, offset) >= offset:
+                held[partition] = offset
+            if start != window_start:
+                window_start = start
+                window_held = self._held.get(start) or self._held.setdefault(start, {})
+            if window_held.get(partition, offset) >= offset:
+                window_held[partition] = offset
+            if slot.closed:
+                self._mark_dirty(start, slot)
+                counts.late += 1
+            else:
+                counts.ok += 1
+        self.watermark.observe(partition, max_time_ms, now_s)
+        return counts
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived: closed windows that would now see it are re-emitted."""

@@ -25,6 +25,9 @@ from schemas.events import (
     POD_TYPE,
     TOKEN_COST_WINDOWS_TOPIC,
     TOKENS_TYPE,
+    CloudEvent,
+    Decoded,
+    GpuSample,
     Ok,
     Rejected,
     decode_event,
@@ -87,7 +90,7 @@ class StageRunner:
         self,
         name: str,
         consumer: AIOKafkaConsumer,
-        handle: Callable[[ConsumerRecord, float, Outbox], None],
+        handle: Callable[[TopicPartition, list[ConsumerRecord], float, Outbox], None],
         poll: Callable[[float, bool, Outbox], None],
         positions: Callable[[], dict[tuple[str, int], int]],
         revoke: Callable[[set[tuple[str, int]]], None],
@@ -131,8 +134,7 @@ class StageRunner:
             async with self.lock:
                 now = time.time()
                 for tp, records in batch.items():
-                    for msg in records:
-                        self.handle(msg, now, self.outbox)
+                    self.handle(tp, records, now, self.outbox)
                     self.records += len(records)
                     if records:
                         self._update_lag(tp, records[-1].offset + 1)
@@ -233,15 +235,18 @@ class StageHandlers:
 
     def _decode(self, msg: ConsumerRecord, expected_type: str, outbox: Outbox) -> Ok | None:  # type: ignore[type-arg]
         decoded = decode_event(msg.value)
+        if isinstance(decoded, Ok) and decoded.event.type == expected_type:
+            return decoded
+        self._reject_decoded(msg, decoded, outbox)
+        return None
+
+    def _reject_decoded(self, msg: ConsumerRecord, decoded: Decoded, outbox: Outbox) -> None:
+        """Dead-letter a record that did not decode, or decoded to another topic's type."""
         if isinstance(decoded, Rejected):
             self._reject(msg, outbox, decoded.reason, decoded.detail)
-            return None
-        if decoded.event.type != expected_type:
-            self._reject(
-                msg, outbox, "wrong_topic", f"{decoded.event.type} does not belong on {msg.topic}"
-            )
-            return None
-        return decoded
+        else:
+            kind = decoded.event.type
+            self._reject(msg, outbox, "wrong_topic", f"{kind} does not belong on {msg.topic}")
 
     def _count(self, topic: str, status: str, msg: ConsumerRecord, outbox: Outbox) -> None:
         if status == DUPLICATE:
@@ -263,16 +268,37 @@ class StageHandlers:
 
     # ------------------------------------------------------------------ stage one
 
-    def handle_sample(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
-        tp = (msg.topic, msg.partition)
-        decoded = self._decode(msg, GPU_SAMPLE_TYPE, outbox)
-        if decoded is None:
-            self.devices.skip(tp, msg.offset)
+    def handle_samples(
+        self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
+    ) -> None:
+        """Decode a batch of one partition, dead-letter what is unusable, fold in the rest."""
+        if not records:
             return
-        status, split = self.devices.add_sample(tp, msg.offset, decoded.event, now_s)
-        if split is not None and not split.known_model:
-            self.metrics.unknown_model.labels(split.sample.gpu_model).inc()
-        self._count(msg.topic, status, msg, outbox)
+        partition = (tp.topic, tp.partition)
+        offsets: list[int] = []
+        events: list[CloudEvent[GpuSample]] = []
+        kept: list[ConsumerRecord] = []
+        for msg in records:
+            decoded = decode_event(msg.value, GPU_SAMPLE_TYPE)
+            if type(decoded) is Ok and decoded.event.type == GPU_SAMPLE_TYPE:
+                offsets.append(msg.offset)
+                events.append(decoded.event)  # type: ignore[arg-type]  # its type says so
+                kept.append(msg)
+            else:
+                self._reject_decoded(msg, decoded, outbox)
+        self.devices.skip(partition, records[-1].offset)
+        counts = self.devices.add_samples(partition, offsets, events, now_s)
+        topic = tp.topic
+        if counts.ok or counts.late:
+            self._child(self.metrics.events, topic).inc(counts.ok + counts.late)
+        if counts.late:
+            self._child(self.metrics.late, topic).inc(counts.late)
+        if counts.duplicates:
+            self._child(self.metrics.duplicates, topic).inc(counts.duplicates)
+        for index in counts.too_late:
+            self._reject(kept[index], outbox, "too_late", "event time is older than the retention")
+        for model in counts.unknown_models:
+            self.metrics.unknown_model.labels(model).inc()
 
     def poll_devices(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         if drain:
@@ -319,6 +345,12 @@ class StageHandlers:
                 outbox.messages.append((self.internal_topic, b"marker", body, partition))
 
     # ------------------------------------------------------------------ stage two
+
+    def handle_pod_stage_batch(
+        self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
+    ) -> None:
+        for msg in records:
+            self.handle_pod_stage(msg, now_s, outbox)
 
     def handle_pod_stage(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
         tp = (msg.topic, msg.partition)

@@ -58,7 +58,7 @@ from streams.allocation import AllocationSettings, sample_cost_usd
 from streams.kafka_io import KafkaSettings, default_topics, ensure_topics
 from streams.pricing import EXAMPLE_PRICE_BOOK, PriceBook, device_price_per_hour, load_price_book
 from streams.store import ClickHouseStore
-from streams.worker.app import Worker, WorkerConfig
+from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 from streams.worker.device_stage import StreamSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,7 +90,8 @@ Record = tuple[int, bytes, bytes]  # partition, key, value
 class Device:
     uuid: str
     partition: int  # where the producer's default partitioner puts its key
-    sample_cost_usd: Decimal  # of one 1-second sample, from the price book
+    phase_ms: int  # when in each second its node samples (all devices of a node at once)
+    sample_costs_usd: tuple[Decimal, ...]  # per template, from the price book
     templates: tuple[dict[str, Any], ...]  # CloudEvent dicts; id and time are set per sample
 
 
@@ -112,8 +113,13 @@ class Cluster:
                 profile, slices = MIG_PROFILES[d % 2] if mig else (None, None)
                 uuid = f"MIG-{n:04d}-{d}" if mig else gpu
                 procs = self._processes(rng, node, mem_total, per_process_sm=not mig)
-                variants = []
+                quote = book.quote(model, book.pricing_class(labels), T0_MS)
+                price = device_price_per_hour(quote.price_per_hour_usd, slices, 7)
+                variants, costs = [], []
                 for v in range(VARIANTS):
+                    # a monotonic clock's elapsed time, to the microsecond, as the agent sends it
+                    interval_s = round(1.0 + rng.uniform(-0.003, 0.003), 6)
+                    costs.append(sample_cost_usd(price, interval_s))
                     sample = GpuSample(
                         cluster="bench",
                         node=node,
@@ -123,7 +129,7 @@ class Cluster:
                         mig_profile=profile,
                         mig_slices=slices,
                         gpu_slices=7,
-                        interval_s=1.0,
+                        interval_s=interval_s,
                         mem_total_bytes=mem_total,
                         mem_used_bytes=sum(p.mem_used_bytes for p in procs),
                         sm_util_pct=None if mig else float(40 + 13 * v + d),
@@ -141,13 +147,12 @@ class Cluster:
                     )
                     event = make_event(sample, event_id="", source=f"agent/{node}", time_ms=T0_MS)
                     variants.append(event_to_dict(event))
-                quote = book.quote(model, book.pricing_class(labels), T0_MS)
-                price = device_price_per_hour(quote.price_per_hour_usd, slices, 7)
                 self.devices.append(
                     Device(
                         uuid,
                         DefaultPartitioner()(uuid.encode(), list(range(partitions)), []),
-                        sample_cost_usd(price, 1.0),
+                        n * 7919 % 1000,
+                        tuple(costs),
                         tuple(variants),
                     )
                 )
@@ -170,11 +175,13 @@ class Cluster:
         return out
 
     def second(self, index: int, time_ms: int) -> Iterator[Record]:
-        """Every device's sample for one second of cluster time."""
-        stamp = format_time(time_ms)
+        """Every device's sample for one second of cluster time (each node at its own phase)."""
+        stamps: dict[int, str] = {}
         for device in self.devices:
             doc = device.templates[index % VARIANTS]
-            value = orjson.dumps({**doc, "id": f"{device.uuid}:{time_ms}", "time": stamp})
+            at_ms = time_ms + device.phase_ms
+            stamp = stamps.get(at_ms) or stamps.setdefault(at_ms, format_time(at_ms))
+            value = orjson.dumps({**doc, "id": f"{device.uuid}:{at_ms}", "time": stamp})
             yield device.partition, device.uuid.encode(), value
 
     def pod_events(self, time_ms: int) -> list[tuple[bytes, bytes]]:
@@ -415,9 +422,9 @@ async def produce_live(args: argparse.Namespace) -> dict[str, Any]:
                 skipped += 1  # a whole second behind: that sample is lost, as an agent's would be
                 continue
             began, time_ms = time.perf_counter(), int(time.time() * 1000)
-            await asyncio.gather(
-                *await send_batches(producer, GPU_SAMPLES_TOPIC, cluster.second(tick, time_ms))
-            )
+            # each node sampled at its phase within the second just past, sent now
+            second = cluster.second(tick, time_ms - 1000)
+            await asyncio.gather(*await send_batches(producer, GPU_SAMPLES_TOPIC, second))
             sent += len(cluster.devices)
             ticks_ms.append(time_ms)
             send_s.append(time.perf_counter() - began)
@@ -527,7 +534,10 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     book = load_price_book(EXAMPLE_PRICE_BOOK)
     cluster = Cluster(args.nodes, args.devices_per_node, args.partitions, book)
     total = len(cluster.devices) * args.seconds
-    expected = sum((d.sample_cost_usd for d in cluster.devices), Decimal(0)) * args.seconds
+    expected = sum(
+        (d.sample_costs_usd[s % VARIANTS] for d in cluster.devices for s in range(args.seconds)),
+        Decimal(0),
+    )
     out: dict[str, Any] = {"devices": len(cluster.devices), "pods": len(cluster.pods)}
     out["cpus"], out["loadavg_start"] = os.cpu_count(), os.getloadavg()
     # chDB may still be merging in the folder when it is removed
@@ -618,6 +628,7 @@ def main() -> int:
         return 0
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(message)s")
     console = Console()
+    tune_garbage_collector()  # as `gpuledger worker` does
     out = asyncio.run(run(args, console))
     out["command"] = " ".join([".venv/bin/python", *sys.argv])
     save(out, args.out)

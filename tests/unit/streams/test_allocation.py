@@ -20,6 +20,7 @@ from streams.allocation import (
     SHARE_POLICIES,
     AllocationSettings,
     DeviceWindow,
+    Pricer,
     finalize_device_window,
     process_shares,
     sample_cost_usd,
@@ -365,3 +366,47 @@ def test_duplicate_sample_ids_change_nothing(
 
 def test_price_book_type() -> None:
     assert isinstance(BOOK, PriceBook)
+
+
+def fast_rows_for(
+    events: list[CloudEvent[GpuSample]], cfg: AllocationSettings, pricer: Pricer
+) -> list[CostRow]:
+    """What the worker does: `Pricer` + `DeviceWindow.add_sample`, no SampleSplit."""
+    windows: dict[tuple[int, str], DeviceWindow] = {}
+    for ev in events:
+        start = window_of(ev.time_ms, cfg.window_s)
+        window = windows.setdefault((start, ev.data.device_uuid), DeviceWindow(start))
+        price, cost = pricer.price(ev.data, ev.time_ms)
+        window.add_sample(ev.id, ev.time_ms, ev.data, price, cost, cfg)
+    out: list[CostRow] = []
+    for key in sorted(windows):
+        out += finalize_device_window(windows[key], PODS.get, cfg, version=1)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(sample_strategy, min_size=1, max_size=25), policy_strategy)
+def test_the_workers_fold_equals_splitting_each_sample(
+    specs: list[Any], cfg: AllocationSettings
+) -> None:
+    events = build_events(specs)
+    pricer = Pricer(BOOK)
+    assert fast_rows_for(events, cfg, pricer) == rows_for(events, cfg)
+    # and again with every price and cost now remembered
+    assert fast_rows_for(events + events, cfg, pricer) == rows_for(events, cfg)
+
+
+def test_a_remembered_price_ends_where_the_book_changes_it() -> None:
+    book = parse_price_book(
+        "default_price_per_hour: 1.00\n"
+        "prices:\n"
+        "  - {gpu_model: Test GPU, pricing: on_demand, price_per_hour: 3.60}\n"
+        "  - {gpu_model: Test GPU, pricing: on_demand, price_per_hour: 7.20,"
+        " effective_from: 2026-11-19}\n"
+    )
+    pricer = Pricer(book)
+    before = sample([("pod-a", 8, 10.0)], time_ms=1_795_046_399_999, interval_s=1.0)
+    after = sample([("pod-a", 8, 10.0)], time_ms=1_795_046_400_000, interval_s=1.0)
+    assert pricer.price(before.data, before.time_ms)[0].price_per_hour_usd == Decimal("3.60")
+    assert pricer.price(after.data, after.time_ms)[0].price_per_hour_usd == Decimal("7.20")
+    assert pricer.price(before.data, before.time_ms)[1] == 10**15 // 1000  # 0.001 USD

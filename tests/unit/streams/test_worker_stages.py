@@ -46,7 +46,7 @@ def test_windows_close_only_when_the_watermark_passes_end_plus_grace() -> None:
     devices, _ = stage()
     first = [ev for ev in gpu_samples() if ev.data.device_uuid == "GPU-h100-a"]
     for i, ev in enumerate(first[:13]):  # up to T0 + 60.5 s: window 1 not yet closable
-        assert devices.add_sample(SAMPLES, i, ev, NOW)[0] == OK
+        assert devices.add_sample(SAMPLES, i, ev, NOW) == OK
     assert devices.poll(NOW).rows == []
     for i, ev in enumerate(first[13:15], start=13):  # T0 + 70.5 s passes end + 10 s grace
         devices.add_sample(SAMPLES, i, ev, NOW)
@@ -61,18 +61,18 @@ def test_duplicates_late_corrections_and_too_late() -> None:
     events = [ev for ev in gpu_samples() if ev.data.device_uuid == "GPU-h100-a"]
     for i, ev in enumerate(events):
         devices.add_sample(SAMPLES, i, ev, NOW)
-    assert devices.add_sample(SAMPLES, 99, events[0], NOW)[0] == DUPLICATE
+    assert devices.add_sample(SAMPLES, 99, events[0], NOW) == DUPLICATE
     first = devices.poll(NOW).rows
     version = {r.key: r.version for r in first}
     from schemas.events import make_event
 
     late = make_event(events[0].data, event_id="late", source="s", time_ms=events[0].time_ms)
-    assert devices.add_sample(SAMPLES, 100, late, NOW)[0] == LATE
+    assert devices.add_sample(SAMPLES, 100, late, NOW) == LATE
     again = devices.poll(NOW).rows
     assert again and all(r.version > version[r.key] for r in again)
     assert {r.window_start_ms for r in again} == {T0}
     ancient = make_event(events[0].data, event_id="old", source="s", time_ms=T0 - 600_000)
-    assert devices.add_sample(SAMPLES, 101, ancient, NOW)[0] == TOO_LATE
+    assert devices.add_sample(SAMPLES, 101, ancient, NOW) == TOO_LATE
 
 
 def test_commit_position_holds_back_to_the_oldest_retained_window() -> None:

@@ -1,0 +1,130 @@
+"""CPU per GPU-sample event in the worker's stage one, without Kafka or ClickHouse.
+
+Feeds the worker's own record handler (decode, dead letters, dedup, windows, allocation,
+offsets, metrics) with aiokafka `ConsumerRecord`s in fetch-sized batches, over the payloads of
+bench_worker.py (1,000 nodes x 8 devices by default), then closes the windows (rows and their
+Kafka messages). Each figure is per event and also a ratio to `orjson.loads` of the same bytes,
+measured in the same run: the decode every Python consumer pays.
+
+    .venv/bin/python tests/benchmarks/bench_hot_path.py [--seconds 60] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import ConsumerRecord, TopicPartition
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+
+from schemas.events import GPU_SAMPLE_TYPE, GPU_SAMPLES_TOPIC, decode_event
+from streams.allocation import AllocationSettings
+from streams.labels import PodHistory
+from streams.metrics import WorkerMetrics
+from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
+from streams.worker.app import tune_garbage_collector
+from streams.worker.device_stage import DeviceStage, StreamSettings
+from streams.worker.pod_stage import PodStage
+from streams.worker.runtime import DeadLetterLog, StageHandlers
+from streams.worker.sinks import Outbox
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_worker import FETCH_MAX_RECORDS, T0_MS, Cluster
+
+
+def handlers_for(settings: StreamSettings) -> StageHandlers:
+    book = load_price_book(EXAMPLE_PRICE_BOOK)
+    pods = PodHistory()
+    return StageHandlers(
+        DeviceStage(book, settings, pods),
+        PodStage(settings, pods),
+        pods,
+        WorkerMetrics(CollectorRegistry()),
+        DeadLetterLog(),
+        "internal",
+        lambda: 4,
+        lambda: [0, 1, 2, 3],
+        lambda: 4,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=60, help="of samples: one 60 s window")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    cluster = Cluster(args.nodes, 8, 4, load_price_book(EXAMPLE_PRICE_BOOK))
+    by_partition: dict[int, list[ConsumerRecord]] = {}
+    for s in range(args.seconds):
+        for partition, key, value in cluster.second(s, T0_MS + 1000 * s):
+            records = by_partition.setdefault(partition, [])
+            records.append(
+                ConsumerRecord(
+                    GPU_SAMPLES_TOPIC, partition, len(records), 0, 0, key, value, None, 0, 0, ()
+                )
+            )
+    # What getmany hands the worker: up to FETCH_MAX_RECORDS, spread over the partitions.
+    per_fetch = FETCH_MAX_RECORDS // len(by_partition)
+    fetches = []
+    for first in range(0, max(len(r) for r in by_partition.values()), per_fetch):
+        fetches.append(
+            {
+                TopicPartition(GPU_SAMPLES_TOPIC, p): records[first : first + per_fetch]
+                for p, records in by_partition.items()
+            }
+        )
+    n = sum(len(r) for r in by_partition.values())
+    values = [m.value for records in by_partition.values() for m in records]
+    settings = StreamSettings(allocation=AllocationSettings(window_s=60))
+    tune_garbage_collector()  # as `gpuledger worker` does
+
+    def loads() -> None:
+        for v in values:
+            orjson.loads(v)
+
+    def decode() -> None:
+        for v in values:
+            decode_event(v, GPU_SAMPLE_TYPE)
+
+    def handle() -> StageHandlers:
+        handlers = handlers_for(settings)
+        outbox = Outbox()
+        for fetch in fetches:
+            for tp, records in fetch.items():
+                handlers.handle_samples(tp, records, 0.0, outbox)
+        return handlers
+
+    best: dict[str, float] = {}
+
+    def timed(name: str, run: object) -> object:
+        began = time.perf_counter()
+        result = run()  # type: ignore[operator]
+        best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
+        return result
+
+    for _ in range(args.repeat):
+        timed("orjson.loads (baseline)", loads)
+        timed("decode_event", decode)
+        handlers = timed("handle_samples (decode, dedup, allocate)", handle)
+        timed(
+            "window close (rows + messages)",
+            lambda h=handlers: h.poll_devices(0.0, True, Outbox()),
+        )
+    base = best["orjson.loads (baseline)"]
+    table = Table(title=f"{n:,} GPU-sample events, {len(cluster.devices):,} devices")
+    table.add_column("step")
+    table.add_column("µs / event", justify="right")
+    table.add_column("x orjson.loads", justify="right")
+    for name, seconds in best.items():
+        table.add_row(name, f"{seconds / n * 1e6:.2f}", f"{seconds / base:.1f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
