@@ -147,23 +147,24 @@ class DeviceStage:
         """Fold in a batch of samples read from one partition, in offset order.
 
         A sample that opens a (window, device) is too late when that window's retention had
-        passed by the watermark before this batch; the batch then moves the watermark."""
+        passed by the watermark just before it (the batch's earlier samples included), as if
+        the samples came one at a time."""
         counts = SampleCounts()
         if not events:
             return counts
         self.offsets.consumed(partition, offsets[-1])
-        watermark = self.watermark.value(now_s)
         size = self.settings.window_ms
-        horizon = None if watermark is None else watermark - size - self.settings.retention_ms
+        retention = self.settings.retention_ms
         allocation = self.settings.allocation
         price_of = self.pricer.price
         open_, closed_ = self._open, self._closed
-        max_time_ms = events[0].time_ms
+        max_time_ms = seen_ms = events[0].time_ms  # seen_ms: before the current sample
         window_start: int | None = None
         window_held: dict[Partition, int] = {}
         for index, event in enumerate(events):
             offset = offsets[index]
             time_ms = event.time_ms
+            seen_ms = max_time_ms
             if time_ms > max_time_ms:
                 max_time_ms = time_ms
             start = time_ms - time_ms % size
@@ -175,7 +176,11 @@ class DeviceStage:
                 closed = closed_.get(start)
                 slot = closed.get(device) if closed is not None else None
                 if slot is None:
-                    if horizon is not None and start <= horizon:
+                    # Only a new (window, device) can be too late (rare: once per window).
+                    if index:
+                        self.watermark.observe(partition, seen_ms, now_s)
+                    watermark = self.watermark.value(now_s)
+                    if watermark is not None and start + size + retention <= watermark:
                         counts.too_late.append(index)
                         continue
                     slot = _Slot(start, device)
