@@ -80,22 +80,23 @@ async def raw_rate(bootstrap: str, n: int) -> float:
     return n / elapsed
 
 
-def faust_rate(bootstrap: str, n: int, *, manual_ack: bool) -> float:
+def faust_rate(bootstrap: str, n: int, *, mode: str) -> float:
     """Runs in its own process: faust owns the event loop and is stopped by exiting."""
     ctx = multiprocessing.get_context("spawn")
     queue: Any = ctx.Queue()
-    child = ctx.Process(target=_faust_child, args=(bootstrap, n, manual_ack, queue))
+    child = ctx.Process(target=_faust_child, args=(bootstrap, n, mode, queue))
     child.start()
     rate: float = queue.get(timeout=600)
     child.join(timeout=30)
     return rate
 
 
-def _faust_child(bootstrap: str, n: int, manual_ack: bool, queue: Any) -> None:
+def _faust_child(bootstrap: str, n: int, mode: str, queue: Any) -> None:
     import faust
 
+    manual_ack = mode == "noack"
     app = faust.App(
-        f"bench-{'noack' if manual_ack else 'ack'}",
+        f"bench-{mode}",
         broker=f"kafka://{bootstrap}",
         store="memory://",
         web_enabled=False,
@@ -106,8 +107,24 @@ def _faust_child(bootstrap: str, n: int, manual_ack: bool, queue: Any) -> None:
     topic = app.topic(TOPIC, value_serializer="raw", partitions=PARTITIONS)
     state = {"seen": 0, "started": 0.0}
 
+    def done() -> None:
+        queue.put(n / (time.perf_counter() - state["started"]))
+        queue.close()
+        queue.join_thread()
+        os._exit(0)
+
     @app.agent(topic)
     async def consume(stream: Any) -> None:
+        if mode == "take":
+            async for values in stream.take(5000, within=0.2):
+                if not state["started"]:
+                    state["started"] = time.perf_counter()
+                for value in values:
+                    orjson.loads(value)
+                state["seen"] += len(values)
+                if state["seen"] >= n:
+                    done()
+            return
         source = stream.noack() if manual_ack else stream
         async for event in source.events():
             if not state["started"]:
@@ -117,10 +134,7 @@ def _faust_child(bootstrap: str, n: int, manual_ack: bool, queue: Any) -> None:
                 await source.ack(event)
             state["seen"] += 1
             if state["seen"] >= n:
-                queue.put(n / (time.perf_counter() - state["started"]))
-                queue.close()
-                queue.join_thread()
-                os._exit(0)
+                done()
 
     faust.Worker(app, loglevel="ERROR", quiet=True).execute_from_commandline()
 
@@ -135,12 +149,14 @@ def main() -> int:
     with KafkaBroker(DEFAULT_LIBS_DIR) as broker:
         asyncio.run(produce(broker.bootstrap, args.events))
         raw = asyncio.run(raw_rate(broker.bootstrap, args.events))
-        agent = faust_rate(broker.bootstrap, args.events, manual_ack=False)
-        noack = faust_rate(broker.bootstrap, args.events, manual_ack=True)
+        agent = faust_rate(broker.bootstrap, args.events, mode="ack")
+        noack = faust_rate(broker.bootstrap, args.events, mode="noack")
+        take = faust_rate(broker.bootstrap, args.events, mode="take")
     print(f"events: {args.events}")
     print(f"aiokafka getmany + orjson      : {raw:10.0f} events/s  (1.00)")
     print(f"faust agent + orjson            : {agent:10.0f} events/s  ({agent / raw:.2f})")
     print(f"faust agent, manual ack + orjson: {noack:10.0f} events/s  ({noack / raw:.2f})")
+    print(f"faust agent, take(5000) + orjson: {take:10.0f} events/s  ({take / raw:.2f})")
     return 0
 
 
