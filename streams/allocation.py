@@ -327,8 +327,12 @@ class DeviceWindow:
         interval_ns = round(dt * NANOS_PER_SECOND)
         processes = sample.processes
         shares = process_shares(processes, sample.mem_total_bytes, settings)
-        costs = [round(cost * a) for a in shares]
-        allocated = sum(costs)
+        costs = []
+        allocated = 0
+        for share in shares:
+            part_cost = round(cost * share)
+            costs.append(part_cost)
+            allocated += part_cost
         if allocated > cost:
             # Rare (normalised shares rounding up): `owner_parts` settles it.
             grouped, idle = owner_parts(sample, cost, interval_ns, settings)
@@ -337,16 +341,16 @@ class DeviceWindow:
         # What `owner_parts` + `_fold` do, without building the per-sample parts.
         ids.add(event_id)
         owners = self.owners
-        for proc, share, part_cost in zip(processes, shares, costs):  # noqa: B905 (same length)
+        for i, proc in enumerate(processes):
             owner = proc.pod_uid or HOST
-            ns = round(interval_ns * share)
+            ns = round(interval_ns * shares[i])
             sm = round(dt * (proc.sm_util_pct or 0.0) * MICROS)
             mem = round(proc.mem_used_bytes * dt)
             totals = owners.get(owner)
             if totals is None:
-                owners[owner] = [part_cost, ns, sm, mem]
+                owners[owner] = [costs[i], ns, sm, mem]
             else:
-                totals[COST] += part_cost
+                totals[COST] += costs[i]
                 totals[DEVICE_NS] += ns
                 totals[SM_PCT_US] += sm
                 totals[MEM_BYTE_SECONDS] += mem
@@ -355,12 +359,16 @@ class DeviceWindow:
         self.interval_ns += interval_ns
         self.sm_pct_us += round(dt * (sample.sm_util_pct or 0.0) * MICROS)
         self.mem_byte_seconds += round(sample.mem_used_bytes * dt)
-        key = (time_ms, event_id)
-        if self.latest_key is None or key > self.latest_key:
-            self.latest_key = key
+        self._latest(time_ms, event_id, sample, price)
+        return True
+
+    def _latest(self, time_ms: int, event_id: str, sample: GpuSample, price: DevicePrice) -> None:
+        """Keep the latest sample by (event time, id): it describes the device in the rows."""
+        latest = self.latest_key
+        if latest is None or time_ms > latest[0] or (time_ms == latest[0] and event_id > latest[1]):
+            self.latest_key = (time_ms, event_id)
             self.latest_sample = sample
             self.latest_price = price
-        return True
 
     def _fold(
         self,
@@ -390,11 +398,7 @@ class DeviceWindow:
                 totals[DEVICE_NS] += part[DEVICE_NS]
                 totals[SM_PCT_US] += part[SM_PCT_US]
                 totals[MEM_BYTE_SECONDS] += part[MEM_BYTE_SECONDS]
-        key = (time_ms, event_id)
-        if self.latest_key is None or key > self.latest_key:
-            self.latest_key = key
-            self.latest_sample = sample
-            self.latest_price = price
+        self._latest(time_ms, event_id, sample, price)
 
     @property
     def sample_count(self) -> int:
