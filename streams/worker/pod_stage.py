@@ -91,6 +91,11 @@ class PodStage:
         self._markers: dict[int, int] = {}
         self._source_partitions = 0
         self._slots: dict[tuple[int, str], _PodSlot] = {}
+        # Indexes by window start, so that a poll or commit costs windows, not slots (a pod
+        # slot lives for the retention: thousands of pods x dozens of windows).
+        self._pods_by_start: dict[int, set[str]] = {}
+        self._open: dict[int, set[str]] = {}  # slots not closed yet
+        self._held: dict[int, dict[Partition, int]] = {}  # earliest offsets per window
         self._dirty: set[tuple[int, str]] = set()
         self._last_input_s = 0.0
 
@@ -106,7 +111,13 @@ class PodStage:
             if horizon is not None and start <= horizon:
                 return None
             slot = self._slots[(start, pod_uid)] = _PodSlot()
+            self._pods_by_start.setdefault(start, set()).add(pod_uid)
+            self._open.setdefault(start, set()).add(pod_uid)
         return slot
+
+    def _hold(self, start: int, slot: _PodSlot, partition: Partition, offset: int) -> None:
+        hold(slot.held, partition, offset)
+        hold(self._held.setdefault(start, {}), partition, offset)
 
     def add_tokens(
         self, partition: Partition, offset: int, event: CloudEvent[TokenDelta], now_s: float
@@ -121,7 +132,7 @@ class PodStage:
         window = slot.tokens.setdefault(event.data.model, TokenWindow())
         if not window.add(event):
             return DUPLICATE
-        hold(slot.held, partition, offset)
+        self._hold(start, slot, partition, offset)
         return self._touched(start, event.data.pod_uid, slot)
 
     def add_internal(
@@ -141,7 +152,7 @@ class PodStage:
         if current is not None and current.version >= message.version:
             return DUPLICATE
         slot.partials[message.device_uuid] = message
-        hold(slot.held, partition, offset)
+        self._hold(message.window_start_ms, slot, partition, offset)
         return self._touched(message.window_start_ms, message.pod_uid, slot)
 
     def _touched(self, start: int, pod_uid: str, slot: _PodSlot) -> str:
@@ -153,10 +164,12 @@ class PodStage:
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         limit = time_ms - self.settings.window_ms - self.settings.grace_ms
-        for (start, pod_uid), slot in self._slots.items():
-            if pod_uid == uid and slot.closed and start >= limit:
-                slot.dirty = True
-                self._dirty.add((start, pod_uid))
+        for start, uids in self._pods_by_start.items():
+            if start >= limit and uid in uids:
+                slot = self._slots[(start, uid)]
+                if slot.closed:
+                    slot.dirty = True
+                    self._dirty.add((start, uid))
 
     # ------------------------------------------------------------------ output
 
@@ -178,14 +191,15 @@ class PodStage:
         token_mark = self.token_watermark.value(now_s)
         idle = self._last_input_s > 0 and now_s - self._last_input_s >= self.settings.idle_flush_s
         size, grace = self.settings.window_ms, self.settings.grace_ms
-        for key in sorted(self._slots):
-            slot = self._slots[key]
-            if slot.closed:
-                continue
-            end = key[0] + size
+        for start in sorted(self._open):
+            end = start + size
             costs_in = cost_mark is not None and cost_mark >= end
             tokens_in = token_mark is None or token_mark >= end + grace
-            if idle or (costs_in and tokens_in):
+            if not (idle or (costs_in and tokens_in)):
+                break  # a later window ends later still
+            for pod_uid in sorted(self._open.pop(start)):
+                key = (start, pod_uid)
+                slot = self._slots[key]
                 slot.closed = True
                 self._emit(key, slot, out)
         for key in sorted(self._dirty):
@@ -195,8 +209,11 @@ class PodStage:
         self._dirty.clear()
         horizon = self._horizon()
         if horizon is not None:
-            for key in [k for k in self._slots if k[0] <= horizon]:
-                del self._slots[key]
+            for start in [s for s in self._pods_by_start if s <= horizon]:
+                for pod_uid in self._pods_by_start.pop(start):
+                    del self._slots[(start, pod_uid)]
+                self._open.pop(start, None)
+                self._held.pop(start, None)
         return out
 
     def _emit(self, key: tuple[int, str], slot: _PodSlot, out: PodOutput) -> None:
@@ -240,8 +257,8 @@ class PodStage:
 
     def commit_positions(self) -> dict[Partition, int]:
         held: dict[Partition, int] = {}
-        for slot in self._slots.values():
-            for partition, offset in slot.held.items():
+        for by_partition in self._held.values():
+            for partition, offset in by_partition.items():
                 hold(held, partition, offset)
         return self.offsets.positions(held)
 
@@ -249,6 +266,13 @@ class PodStage:
         lost = set(partitions)
         for key in [k for k, s in self._slots.items() if set(s.held) & lost]:
             del self._slots[key]
+        self._pods_by_start, self._open, self._held = {}, {}, {}
+        for (start, pod_uid), slot in self._slots.items():
+            self._pods_by_start.setdefault(start, set()).add(pod_uid)
+            if not slot.closed:
+                self._open.setdefault(start, set()).add(pod_uid)
+            for partition, offset in slot.held.items():
+                hold(self._held.setdefault(start, {}), partition, offset)
         self._dirty = {k for k in self._dirty if k in self._slots}
         self.token_watermark.forget(lost)
         self.offsets.forget(lost)

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
-from schemas.events import GPU_SAMPLE_TYPE, GPU_SAMPLES_TOPIC, decode_event
+from schemas.events import GPU_SAMPLE_TYPE, GPU_SAMPLES_TOPIC, _decode_slowly, decode_event
 from streams.allocation import AllocationSettings
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
@@ -92,6 +92,10 @@ def main() -> None:
         for v in values:
             decode_event(v, GPU_SAMPLE_TYPE)
 
+    def explain() -> None:
+        for v in values:
+            _decode_slowly(v)
+
     def handle() -> StageHandlers:
         handlers = handlers_for(settings)
         outbox = Outbox()
@@ -110,7 +114,8 @@ def main() -> None:
 
     for _ in range(args.repeat):
         timed("orjson.loads (baseline)", loads)
-        timed("decode_event", decode)
+        timed("decode_event (msgspec, typed)", decode)
+        timed("explaining decoder (orjson + rule table)", explain)
         handlers = timed("handle_samples (decode, dedup, allocate)", handle)
         timed(
             "window close (rows + messages)",
