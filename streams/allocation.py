@@ -184,14 +184,6 @@ class SampleSplit:
     mem_byte_seconds: int
     owners: tuple[OwnerPart, ...]
 
-    @property
-    def price_per_hour_usd(self) -> Decimal:
-        return self.price.price_per_hour_usd
-
-    @property
-    def known_model(self) -> bool:
-        return self.price.known_model
-
 
 def owner_parts(
     sample: GpuSample, cost_fusd: int, interval_ns: int, settings: AllocationSettings
