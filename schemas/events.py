@@ -294,8 +294,8 @@ def decode_event(raw: bytes | bytearray | memoryview | None, expect: str | None 
             if type(data) is not GpuSample or _within_device(data):
                 time_ms = parse_time(envelope.time)
                 return Ok(CloudEvent(envelope.id, envelope.source, envelope.type, time_ms, data))
-    except (msgspec.MsgspecError, ValueError):
-        pass
+    except (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError):
+        pass  # deeply nested, malformed or out of bounds: the explaining path says which
     return _decode_slowly(raw)
 
 

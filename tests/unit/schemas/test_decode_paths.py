@@ -236,3 +236,16 @@ def test_both_paths_agree_at_the_cross_field_limits(where: str, key: str, value:
     assert_same_answer(raw)
     limit = 7 if key == "mig_slices" else SAMPLE.mem_total_bytes
     assert isinstance(decode_event(raw), Ok) is (value <= limit)
+
+
+@pytest.mark.parametrize("expect", [None, GPU_SAMPLE_TYPE, TOKENS_TYPE])
+def test_deeply_nested_input_is_rejected_not_raised(expect: str | None) -> None:
+    nested = b"[" * 200_000 + b"]" * 200_000
+    envelope = (
+        b'{"specversion":"1.0","id":"a","source":"s","type":"io.gpuledger.gpu.sample.v1",'
+        b'"time":"2026-11-26T10:00:00Z","data":' + nested + b"}"
+    )
+    for raw in (nested, envelope):
+        decoded = decode_event(raw, expect)
+        assert not isinstance(decoded, Ok)
+        assert decoded == _decode_slowly(raw)
