@@ -34,7 +34,8 @@ from streams.worker.runtime import DeadLetterLog, StageHandlers
 from streams.worker.sinks import Outbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_worker import FETCH_MAX_RECORDS, T0_MS, Cluster
+from bench_cluster import T0_MS, Cluster
+from bench_worker import FETCH_MAX_RECORDS
 
 
 def handlers_for(settings: StreamSettings) -> StageHandlers:
