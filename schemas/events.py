@@ -32,7 +32,8 @@ DEAD_LETTER_TOPIC = "gpuledger.dead-letter"
 
 # Constrained field types: decoding into the classes below checks them (msgspec, in C).
 # They restate the rule table in `schemas.fields` (which also yields the JSON Schemas); a unit
-# test compares the two, field by field.
+# test compares the two, field by field. A payload member they do not declare sends the record
+# to the explaining decoder (which ignores such members): declare new fields here too.
 Str = Annotated[str, Meta(min_length=1)]
 Pid = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 Bytes = Annotated[int, Meta(ge=0, le=fields.MAX_BYTES)]
@@ -45,7 +46,7 @@ BusyS = Annotated[float, Meta(ge=0, le=10**9)]
 Labels = Mapping[str, str]
 
 
-class ProcessSample(Struct, frozen=True):
+class ProcessSample(Struct, frozen=True, forbid_unknown_fields=True):
     pid: Pid
     pod_uid: Str | None
     container_id: Str | None
@@ -53,7 +54,7 @@ class ProcessSample(Struct, frozen=True):
     sm_util_pct: Percent | None
 
 
-class GpuSample(Struct, frozen=True):
+class GpuSample(Struct, frozen=True, forbid_unknown_fields=True):
     cluster: Str
     node: Str
     device_uuid: Str
@@ -81,7 +82,7 @@ class PodInfo(Struct, frozen=True):
     deleted: bool = False
 
 
-class TokenDelta(Struct, frozen=True):
+class TokenDelta(Struct, frozen=True, forbid_unknown_fields=True):
     cluster: Str
     namespace: Str
     pod: Str
@@ -236,8 +237,11 @@ def _payload_to_dict(data: Payload) -> dict[str, Any]:
     }
 
 
-class _Envelope(Struct, frozen=True):
-    """The wire form of a CloudEvent: `data` stays raw until `type` says what it is."""
+class _Envelope(Struct, frozen=True, forbid_unknown_fields=True):
+    """The wire form of a CloudEvent: `data` stays raw until `type` says what it is.
+
+    Members it does not know send a record down the explaining path: msgspec skips unknown
+    members without checking them (bad UTF-8, numbers out of range), which orjson would reject."""
 
     specversion: Str
     id: Str
@@ -245,9 +249,10 @@ class _Envelope(Struct, frozen=True):
     type: Str
     time: Str
     data: msgspec.Raw
+    datacontenttype: str | None = None  # written by encode_event; not checked by either path
 
 
-class _SampleEnvelope(Struct, frozen=True):
+class _SampleEnvelope(Struct, frozen=True, forbid_unknown_fields=True):
     """A GPU sample's wire form, decoded in one pass on the samples topic."""
 
     specversion: Str
@@ -256,6 +261,7 @@ class _SampleEnvelope(Struct, frozen=True):
     type: Str
     time: Str
     data: GpuSample
+    datacontenttype: str | None = None
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)

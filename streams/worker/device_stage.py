@@ -284,8 +284,9 @@ class DeviceStage:
 
     def _expire(self, watermark: int) -> None:
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms
+        for start in [s for s in self._held if s <= horizon and s not in self._open]:
+            del self._held[start]
         for start in [s for s in self._closed if s <= horizon]:
-            self._held.pop(start, None)
             for device, slot in self._closed.pop(start).items():
                 for owner in slot.window.owners:
                     keys = self._by_pod.get(owner)
@@ -318,9 +319,14 @@ class DeviceStage:
             for uid, keys in self._by_pod.items()
         }
         self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
-        for by_partition in self._held.values():
-            for partition in lost:
-                by_partition.pop(partition, None)
+        # What each window still needs, from the slots it kept (a dropped slot may have held a
+        # partition this worker keeps too).
+        self._held = {}
+        for group in (self._open, self._closed):
+            for start, slots in group.items():
+                for slot in slots.values():
+                    for partition, offset in slot.held.items():
+                        hold(self._held.setdefault(start, {}), partition, offset)
         self.watermark.forget(lost)
         self.offsets.forget(lost)
 

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import fields
+from schemas import events, fields
 from schemas.events import (
     GPU_SAMPLE_TYPE,
     TOKENS_TYPE,
@@ -29,6 +29,7 @@ from schemas.events import (
     _decode_slowly,
     _Envelope,
     decode_event,
+    encode_event,
     event_to_dict,
     format_time,
     make_event,
@@ -187,9 +188,16 @@ def test_both_paths_agree_on_any_bytes(raw: bytes) -> None:
     assert_same_answer(raw)
 
 
-def test_the_fast_path_answers_for_valid_events() -> None:
-    raw = orjson.dumps(
-        event_to_dict(make_event(SAMPLE, event_id="e-1", source="a", time_ms=TIME_MS))
+def test_the_fast_path_answers_for_valid_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    def slow(raw: bytes) -> None:
+        raise AssertionError("a valid event took the explaining path")
+
+    monkeypatch.setattr(events, "_decode_slowly", slow)
+    raw = encode_event(make_event(SAMPLE, event_id="e-1", source="a", time_ms=TIME_MS))
+    assert isinstance(decode_event(raw), Ok)
+    assert isinstance(
+        decode_event(encode_event(make_event(TOKENS, event_id="t", source="a", time_ms=TIME_MS))),
+        Ok,
     )
     decoded = decode_event(raw, GPU_SAMPLE_TYPE)
     assert isinstance(decoded, Ok) and decoded.event.data == SAMPLE
@@ -249,3 +257,32 @@ def test_deeply_nested_input_is_rejected_not_raised(expect: str | None) -> None:
         decoded = decode_event(raw, expect)
         assert not isinstance(decoded, Ok)
         assert decoded == _decode_slowly(raw)
+
+
+@pytest.mark.parametrize(
+    "where, member",
+    [
+        ("envelope", b'"datacontenttype":"application/\xffjson"'),
+        ("envelope", b'"x":1e400'),
+        ("envelope", b'"traceparent":"00-ab"'),
+        ("data", b'"power_w":1e400'),
+        ("data", b'"note":"\xc3\x28"'),
+        ("data", b'"power_w":350.5'),
+        ("process", b'"cmd":"\xc3\x28"'),
+        ("process", b'"cmd":"python"'),
+    ],
+)
+def test_members_the_structs_do_not_declare_are_judged_as_the_explaining_path_would(
+    where: str, member: bytes
+) -> None:
+    raw = encode_event(make_event(SAMPLE, event_id="e-1", source="a", time_ms=TIME_MS))
+    anchor = {
+        "envelope": b'"specversion":',
+        "data": b'"cluster":',
+        "process": b'"pid":4242,',
+    }[where]
+    assert raw.count(anchor) == 1
+    changed = raw.replace(anchor, member + b"," + anchor)
+    assert_same_answer(changed)
+    readable = b"\xff" not in member and b"\xc3\x28" not in member and b"1e400" not in member
+    assert isinstance(decode_event(changed, GPU_SAMPLE_TYPE), Ok) is readable

@@ -156,3 +156,18 @@ def test_garbage_on_the_internal_topic_is_dead_lettered_not_a_crash() -> None:
     handlers.handle_pod_stage(record, NOW, outbox)  # the same record again: one letter
     assert [(m[0], m[1]) for m in outbox.messages] == [("gpuledger.dead-letter", b"internal|0|7")]
     assert handlers.pods_stage.commit_positions() == {("internal", 0): 8}
+
+
+def test_a_revoke_keeps_only_what_the_remaining_windows_still_need() -> None:
+    from msgspec.structs import replace
+
+    devices, _ = stage()
+    first = [ev for ev in gpu_samples() if ev.time_ms < T0 + 60_000]
+    a, b = first[0], next(ev for ev in first if ev.data.device_uuid != first[0].data.device_uuid)
+    p0, p1 = ("gpuledger.gpu-samples", 0), ("gpuledger.gpu-samples", 1)
+    devices.add_sample(p0, 5, a, NOW)
+    devices.add_sample(p1, 7, replace(a, id="a-again-on-p1"), NOW)  # one device, two partitions
+    devices.add_sample(p1, 9, b, NOW)
+    assert devices.commit_positions() == {p0: 5, p1: 7}
+    devices.revoke([p0])  # the device fed from p0 goes, and with it its hold on p1 at 7
+    assert devices.commit_positions() == {p1: 9}
