@@ -7,7 +7,8 @@ run. Usage (device_seconds) sits beside the price used so a past period can be r
 from __future__ import annotations
 
 import functools
-from dataclasses import astuple, dataclass, fields
+import operator
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -116,7 +117,15 @@ def column_names(row_type: type[Row]) -> list[str]:
 
 
 def as_values(row: Row) -> tuple[Any, ...]:
-    return astuple(row)
+    """The row's values in column order (no copies: rows are frozen)."""
+    getter = _VALUE_GETTERS.get(type(row))
+    if getter is None:
+        getter = _VALUE_GETTERS[type(row)] = operator.attrgetter(*_field_names(type(row)))
+    values: tuple[Any, ...] = getter(row)
+    return values
+
+
+_VALUE_GETTERS: dict[type[Any], Any] = {}
 
 
 def as_json(row: Row) -> dict[str, Any]:
