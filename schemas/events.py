@@ -252,16 +252,10 @@ class _Envelope(Struct, frozen=True, forbid_unknown_fields=True):
     datacontenttype: str | None = None  # written by encode_event; not checked by either path
 
 
-class _SampleEnvelope(Struct, frozen=True, forbid_unknown_fields=True):
+class _SampleEnvelope(_Envelope, frozen=True):
     """A GPU sample's wire form, decoded in one pass on the samples topic."""
 
-    specversion: Str
-    id: Str
-    source: Str
-    type: Str
-    time: Str
-    data: GpuSample
-    datacontenttype: str | None = None
+    data: GpuSample  # type: ignore[assignment]  # narrows Raw: the same member, typed
 
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)

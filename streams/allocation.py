@@ -15,7 +15,7 @@ from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 
 from schemas.events import CloudEvent, GpuSample, PodInfo, ProcessSample
 from streams.labels import LabelSettings, resolve_owner
-from streams.pricing import PriceBook, device_price_per_hour
+from streams.pricing import PriceBook, Quote, device_price_per_hour
 from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, KIND_USAGE, CostRow
 from streams.windows import window_of
 
@@ -103,6 +103,10 @@ class DevicePrice:
 def price_device(book: PriceBook, sample: GpuSample, time_ms: int) -> DevicePrice:
     """Step 1: the book's price for the sample's model and node, scaled to its MIG share."""
     quote = book.quote(sample.gpu_model, book.pricing_class(sample.node_labels), time_ms)
+    return _device_price(quote, sample)
+
+
+def _device_price(quote: Quote, sample: GpuSample) -> DevicePrice:
     price = device_price_per_hour(quote.price_per_hour_usd, sample.mig_slices, sample.gpu_slices)
     return DevicePrice(price, quote.pricing, quote.known_model)
 
@@ -141,14 +145,7 @@ class Pricer:
             quote, valid_from, valid_until = self.book.quote_span(
                 sample.gpu_model, pricing, time_ms
             )
-            price = DevicePrice(
-                device_price_per_hour(
-                    quote.price_per_hour_usd, sample.mig_slices, sample.gpu_slices
-                ),
-                quote.pricing,
-                quote.known_model,
-            )
-            known = self._known[key] = _Known(price, valid_from, valid_until)
+            known = self._known[key] = _Known(_device_price(quote, sample), valid_from, valid_until)
         interval_s = sample.interval_s
         cost = known.costs.get(interval_s)
         if cost is None:
@@ -312,55 +309,12 @@ class DeviceWindow:
     ) -> bool:
         """Split one sample of `cost` femto-USD (`sample_cost_fusd`) and fold it in, without
         building a SampleSplit; False (and no change) for a duplicate event id."""
-        ids = self.sample_ids
-        if event_id in ids:
+        if event_id in self.sample_ids:
             return False
-        dt = sample.interval_s
-        interval_ns = round(dt * NANOS_PER_SECOND)
-        processes = sample.processes
-        shares = process_shares(processes, sample.mem_total_bytes, settings)
-        costs = []
-        allocated = 0
-        for share in shares:
-            part_cost = round(cost * share)
-            costs.append(part_cost)
-            allocated += part_cost
-        if allocated > cost:
-            # Rare (normalised shares rounding up): `owner_parts` settles it.
-            grouped, idle = owner_parts(sample, cost, interval_ns, settings)
-            self._fold(event_id, time_ms, sample, price, cost, interval_ns, grouped, idle)
-            return True
-        # What `owner_parts` + `_fold` do, without building the per-sample parts.
-        ids.add(event_id)
-        owners = self.owners
-        for i, proc in enumerate(processes):
-            owner = proc.pod_uid or HOST
-            ns = round(interval_ns * shares[i])
-            sm = round(dt * (proc.sm_util_pct or 0.0) * MICROS)
-            mem = round(proc.mem_used_bytes * dt)
-            totals = owners.get(owner)
-            if totals is None:
-                owners[owner] = [costs[i], ns, sm, mem]
-            else:
-                totals[COST] += costs[i]
-                totals[DEVICE_NS] += ns
-                totals[SM_PCT_US] += sm
-                totals[MEM_BYTE_SECONDS] += mem
-        self.cost_fusd += cost
-        self.idle_fusd += cost - allocated
-        self.interval_ns += interval_ns
-        self.sm_pct_us += round(dt * (sample.sm_util_pct or 0.0) * MICROS)
-        self.mem_byte_seconds += round(sample.mem_used_bytes * dt)
-        self._latest(time_ms, event_id, sample, price)
+        interval_ns = round(sample.interval_s * NANOS_PER_SECOND)
+        grouped, idle = owner_parts(sample, cost, interval_ns, settings)
+        self._fold(event_id, time_ms, sample, price, cost, interval_ns, grouped, idle)
         return True
-
-    def _latest(self, time_ms: int, event_id: str, sample: GpuSample, price: DevicePrice) -> None:
-        """Keep the latest sample by (event time, id): it describes the device in the rows."""
-        latest = self.latest_key
-        if latest is None or time_ms > latest[0] or (time_ms == latest[0] and event_id > latest[1]):
-            self.latest_key = (time_ms, event_id)
-            self.latest_sample = sample
-            self.latest_price = price
 
     def _fold(
         self,
@@ -390,7 +344,12 @@ class DeviceWindow:
                 totals[DEVICE_NS] += part[DEVICE_NS]
                 totals[SM_PCT_US] += part[SM_PCT_US]
                 totals[MEM_BYTE_SECONDS] += part[MEM_BYTE_SECONDS]
-        self._latest(time_ms, event_id, sample, price)
+        # The latest sample by (event time, id) describes the device in the rows.
+        latest = self.latest_key
+        if latest is None or time_ms > latest[0] or (time_ms == latest[0] and event_id > latest[1]):
+            self.latest_key = (time_ms, event_id)
+            self.latest_sample = sample
+            self.latest_price = price
 
     @property
     def sample_count(self) -> int:

@@ -195,14 +195,11 @@ class DeviceStage:
             if not price.known_model:
                 counts.unknown_models.append(sample.gpu_model)
             window.add_sample(event.id, time_ms, sample, price, cost, allocation)
-            held = slot.held
-            if held.get(partition, offset) >= offset:
-                held[partition] = offset
+            hold(slot.held, partition, offset)
             if start != window_start:
                 window_start = start
-                window_held = self._held.get(start) or self._held.setdefault(start, {})
-            if window_held.get(partition, offset) >= offset:
-                window_held[partition] = offset
+                window_held = self._held.setdefault(start, {})
+            hold(window_held, partition, offset)
             if slot.closed:
                 self._mark_dirty(start, slot)
                 counts.late += 1

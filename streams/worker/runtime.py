@@ -275,18 +275,17 @@ class StageHandlers:
         if not records:
             return
         partition = (tp.topic, tp.partition)
-        offsets: list[int] = []
         events: list[CloudEvent[GpuSample]] = []
         kept: list[ConsumerRecord] = []
         for msg in records:
             decoded = decode_event(msg.value, GPU_SAMPLE_TYPE)
             if type(decoded) is Ok and decoded.event.type == GPU_SAMPLE_TYPE:
-                offsets.append(msg.offset)
                 events.append(decoded.event)  # type: ignore[arg-type]  # its type says so
                 kept.append(msg)
             else:
                 self._reject_decoded(msg, decoded, outbox)
         self.devices.skip(partition, records[-1].offset)
+        offsets = [msg.offset for msg in kept]
         counts = self.devices.add_samples(partition, offsets, events, now_s)
         topic = tp.topic
         if counts.ok or counts.late:
