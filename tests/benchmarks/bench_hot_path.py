@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 from aiokafka import ConsumerRecord, TopicPartition
@@ -36,6 +39,8 @@ from streams.worker.sinks import Outbox
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import T0_MS, Cluster
 from bench_worker import FETCH_MAX_RECORDS
+
+T = TypeVar("T")
 
 
 def handlers_for(settings: StreamSettings) -> StageHandlers:
@@ -107,9 +112,9 @@ def main() -> None:
 
     best: dict[str, float] = {}
 
-    def timed(name: str, run: object) -> object:
+    def timed(name: str, run: Callable[[], T]) -> T:
         began = time.perf_counter()
-        result = run()  # type: ignore[operator]
+        result = run()
         best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
         return result
 
@@ -118,10 +123,7 @@ def main() -> None:
         timed("decode_event (msgspec, typed)", decode)
         timed("explaining decoder (orjson + rule table)", explain)
         handlers = timed("handle_samples (decode, dedup, allocate)", handle)
-        timed(
-            "window close (rows + messages)",
-            lambda h=handlers: h.poll_devices(0.0, True, Outbox()),
-        )
+        timed("window close (rows + messages)", partial(handlers.poll_devices, 0.0, True, Outbox()))
     base = best["orjson.loads (baseline)"]
     table = Table(title=f"{n:,} GPU-sample events, {len(cluster.devices):,} devices")
     table.add_column("step")
