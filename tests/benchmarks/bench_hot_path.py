@@ -6,7 +6,7 @@ bench_worker.py (1,000 nodes x 8 devices by default), then closes the windows (r
 Kafka messages). Each figure is per event and also a ratio to `orjson.loads` of the same bytes,
 measured in the same run: the decode every Python consumer pays.
 
-    .venv/bin/python tests/benchmarks/bench_hot_path.py [--seconds 60] [--repeat 3]
+    .venv/bin/python tests/benchmarks/bench_hot_path.py [--seconds 60] [--repeat 3] [--default-gc]
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=60, help="of samples: one 60 s window")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's collector settings"
+    )
     args = parser.parse_args()
     cluster = Cluster(args.nodes, 8, 4, load_price_book(EXAMPLE_PRICE_BOOK))
     by_partition: dict[int, list[ConsumerRecord]] = {}
@@ -88,7 +91,8 @@ def main() -> None:
     n = sum(len(r) for r in by_partition.values())
     values = [m.value for records in by_partition.values() for m in records]
     settings = StreamSettings(allocation=AllocationSettings(window_s=60))
-    tune_garbage_collector()  # as `gpuledger worker` does
+    if not args.default_gc:
+        tune_garbage_collector()  # as `gpuledger worker` does
 
     def loads() -> None:
         for v in values:
