@@ -21,16 +21,14 @@ from prometheus_client import Counter
 
 from schemas.events import (
     COST_WINDOWS_TOPIC,
-    GPU_SAMPLE_TYPE,
     POD_TYPE,
     TOKEN_COST_WINDOWS_TOPIC,
     TOKENS_TYPE,
-    CloudEvent,
     Decoded,
-    GpuSample,
     Ok,
     Rejected,
     decode_event,
+    decode_samples,
 )
 from streams.kafka_io import KafkaSettings
 from streams.labels import PodHistory
@@ -275,18 +273,12 @@ class StageHandlers:
         if not records:
             return
         partition = (tp.topic, tp.partition)
-        events: list[CloudEvent[GpuSample]] = []
-        kept: list[ConsumerRecord] = []
-        for msg in records:
-            decoded = decode_event(msg.value, GPU_SAMPLE_TYPE)
-            if type(decoded) is Ok and decoded.event.type == GPU_SAMPLE_TYPE:
-                events.append(decoded.event)  # type: ignore[arg-type]  # its type says so
-                kept.append(msg)
-            else:
-                self._reject_decoded(msg, decoded, outbox)
+        events, indices, others = decode_samples([msg.value for msg in records])
+        for index, decoded in others.items():
+            self._reject_decoded(records[index], decoded, outbox)
         self.devices.skip(partition, records[-1].offset)
-        offsets = [msg.offset for msg in kept]
-        counts = self.devices.add_samples(partition, offsets, events, now_s)
+        kept = [records[index] for index in indices]
+        counts = self.devices.add_samples(partition, [msg.offset for msg in kept], events, now_s)
         topic = tp.topic
         if counts.ok or counts.late:
             self._child(self.metrics.events, topic).inc(counts.ok + counts.late)

@@ -28,6 +28,7 @@ from schemas.events import (
     _decode_slowly,
     _Envelope,
     decode_event,
+    decode_samples,
     encode_event,
     event_to_dict,
     format_time,
@@ -162,11 +163,36 @@ def broken_documents(draw: st.DrawFn, payload: Any) -> dict[str, Any]:
     return doc
 
 
+def batch_answers(raws: list[bytes | None]) -> list[Any]:
+    """What `decode_samples` says of each record, as `decode_event` would put it."""
+    events, indices, others = decode_samples(raws)
+    answers: dict[int, Any] = {
+        index: Ok(event) for index, event in zip(indices, events, strict=True)
+    }
+    assert not answers.keys() & others.keys()
+    return [answers.get(i, others.get(i)) for i in range(len(raws))]
+
+
 def assert_same_answer(raw: bytes) -> None:
     slow = _decode_slowly(raw)
     assert decode_event(raw) == slow
     assert decode_event(raw, GPU_SAMPLE_TYPE) == slow
     assert decode_event(raw, TOKENS_TYPE) == slow
+    assert batch_answers([raw]) == [slow]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.none()
+        | st.binary(max_size=16)
+        | broken_documents(SAMPLE).map(lambda d: json.dumps(d).encode())
+        | broken_documents(TOKENS).map(lambda d: json.dumps(d).encode()),
+        max_size=8,
+    )
+)
+def test_a_batch_decodes_as_its_records_one_by_one(raws: list[bytes | None]) -> None:
+    assert batch_answers(raws) == [decode_event(raw, GPU_SAMPLE_TYPE) for raw in raws]
 
 
 @settings(max_examples=600, deadline=None)
