@@ -12,12 +12,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from functools import partial
+from types import ModuleType
 
 from schemas.events import CloudEvent, GpuSample, PodInfo, ProcessSample
 from streams.labels import LabelSettings, resolve_owner
 from streams.pricing import PriceBook, Quote, device_price_per_hour
 from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, KIND_USAGE, CostRow
 from streams.windows import window_of
+
+_native: ModuleType | None
+try:
+    from streams import _fold  # built from streams/_fold.c at install, where it could be
+except ImportError:
+    _native = None
+else:
+    _fold.init(HOST)
+    _native = _fold
 
 MONEY_QUANTUM = Decimal("1e-15")
 _ZERO = Decimal(0)
@@ -249,16 +260,16 @@ def split_sample(
 class DeviceWindow:
     """Sums of the sample parts of one (window, device); the result is order independent.
 
-    `owners` maps each owner to its totals, indexed by COST..MEM_BYTE_SECONDS. The latest
-    sample (by event time, then id) supplies the row's device attributes and price."""
+    `owners` maps each owner to its totals, indexed by COST..MEM_BYTE_SECONDS. The first
+    sample (by event time, then id) supplies the rows' device attributes and price."""
 
     __slots__ = (
         "cost_fusd",
+        "first_key",
+        "first_price",
+        "first_sample",
         "idle_fusd",
         "interval_ns",
-        "latest_key",
-        "latest_price",
-        "latest_sample",
         "mem_byte_seconds",
         "owners",
         "sample_ids",
@@ -275,9 +286,9 @@ class DeviceWindow:
         self.sm_pct_us = 0
         self.mem_byte_seconds = 0
         self.owners: dict[str, list[int]] = {}
-        self.latest_key: tuple[int, str] | None = None
-        self.latest_sample: GpuSample | None = None
-        self.latest_price: DevicePrice | None = None
+        self.first_key: tuple[int, str] | None = None
+        self.first_sample: GpuSample | None = None
+        self.first_price: DevicePrice | None = None
 
     def add(self, split: SampleSplit) -> bool:
         """Fold one split in; returns False (and changes nothing) for a duplicate event id."""
@@ -344,16 +355,36 @@ class DeviceWindow:
                 totals[DEVICE_NS] += part[DEVICE_NS]
                 totals[SM_PCT_US] += part[SM_PCT_US]
                 totals[MEM_BYTE_SECONDS] += part[MEM_BYTE_SECONDS]
-        # The latest sample by (event time, id) describes the device in the rows.
-        latest = self.latest_key
-        if latest is None or time_ms > latest[0] or (time_ms == latest[0] and event_id > latest[1]):
-            self.latest_key = (time_ms, event_id)
-            self.latest_sample = sample
-            self.latest_price = price
+        # The first sample by (event time, id) describes the device in the rows and gives their
+        # price: order independent, and set once per window when samples arrive in time order
+        # (nothing of it is read again per sample).
+        first = self.first_key
+        if first is None or time_ms < first[0] or (time_ms == first[0] and event_id < first[1]):
+            self.first_key = (time_ms, event_id)
+            self.first_sample = sample
+            self.first_price = price
 
     @property
     def sample_count(self) -> int:
         return len(self.sample_ids)
+
+
+Folder = Callable[[DeviceWindow, str, int, GpuSample, DevicePrice, int], bool]
+
+
+def sample_folder(settings: AllocationSettings, *, native: bool = True) -> Folder:
+    """`DeviceWindow.add_sample` with `settings` bound, as `fold(window, event_id, time_ms,
+    sample, price, cost_fusd)`: the C build of it (streams/_fold.c, the same arithmetic, held
+    to it by a test) when the install compiled one, else the method itself."""
+    if native and _native is not None:
+        policy = SHARE_POLICIES.index(settings.share_policy)
+        return partial(_native.fold, policy, settings.sm_weight, settings)
+    return partial(DeviceWindow.add_sample, settings=settings)
+
+
+def native_fold() -> bool:
+    """Whether `sample_folder` can hand out the C build."""
+    return _native is not None
 
 
 def usd(fusd: int) -> Decimal:
@@ -369,7 +400,7 @@ def finalize_device_window(
 ) -> list[CostRow]:
     """Rows of one closed (window, device): one per owner plus the idle row (always present,
     possibly at zero cost, so a correction can overwrite an earlier idle amount)."""
-    s, price = window.latest_sample, window.latest_price
+    s, price = window.first_sample, window.first_price
     if s is None or price is None:
         return []
     interval_ns = window.interval_ns

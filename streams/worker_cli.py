@@ -110,6 +110,7 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
 
 
 def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from streams.allocation import native_fold
     from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 
     logging.basicConfig(
@@ -129,6 +130,11 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             exit_when_idle_s=args.exit_when_idle,
         )
         worker = Worker(config, book, store=store_from_args(args))
+        if not native_fold():
+            logging.getLogger("gpuledger.worker").warning(
+                "the C fold (streams/_fold.c) was not compiled at install: samples are folded "
+                "in Python, which halves the worker's throughput; reinstall with a C compiler"
+            )
         tune_garbage_collector()
         return asyncio.run(_serve(worker))
     except GpuledgerError as exc:

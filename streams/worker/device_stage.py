@@ -16,7 +16,7 @@ from decimal import Decimal
 import orjson
 
 from schemas.events import CloudEvent, GpuSample
-from streams.allocation import AllocationSettings, DeviceWindow, Pricer
+from streams.allocation import AllocationSettings, DeviceWindow, Pricer, sample_folder
 from streams.allocation import finalize_device_window as finalize
 from streams.labels import PodHistory
 from streams.pricing import PriceBook
@@ -110,6 +110,7 @@ class DeviceStage:
     def __init__(self, book: PriceBook, settings: StreamSettings, pods: PodHistory) -> None:
         self.book = book
         self.pricer = Pricer(book)
+        self.fold = sample_folder(settings.allocation)
         self.settings = settings
         self.pods = pods
         self.watermark = Watermark(settings.idle_flush_s)
@@ -155,18 +156,15 @@ class DeviceStage:
         self.offsets.consumed(partition, offsets[-1])
         size = self.settings.window_ms
         retention = self.settings.retention_ms
-        allocation = self.settings.allocation
+        fold = self.fold
         price_of = self.pricer.price
         open_, closed_ = self._open, self._closed
-        max_time_ms = seen_ms = events[0].time_ms  # seen_ms: before the current sample
+        max_time_ms = events[0].time_ms  # of the samples before the current one
         window_start: int | None = None
         window_held: dict[Partition, int] = {}
+        ok = late = 0
         for index, event in enumerate(events):
-            offset = offsets[index]
             time_ms = event.time_ms
-            seen_ms = max_time_ms
-            if time_ms > max_time_ms:
-                max_time_ms = time_ms
             start = time_ms - time_ms % size
             sample = event.data
             device = sample.device_uuid
@@ -178,33 +176,43 @@ class DeviceStage:
                 if slot is None:
                     # Only a new (window, device) can be too late (rare: once per window).
                     if index:
-                        self.watermark.observe(partition, seen_ms, now_s)
+                        self.watermark.observe(partition, max_time_ms, now_s)
                     watermark = self.watermark.value(now_s)
                     if watermark is not None and start + size + retention <= watermark:
                         counts.too_late.append(index)
+                        if time_ms > max_time_ms:
+                            max_time_ms = time_ms
                         continue
                     slot = _Slot(start, device)
                     if slots is None:
                         slots = open_[start] = {}
                     slots[device] = slot
-            window = slot.window
-            if event.id in window.sample_ids:
+            if time_ms > max_time_ms:
+                max_time_ms = time_ms
+            price, cost = price_of(sample, time_ms)
+            if not fold(slot.window, event.id, time_ms, sample, price, cost):
                 counts.duplicates += 1
                 continue
-            price, cost = price_of(sample, time_ms)
             if not price.known_model:
                 counts.unknown_models.append(sample.gpu_model)
-            window.add_sample(event.id, time_ms, sample, price, cost, allocation)
-            hold(slot.held, partition, offset)
+            # What a restart must replay: the earliest offset of each slot and window.
+            offset = offsets[index]
+            held = slot.held
+            earliest = held.get(partition)
+            if earliest is None or offset < earliest:
+                held[partition] = offset
             if start != window_start:
                 window_start = start
                 window_held = self._held.setdefault(start, {})
-            hold(window_held, partition, offset)
+            earliest = window_held.get(partition)
+            if earliest is None or offset < earliest:
+                window_held[partition] = offset
             if slot.closed:
                 self._mark_dirty(start, slot)
-                counts.late += 1
+                late += 1
             else:
-                counts.ok += 1
+                ok += 1
+        counts.ok, counts.late = ok, late
         self.watermark.observe(partition, max_time_ms, now_s)
         return counts
 
