@@ -209,6 +209,9 @@ static Py_ssize_t owner_parts(PyObject *processes, double mem_total, int64_t cos
             return -2;
         }
     }
+    if (allocated > cost_fusd && groups == 0) {
+        return -2; /* a negative cost and no process: Python's max() of nothing raises */
+    }
     if (allocated > cost_fusd) {
         /* Rounding of normalised shares can overshoot: take it from the largest (cost, owner). */
         Py_ssize_t largest = 0;
@@ -380,7 +383,7 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *result = NULL;
     PyObject *dt_o = NULL, *processes = NULL, *total_o = NULL, *used_o = NULL, *pct_o = NULL;
-    if (!PyAnySet_CheckExact(sample_ids) || !PyLong_CheckExact(cost_o)) {
+    if (!PySet_CheckExact(sample_ids) || !PyLong_CheckExact(cost_o)) {
         goto use_python;
     }
     int overflow = 0;

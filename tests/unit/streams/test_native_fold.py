@@ -74,7 +74,11 @@ sample_st = st.builds(
     | st.just(tuple([]))
     | st.lists(process, min_size=65, max_size=70).map(tuple),
 )
-cost = st.integers(0, 10**14) | st.integers(0, 2**70) | st.sampled_from([0, 1, 2**63 - 1, 2**63])
+cost = (
+    st.integers(0, 10**14)
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([0, 1, -1, 2**63 - 1, 2**63])
+)
 step = st.tuples(
     st.sampled_from(["e1", "e2", "e3", "e4", "e5"]),  # repeats are duplicates
     st.integers(0, 5) | st.integers(-(2**70), 2**70),
