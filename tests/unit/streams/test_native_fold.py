@@ -147,7 +147,7 @@ def test_valid_samples_stay_in_c(steps: list[Any], cfg: AllocationSettings) -> N
             type(sample.interval_s) is float
             and sample.mem_total_bytes <= 2**50
             and sample.mem_used_bytes <= 2**50
-            and cost_fusd < 2**62
+            and 0 <= cost_fusd < 2**62
             and len(sample.processes) <= 64
             and all(
                 p.mem_used_bytes <= 2**50 and type(p.sm_util_pct) is not int
