@@ -6,7 +6,10 @@ every second, so 8,000 GPU-sample events per second of cluster time):
 1. raw ceiling: a plain aiokafka consumer that `orjson.loads` every value of a backlog;
 2. one Worker (in-process, embedded ClickHouse) over the same backlog, from its first record
    to the last one consumed, and to every row durable (ClickHouse insert, billing and internal
-   topics acknowledged, offsets committed); then the stored cost is checked against the book;
+   topics acknowledged, offsets committed); then the stored cost is checked against the book.
+   Raw and worker runs alternate (`--rounds` worker runs, each a fresh consumer group, with a
+   raw run before and after each): each worker run is compared with the mean of the two raw
+   runs around it, as this machine's speed drifts within a run; the headline is the median;
 3. live: the cluster sampled once a second (event time = wall time) by a producer in a child
    process, a fresh broker and worker with short windows; for each window, the wall time from
    window end + grace (the earliest close the watermark allows) to its rows being visible.
@@ -142,7 +145,12 @@ async def raw_rate(bootstrap: str, partitions: int, total: int) -> float:
 
 
 def make_worker(
-    bootstrap: str, store: ClickHouseStore, args: argparse.Namespace, *, live: bool
+    bootstrap: str,
+    store: ClickHouseStore,
+    args: argparse.Namespace,
+    *,
+    live: bool,
+    group_id: str = "gpuledger-worker",
 ) -> Worker:
     window_s, grace_s = (args.live_window_s, args.live_grace_s) if live else (args.window_s, 10.0)
     config = WorkerConfig(
@@ -150,6 +158,7 @@ def make_worker(
         clickhouse_dsn=store.dsn,
         stream=StreamSettings(allocation=AllocationSettings(window_s=window_s), grace_s=grace_s),
         partitions=args.partitions,
+        group_id=group_id,
         http_port=0,
         exit_when_idle_s=None,  # the benchmark drains and stops it
         flush_interval_s=1.0,
@@ -209,9 +218,9 @@ class CpuMeter:
 
 
 async def worker_throughput(
-    bootstrap: str, store: ClickHouseStore, total: int, args: argparse.Namespace
+    bootstrap: str, store: ClickHouseStore, total: int, args: argparse.Namespace, group_id: str
 ) -> dict[str, Any]:
-    worker = make_worker(bootstrap, store, args, live=False)
+    worker = make_worker(bootstrap, store, args, live=False, group_id=group_id)
     profile = cProfile.Profile() if args.profile else None
     if profile:
         profile.enable()
@@ -419,18 +428,28 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             began = time.perf_counter()
             await produce_backlog(broker.bootstrap, cluster, args.seconds)
             out["backlog"] = {"events": total, "produce_s": time.perf_counter() - began}
+            # Raw and worker runs alternate, so each worker run has a raw run on either side
+            # (this machine's speed drifts within a run); each worker run is a fresh group.
             raw = [await raw_rate(broker.bootstrap, args.partitions, total)]
-            console.log(f"raw aiokafka + orjson: {raw[0]:,.0f} events/s; worker ...")
-            store = ClickHouseStore(dsn, database="bench_backlog")
-            result = await worker_throughput(broker.bootstrap, store, total, args)
-            raw.append(await raw_rate(broker.bootstrap, args.partitions, total))
-            stored = Decimal(result["cost_usd"])
-            result["cost_relative_error"] = float(abs(stored - expected) / expected)
-            result["expected_cost_usd"] = str(expected)
-            out["raw_events_per_s"] = raw
-            out["worker"] = result
-            console.log(f"worker: {result['events_per_s']:,.0f} events/s consumed")
-            save(out, args.out)
+            console.log(f"raw aiokafka + orjson: {raw[0]:,.0f} events/s")
+            rounds = out["worker_rounds"] = []
+            for round_ in range(args.rounds):
+                store = ClickHouseStore(dsn, database=f"bench_backlog_{round_}")
+                group = f"bench-worker-{round_}"
+                result = await worker_throughput(broker.bootstrap, store, total, args, group)
+                raw.append(await raw_rate(broker.bootstrap, args.partitions, total))
+                stored = Decimal(result["cost_usd"])
+                result["cost_relative_error"] = float(abs(stored - expected) / expected)
+                result["expected_cost_usd"] = str(expected)
+                result["raw_around_events_per_s"] = raw[-2:]
+                result["ratio"] = result["events_per_s"] / statistics.fmean(raw[-2:])
+                rounds.append(result)
+                console.log(
+                    f"worker: {result['events_per_s']:,.0f} events/s consumed; "
+                    f"raw after: {raw[-1]:,.0f}; worker / raw around it: {result['ratio']:.2f}"
+                )
+                out["raw_events_per_s"] = raw
+                save(out, args.out)
         if not args.no_live:
             with KafkaBroker(DEFAULT_LIBS_DIR) as broker:
                 await prepare(broker.bootstrap, cluster, args.partitions)
@@ -448,18 +467,30 @@ def save(out: dict[str, Any], path: str | None) -> None:
 
 
 def report(out: dict[str, Any], console: Console) -> None:
-    raw, worker = max(out["raw_events_per_s"]), out["worker"]
+    raw, rounds = max(out["raw_events_per_s"]), out["worker_rounds"]
     table = Table(title=f"gpuledger worker, {out['devices']:,} devices, {out['cpus']} CPUs")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("raw aiokafka + orjson (best of 2)", f"{raw:,.0f} events/s")
-    table.add_row("worker, consumed", f"{worker['events_per_s']:,.0f} events/s")
-    table.add_row("worker, consumed and durable", f"{worker['durable_events_per_s']:,.0f} events/s")
-    table.add_row("worker / raw", f"{worker['events_per_s'] / raw:.2f}")
     table.add_row(
-        "worker, broker cores", f"{worker['worker_cores']:.2f}, {worker['broker_cores']:.2f}"
+        "raw aiokafka + orjson, each run", ", ".join(f"{r:,.0f}" for r in out["raw_events_per_s"])
     )
-    table.add_row("cost relative error", f"{worker['cost_relative_error']:.1e}")
+    for i, worker in enumerate(rounds, 1):
+        table.add_row(
+            f"worker run {i}: consumed, consumed and durable",
+            f"{worker['events_per_s']:,.0f}, {worker['durable_events_per_s']:,.0f} events/s",
+        )
+        table.add_row(
+            f"worker run {i} / mean of the raw runs around it",
+            f"{worker['ratio']:.2f} (/ best raw: {worker['events_per_s'] / raw:.2f})",
+        )
+        table.add_row(
+            f"worker run {i}: worker, broker cores",
+            f"{worker['worker_cores']:.2f}, {worker['broker_cores']:.2f}",
+        )
+        table.add_row(
+            f"worker run {i}: cost relative error", f"{worker['cost_relative_error']:.1e}"
+        )
+    table.add_row("worker / raw, median over runs", f"{out['median_ratio']:.2f}")
     live = out.get("live")
     if live:
         table.add_row("live produced", f"{live['events_per_s']:,.0f} events/s")
@@ -485,6 +516,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=60, help="seconds of backlog")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--window-s", type=int, default=60, help="backlog run window")
+    parser.add_argument("--rounds", type=int, default=2, help="worker runs over the backlog")
     parser.add_argument("--live-seconds", type=int, default=90)
     parser.add_argument("--live-window-s", type=int, default=60)
     parser.add_argument("--live-grace-s", type=float, default=10.0)
@@ -501,6 +533,7 @@ def main() -> int:
     console = Console()
     tune_garbage_collector()  # as `gpuledger worker` does
     out = asyncio.run(run(args, console))
+    out["median_ratio"] = statistics.median(r["ratio"] for r in out["worker_rounds"])
     out["command"] = " ".join([".venv/bin/python", *sys.argv])
     save(out, args.out)
     report(out, console)
