@@ -107,10 +107,13 @@ static int add_int64(PyObject *target, PyObject *name, int64_t amount) {
 }
 
 /* Steps 3-6 into `parts` (first-seen owner order); returns the number of owners, -1 on a
- * Python error, -2 for "outside the fast domain". `idle` gets the idle femto-USD. */
+ * Python error, -2 for "outside the fast domain". `idle` gets the idle femto-USD. The owner
+ * names are kept alive in `held` (`*n_held` of them), which the caller releases: a process
+ * object need not keep returning the same string. */
 static Py_ssize_t owner_parts(PyObject *processes, double mem_total, int64_t cost_fusd,
                               double cost_d, double interval_ns_d, double dt, int policy,
-                              double w, Part *parts, int64_t *idle) {
+                              double w, Part *parts, int64_t *idle, PyObject **held,
+                              Py_ssize_t *n_held) {
     Py_ssize_t n = PyTuple_GET_SIZE(processes);
     double shares[MAX_PROCESSES];
     double pcts[MAX_PROCESSES];
@@ -123,27 +126,19 @@ static Py_ssize_t owner_parts(PyObject *processes, double mem_total, int64_t cos
         if (mem_o == NULL) {
             return -1;
         }
+        /* Attributes are read in the reference's order, so a broken process raises the same
+         * error in either: memory and SM of every process first, pod uids after. */
         int ok = exact_int(mem_o, &mems[i]);
         Py_DECREF(mem_o);
+        if (!ok) {
+            return -2;
+        }
         PyObject *pct_o = PyObject_GetAttr(p, s_sm_util_pct);
         if (pct_o == NULL) {
             return -1;
         }
-        ok = ok && float_or_zero(pct_o, &pcts[i]);
+        ok = float_or_zero(pct_o, &pcts[i]);
         Py_DECREF(pct_o);
-        PyObject *uid = PyObject_GetAttr(p, s_pod_uid);
-        if (uid == NULL) {
-            return -1;
-        }
-        /* `pod_uid or HOST`; the reference keeps the object alive in the sample */
-        if (uid == Py_None || (PyUnicode_CheckExact(uid) && PyUnicode_GET_LENGTH(uid) == 0)) {
-            owners[i] = HOST;
-        } else if (PyUnicode_CheckExact(uid)) {
-            owners[i] = uid;
-        } else {
-            ok = 0;
-        }
-        Py_DECREF(uid); /* still referenced by the (immutable) process */
         if (!ok) {
             return -2;
         }
@@ -172,6 +167,20 @@ static Py_ssize_t owner_parts(PyObject *processes, double mem_total, int64_t cos
     Py_ssize_t groups = 0;
     int64_t allocated = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *uid = PyObject_GetAttr(PyTuple_GET_ITEM(processes, i), s_pod_uid);
+        if (uid == NULL) {
+            return -1;
+        }
+        /* `pod_uid or HOST` */
+        if (uid == Py_None || (PyUnicode_CheckExact(uid) && PyUnicode_GET_LENGTH(uid) == 0)) {
+            owners[i] = HOST;
+            Py_DECREF(uid);
+        } else if (PyUnicode_CheckExact(uid)) {
+            owners[i] = held[(*n_held)++] = uid; /* the caller releases it */
+        } else {
+            Py_DECREF(uid);
+            return -2;
+        }
         int64_t cost, ns, sm, mem;
         if (!to_int64(py_round(cost_d * shares[i]), &cost) ||
             !to_int64(py_round(interval_ns_d * shares[i]), &ns) ||
@@ -235,11 +244,12 @@ static Py_ssize_t owner_parts(PyObject *processes, double mem_total, int64_t cos
     return groups;
 }
 
-/* Fold computed parts into the window (`DeviceWindow._fold`). */
-static int merge(PyObject *window, PyObject *sample_ids, PyObject *event_id, PyObject *time_ms,
-                 PyObject *sample, PyObject *price, int64_t cost_fusd, int64_t idle,
-                 int64_t interval_ns, int64_t sm_pct_us, int64_t mem_byte_seconds, Part *parts,
-                 Py_ssize_t groups) {
+/* Fold computed parts into the window (`DeviceWindow._fold`). `owners` is the window's dict,
+ * `totals[g]` the (checked) totals list of parts[g].owner or NULL, `first` its first_key. */
+static int merge(PyObject *window, PyObject *sample_ids, PyObject *owners, PyObject **totals,
+                 PyObject *first, PyObject *event_id, PyObject *time_ms, PyObject *sample,
+                 PyObject *price, int64_t cost_fusd, int64_t idle, int64_t interval_ns,
+                 int64_t sm_pct_us, int64_t mem_byte_seconds, Part *parts, Py_ssize_t groups) {
     if (PySet_Add(sample_ids, event_id) < 0 || add_int64(window, s_cost_fusd, cost_fusd) < 0 ||
         add_int64(window, s_idle_fusd, idle) < 0 ||
         add_int64(window, s_interval_ns, interval_ns) < 0 ||
@@ -247,32 +257,16 @@ static int merge(PyObject *window, PyObject *sample_ids, PyObject *event_id, PyO
         add_int64(window, s_mem_byte_seconds, mem_byte_seconds) < 0) {
         return -1;
     }
-    PyObject *owners = PyObject_GetAttr(window, s_owners);
-    if (owners == NULL) {
-        return -1;
-    }
-    if (!PyDict_CheckExact(owners)) {
-        PyErr_SetString(PyExc_TypeError, "DeviceWindow.owners must be a dict");
-        Py_DECREF(owners);
-        return -1;
-    }
     for (Py_ssize_t g = 0; g < groups; g++) {
-        PyObject *totals = PyDict_GetItemWithError(owners, parts[g].owner); /* borrowed */
-        if (totals == NULL && PyErr_Occurred()) {
-            Py_DECREF(owners);
-            return -1;
-        }
-        if (totals == NULL) {
+        if (totals[g] == NULL) {
             PyObject *fresh = PyList_New(4);
             if (fresh == NULL) {
-                Py_DECREF(owners);
                 return -1;
             }
             for (int k = 0; k < 4; k++) {
                 PyObject *v = PyLong_FromLongLong(parts[g].parts[k]);
                 if (v == NULL) {
                     Py_DECREF(fresh);
-                    Py_DECREF(owners);
                     return -1;
                 }
                 PyList_SET_ITEM(fresh, k, v);
@@ -280,44 +274,26 @@ static int merge(PyObject *window, PyObject *sample_ids, PyObject *event_id, PyO
             int rc = PyDict_SetItem(owners, parts[g].owner, fresh);
             Py_DECREF(fresh);
             if (rc < 0) {
-                Py_DECREF(owners);
                 return -1;
             }
             continue;
         }
-        if (!PyList_CheckExact(totals) || PyList_GET_SIZE(totals) != 4) {
-            PyErr_SetString(PyExc_TypeError, "an owner's totals must be a list of 4 ints");
-            Py_DECREF(owners);
-            return -1;
-        }
         for (int k = 0; k < 4; k++) {
             PyObject *delta = PyLong_FromLongLong(parts[g].parts[k]);
             if (delta == NULL) {
-                Py_DECREF(owners);
                 return -1;
             }
-            PyObject *sum = PyNumber_Add(PyList_GET_ITEM(totals, k), delta);
+            PyObject *sum = PyNumber_Add(PyList_GET_ITEM(totals[g], k), delta);
             Py_DECREF(delta);
             if (sum == NULL) {
-                Py_DECREF(owners);
                 return -1;
             }
-            PyList_SetItem(totals, k, sum); /* steals sum, releases the old total */
+            PyList_SetItem(totals[g], k, sum); /* steals sum, releases the old total */
         }
     }
-    Py_DECREF(owners);
     /* The first sample by (event time, id) describes the device in the rows (see _fold). */
-    PyObject *first = PyObject_GetAttr(window, s_first_key);
-    if (first == NULL) {
-        return -1;
-    }
     int earlier = 1;
     if (first != Py_None) {
-        if (!PyTuple_CheckExact(first) || PyTuple_GET_SIZE(first) != 2) {
-            PyErr_SetString(PyExc_TypeError, "DeviceWindow.first_key must be a pair");
-            Py_DECREF(first);
-            return -1;
-        }
         earlier = PyObject_RichCompareBool(time_ms, PyTuple_GET_ITEM(first, 0), Py_LT);
         if (earlier == 0) {
             earlier = PyObject_RichCompareBool(time_ms, PyTuple_GET_ITEM(first, 0), Py_EQ);
@@ -326,7 +302,6 @@ static int merge(PyObject *window, PyObject *sample_ids, PyObject *event_id, PyO
             }
         }
     }
-    Py_DECREF(first);
     if (earlier < 0) {
         return -1;
     }
@@ -361,7 +336,7 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_RuntimeError, "streams._fold.init() was not called");
         return NULL;
     }
-    int policy = PyLong_AsLong(args[0]);
+    long policy = PyLong_AsLong(args[0]);
     double w = PyFloat_AsDouble(args[1]);
     if (PyErr_Occurred()) {
         return NULL;
@@ -383,12 +358,16 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *result = NULL;
     PyObject *dt_o = NULL, *processes = NULL, *total_o = NULL, *used_o = NULL, *pct_o = NULL;
-    if (!PySet_CheckExact(sample_ids) || !PyLong_CheckExact(cost_o)) {
+    PyObject *owners = NULL, *first = NULL;
+    PyObject *held[MAX_PROCESSES];
+    Py_ssize_t n_held = 0;
+    if (!PySet_CheckExact(sample_ids) || !PyLong_CheckExact(cost_o) ||
+        !PyLong_CheckExact(time_ms)) {
         goto use_python;
     }
     int overflow = 0;
     long long cost_fusd = PyLong_AsLongLongAndOverflow(cost_o, &overflow);
-    if (overflow || (cost_fusd == -1 && PyErr_Occurred())) {
+    if (overflow || cost_fusd < 0) { /* (a sample's cost is never negative) */
         PyErr_Clear();
         goto use_python;
     }
@@ -408,7 +387,8 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     used_d = PyLong_AsDouble(used_o);
     if (used_d == -1.0 && PyErr_Occurred()) {
-        goto done;
+        PyErr_Clear(); /* too large for a float: the reference says what happens */
+        goto use_python;
     }
     double dt = PyFloat_AS_DOUBLE(dt_o);
     int64_t interval_ns, sm_pct_us, mem_byte_seconds, idle;
@@ -419,15 +399,37 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     Part parts[MAX_PROCESSES];
     Py_ssize_t groups = owner_parts(processes, mem_total, cost_fusd, cost_d,
-                                    (double)interval_ns, dt, policy, w, parts, &idle);
+                                    (double)interval_ns, dt, (int)policy, w, parts, &idle, held,
+                                    &n_held);
     if (groups == -1) {
         goto done;
     }
     if (groups == -2) {
         goto use_python;
     }
-    if (merge(window, sample_ids, event_id, time_ms, sample, price, cost_fusd, idle,
-              interval_ns, sm_pct_us, mem_byte_seconds, parts, groups) < 0) {
+    /* The window's containers are checked before anything changes: other shapes (a window
+     * altered by hand) go to the reference, which accepts what Python accepts. */
+    if ((owners = PyObject_GetAttr(window, s_owners)) == NULL ||
+        (first = PyObject_GetAttr(window, s_first_key)) == NULL) {
+        goto done;
+    }
+    if (!PyDict_CheckExact(owners) ||
+        !(first == Py_None || (PyTuple_CheckExact(first) && PyTuple_GET_SIZE(first) == 2))) {
+        goto use_python;
+    }
+    PyObject *totals[MAX_PROCESSES]; /* borrowed from `owners` */
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        totals[g] = PyDict_GetItemWithError(owners, parts[g].owner);
+        if (totals[g] == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        if (totals[g] != NULL &&
+            !(PyList_CheckExact(totals[g]) && PyList_GET_SIZE(totals[g]) == 4)) {
+            goto use_python;
+        }
+    }
+    if (merge(window, sample_ids, owners, totals, first, event_id, time_ms, sample, price,
+              cost_fusd, idle, interval_ns, sm_pct_us, mem_byte_seconds, parts, groups) < 0) {
         goto done;
     }
     result = Py_NewRef(Py_True);
@@ -435,6 +437,11 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 use_python:
     result = fallback(window, args, settings);
 done:
+    for (Py_ssize_t i = 0; i < n_held; i++) {
+        Py_DECREF(held[i]);
+    }
+    Py_XDECREF(owners);
+    Py_XDECREF(first);
     Py_DECREF(sample_ids);
     Py_XDECREF(dt_o);
     Py_XDECREF(processes);

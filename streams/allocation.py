@@ -376,7 +376,8 @@ def sample_folder(settings: AllocationSettings, *, native: bool = True) -> Folde
     """`DeviceWindow.add_sample` with `settings` bound, as `fold(window, event_id, time_ms,
     sample, price, cost_fusd)`: the C build of it (streams/_fold.c, the same arithmetic, held
     to it by a test) when the install compiled one, else the method itself."""
-    if native and _native is not None:
+    # (A weight of another type, e.g. Decimal, is left to Python's arithmetic and its errors.)
+    if native and _native is not None and type(settings.sm_weight) in (float, int):
         policy = SHARE_POLICIES.index(settings.share_policy)
         return partial(_native.fold, policy, settings.sm_weight, settings)
     return partial(DeviceWindow.add_sample, settings=settings)

@@ -6,8 +6,10 @@ windows identical to the last bit and raise the same errors."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -157,3 +159,83 @@ def test_valid_samples_stay_in_c(steps: list[Any], cfg: AllocationSettings) -> N
         )
         if valid:
             fold(window, event_id, time_ms, sample, PRICE, cost_fusd)
+
+
+class _FreshNames:
+    """A process-like object whose pod uid is a new string on every read (nothing keeps it)."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+        self.mem_used_bytes = 10
+        self.sm_util_pct = 50.0
+
+    @property
+    def pod_uid(self) -> str:
+        return "pod-" + str(self.i) * 40
+
+
+def test_owner_names_need_not_outlive_their_read() -> None:
+    procs = tuple(_FreshNames(i) for i in range(8))
+    sample = GpuSample(
+        "c",
+        "n",
+        "GPU-1",
+        "GPU-1",
+        "m",
+        None,
+        None,
+        7,
+        1.0,
+        100,
+        0,
+        None,
+        {},
+        procs,  # type: ignore[arg-type]
+    )
+    cfg = AllocationSettings()
+    expected = ["pod-" + str(i) * 40 for i in range(8)]
+    for fold in (sample_folder(cfg, native=False), sample_folder(cfg)):
+        for k in range(200):  # a freed name would be reused by the next allocations
+            window = DeviceWindow(0)
+            assert fold(window, f"e{k}", 0, sample, PRICE, 1000)
+            assert list(window.owners) == expected
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        # each is accepted or refused alike by both folds (found by review; all unreachable
+        # from decoded events, which are validated)
+        {"interval_s": float("nan"), "mem_used_bytes": 10**400},
+        {"mem_used_bytes": 10**400},
+        {"processes": (ProcessSample(1, "pod-a", None, 10, 5.0),), "mem_used_bytes": 10**400},
+    ],
+)
+def test_huge_or_broken_samples_fail_or_fold_alike(change: dict[str, Any]) -> None:
+    base = GpuSample("c", "n", "GPU-1", "GPU-1", "m", None, None, 7, 1.0, 100, 0, None, {}, ())
+    sample = msgspec.structs.replace(base, **change)
+    answers = [
+        run(sample_folder(AllocationSettings(), native=n), [("e1", 0, sample, 5)])
+        for n in (False, True)
+    ]
+    assert answers[0][0] == answers[1][0]
+    assert window_state(answers[0][1]) == window_state(answers[1][1])
+
+
+def test_a_float_time_or_a_decimal_weight_is_left_to_python() -> None:
+    nan = float("nan")
+    sample = GpuSample("c", "n", "GPU-1", "GPU-1", "m", None, None, 7, 1.0, 100, 0, None, {}, ())
+    states = []
+    for native in (False, True):
+        fold = sample_folder(AllocationSettings(), native=native)
+        window = DeviceWindow(0)
+        fold(window, "e2", nan, sample, PRICE, 100)  # type: ignore[arg-type]
+        fold(window, "e1", nan, sample, PRICE, 100)  # type: ignore[arg-type]
+        states.append(window.first_key)
+    assert states[0][1] == states[1][1] == "e2"  # type: ignore[index]
+    weighted = AllocationSettings(share_policy="weighted", sm_weight=Decimal("0.5"))  # type: ignore[arg-type]
+    process = ProcessSample(1, "pod-a", None, 10, 5.0)
+    sample = msgspec.structs.replace(sample, processes=(process,))
+    for native in (False, True):
+        with pytest.raises(TypeError):
+            sample_folder(weighted, native=native)(DeviceWindow(0), "e1", 0, sample, PRICE, 100)
