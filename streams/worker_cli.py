@@ -133,7 +133,7 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if not native_fold():
             logging.getLogger("gpuledger.worker").warning(
                 "the C fold (streams/_fold.c) was not compiled at install: samples are folded "
-                "in Python, which halves the worker's throughput; reinstall with a C compiler"
+                "in Python, about 4 µs slower per event; reinstall with a C compiler"
             )
         tune_garbage_collector()
         return asyncio.run(_serve(worker))
