@@ -9,9 +9,10 @@
  *     2**53, which every valid sample satisfies: fields.MAX_BYTES is 2**50), as CPython does;
  *   - round() is CPython's float.__round__: round half to even;
  *   - sums of floats run left to right; the module is built with -ffp-contract=off (no FMA).
- * Anything outside that domain (other types, more than MAX_PROCESSES processes, an intermediate
- * beyond int64) is handed to the Python method `window.add_sample`, which is the reference.
- * Nothing in the window changes before every part is computed, so a fallback starts clean.
+ * Anything outside that domain (other types, a non-int event time, a negative cost, more than
+ * MAX_PROCESSES processes, an intermediate beyond int64, a window whose containers have other
+ * shapes) is handed to the Python method `window.add_sample`, which is the reference. Nothing
+ * in the window changes before every part is computed and checked, so a fallback starts clean.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -19,7 +20,6 @@
 #include <stdint.h>
 
 #define MAX_PROCESSES 64
-#define EXACT_INT_DOUBLE 9007199254740992.0 /* 2**53 */
 #define INT64_LIMIT 9223372036854775808.0   /* 2**63 */
 
 enum { DOMINANT = 0, MEMORY = 1, SM = 2, WEIGHTED = 3 };
@@ -359,8 +359,9 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *result = NULL;
     PyObject *dt_o = NULL, *processes = NULL, *total_o = NULL, *used_o = NULL, *pct_o = NULL;
     PyObject *owners = NULL, *first = NULL;
-    PyObject *held[MAX_PROCESSES];
-    Py_ssize_t n_held = 0;
+    PyObject *held[MAX_PROCESSES];   /* owner names in use */
+    PyObject *totals[MAX_PROCESSES]; /* each owner's totals list in the window, or NULL */
+    Py_ssize_t n_held = 0, n_totals = 0;
     if (!PySet_CheckExact(sample_ids) || !PyLong_CheckExact(cost_o) ||
         !PyLong_CheckExact(time_ms)) {
         goto use_python;
@@ -417,16 +418,15 @@ static PyObject *fold(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         !(first == Py_None || (PyTuple_CheckExact(first) && PyTuple_GET_SIZE(first) == 2))) {
         goto use_python;
     }
-    PyObject *totals[MAX_PROCESSES]; /* borrowed from `owners` */
     for (Py_ssize_t g = 0; g < groups; g++) {
-        totals[g] = PyDict_GetItemWithError(owners, parts[g].owner);
-        if (totals[g] == NULL && PyErr_Occurred()) {
+        PyObject *found = PyDict_GetItemWithError(owners, parts[g].owner); /* borrowed */
+        if (found == NULL && PyErr_Occurred()) {
             goto done;
         }
-        if (totals[g] != NULL &&
-            !(PyList_CheckExact(totals[g]) && PyList_GET_SIZE(totals[g]) == 4)) {
+        if (found != NULL && !(PyList_CheckExact(found) && PyList_GET_SIZE(found) == 4)) {
             goto use_python;
         }
+        totals[n_totals++] = Py_XNewRef(found); /* kept while the window is updated */
     }
     if (merge(window, sample_ids, owners, totals, first, event_id, time_ms, sample, price,
               cost_fusd, idle, interval_ns, sm_pct_us, mem_byte_seconds, parts, groups) < 0) {
@@ -439,6 +439,9 @@ use_python:
 done:
     for (Py_ssize_t i = 0; i < n_held; i++) {
         Py_DECREF(held[i]);
+    }
+    for (Py_ssize_t i = 0; i < n_totals; i++) {
+        Py_XDECREF(totals[i]);
     }
     Py_XDECREF(owners);
     Py_XDECREF(first);
