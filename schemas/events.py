@@ -276,17 +276,10 @@ def decode_event(raw: bytes | bytearray | memoryview | None, expect: str | None 
     event type) only makes the common case faster; any type is still decoded."""
     if raw is None:
         return Rejected("empty", "record has no value")
+    if expect == GPU_SAMPLE_TYPE:
+        event = _fast_sample(raw)
+        return Ok(event) if event is not None else _decode_slowly(raw)
     try:
-        if expect == GPU_SAMPLE_TYPE:
-            sample = _SAMPLE_ENVELOPE.decode(raw)
-            if (
-                sample.type == GPU_SAMPLE_TYPE
-                and sample.specversion == "1.0"
-                and _within_device(sample.data)
-            ):
-                time_ms = parse_time(sample.time)
-                return Ok(CloudEvent(sample.id, sample.source, sample.type, time_ms, sample.data))
-            return _decode_slowly(raw)
         envelope = _ENVELOPE.decode(raw)
         decoder = _PAYLOAD_DECODERS.get(envelope.type)
         if decoder is not None and envelope.specversion == "1.0":
@@ -308,33 +301,37 @@ def decode_samples(
     events: list[CloudEvent[GpuSample]] = []
     indices: list[int] = []
     others: dict[int, Decoded] = {}
-    decode = _SAMPLE_ENVELOPE.decode
-    times = _TIMES
+    fast = _fast_sample
     for index, raw in enumerate(raws):
-        try:
-            sample = decode(raw)  # type: ignore[arg-type]  # None fails here, as it should
-            if (
-                sample.type == GPU_SAMPLE_TYPE
-                and sample.specversion == "1.0"
-                and _within_device(sample.data)
-            ):
-                time_ms = times.get(sample.time)
-                if time_ms is None:
-                    time_ms = parse_time(sample.time)
-                events.append(
-                    CloudEvent(sample.id, sample.source, GPU_SAMPLE_TYPE, time_ms, sample.data)
-                )
-                indices.append(index)
-                continue
-        except (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError):
-            pass  # the general path says what it is
-        decoded = decode_event(raw)
+        event = fast(raw)
+        if event is not None:
+            events.append(event)
+            indices.append(index)
+            continue
+        decoded = decode_event(raw)  # the general path says what it is
         if type(decoded) is Ok and decoded.event.type == GPU_SAMPLE_TYPE:
             events.append(decoded.event)  # type: ignore[arg-type]  # its type says so
             indices.append(index)
         else:
             others[index] = decoded
     return events, indices, others
+
+
+def _fast_sample(raw: bytes | bytearray | memoryview | None) -> CloudEvent[GpuSample] | None:
+    """A well-formed GPU sample, decoded and checked in one typed pass; None for anything the
+    explaining path must judge (it names the reason, or accepts what msgspec is strict about)."""
+    try:
+        sample = _SAMPLE_ENVELOPE.decode(raw)  # type: ignore[arg-type]  # None fails here
+        if (
+            sample.type == GPU_SAMPLE_TYPE
+            and sample.specversion == "1.0"
+            and _within_device(sample.data)
+        ):
+            time_ms = parse_time(sample.time)
+            return CloudEvent(sample.id, sample.source, GPU_SAMPLE_TYPE, time_ms, sample.data)
+    except (msgspec.MsgspecError, RecursionError, ValueError, TypeError, OverflowError):
+        pass  # deeply nested, malformed or out of bounds
+    return None
 
 
 def _within_device(sample: GpuSample) -> bool:

@@ -197,16 +197,11 @@ class DeviceStage:
                 counts.unknown_models.append(sample.gpu_model)
             # What a restart must replay: the earliest offset of each slot and window.
             offset = offsets[index]
-            held = slot.held
-            earliest = held.get(partition)
-            if earliest is None or offset < earliest:
-                held[partition] = offset
+            hold(slot.held, partition, offset)
             if start != window_start:
                 window_start = start
                 window_held = self._held.setdefault(start, {})
-            earliest = window_held.get(partition)
-            if earliest is None or offset < earliest:
-                window_held[partition] = offset
+            hold(window_held, partition, offset)
             if slot.closed:
                 self._mark_dirty(start, slot)
                 late += 1
