@@ -28,7 +28,7 @@ from agents.runtime import (
     run_settings_from,
 )
 from agents.sampler import DeviceSampler, SamplerSettings
-from schemas.errors import ConfigError, GpuledgerError
+from runtime.errors import ConfigError, GpuledgerError
 from schemas.events import GPU_SAMPLES_TOPIC
 
 DEFAULT_METRICS_PORT = 9109
@@ -194,7 +194,7 @@ def main(config: AgentConfig) -> int:
 if __name__ == "__main__":  # `python -m agents.agent_cli ...`: the agent alone, fewer imports
     import os
 
-    from streams.cli import gpuledger_env
+    from runtime.options import gpuledger_env
 
     _env = gpuledger_env(os.environ)
     _parser = argparse.ArgumentParser(prog="gpuledger")

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from schemas.errors import ConfigError, KubeApiError
+from runtime.errors import ConfigError, KubeApiError
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 IN_CLUSTER_SERVER = "https://kubernetes.default.svc"

@@ -18,7 +18,7 @@ from typing import Any
 from agents.kube_client import KubeClient
 from agents.metrics import PodsMetrics
 from agents.pod_state import PodEmission, PodState
-from schemas.errors import KubeApiError
+from runtime.errors import KubeApiError
 
 log = logging.getLogger(__name__)
 

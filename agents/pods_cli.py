@@ -27,7 +27,7 @@ from agents.runtime import (
     run_producer,
     run_settings_from,
 )
-from schemas.errors import GpuledgerError
+from runtime.errors import GpuledgerError
 from schemas.events import PODS_TOPIC, make_event
 
 DEFAULT_METRICS_PORT = 9110

@@ -23,9 +23,9 @@ from typing import Any, Protocol, TextIO
 from aiokafka.errors import KafkaError
 
 from agents.metrics import BufferMetrics
-from schemas.errors import BrokerError
+from runtime.errors import BrokerError
+from runtime.kafka import KafkaSettings, TopicSpec, ensure_topics, make_producer
 from schemas.events import CloudEvent, encode_event
-from streams.kafka_io import KafkaSettings, TopicSpec, ensure_topics, make_producer
 
 log = logging.getLogger(__name__)
 

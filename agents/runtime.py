@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry
 from agents.http_endpoint import HealthCheck, MetricsEndpoint
 from agents.metrics import BufferMetrics
 from agents.publisher import DEFAULT_BUFFER_MAX_EVENTS, DryRunPublisher, KafkaPublisher, Publisher
-from schemas.errors import ConfigError
-from streams.kafka_io import (
+from runtime.errors import ConfigError
+from runtime.kafka import (
     KafkaSettings,
     add_kafka_options,
     default_topics,

@@ -1,5 +1,5 @@
 """Token counters of inference servers, read from their Prometheus text pages, and the deltas
-between two scrapes (SPEC section 2). Pure: no I/O.
+between two scrapes (design §2). Pure: no I/O.
 
 Metric names, from each project's source or docs (cited in agents/README.md):
 vLLM `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`,

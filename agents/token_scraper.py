@@ -17,7 +17,7 @@ import aiohttp
 
 from agents.metrics import TokensMetrics
 from agents.token_counters import UNKNOWN_MODEL, CounterTotals, counter_delta, parse_totals
-from schemas.errors import ConfigError
+from runtime.errors import ConfigError
 from schemas.events import CloudEvent, TokenDelta, make_event
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ from agents.token_scraper import (
     parse_static_target,
     targets_from_pods,
 )
-from schemas.errors import ConfigError, GpuledgerError, KubeApiError
+from runtime.errors import ConfigError, GpuledgerError, KubeApiError
 from schemas.events import TOKENS_TOPIC
 
 DEFAULT_METRICS_PORT = 9111

@@ -1,4 +1,4 @@
--- gpuledger ClickHouse schema (SPEC section 4). Idempotent: every statement can run again.
+-- gpuledger ClickHouse schema (design §4). Idempotent: every statement can run again.
 -- {db} is replaced by the database name (default `gpuledger`).
 -- Rows are versioned: a replay or correction writes the same key with a higher or equal
 -- version, and readers use FINAL, so every key is seen once. Money is Decimal, never Float.

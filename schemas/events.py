@@ -1,4 +1,4 @@
-"""The CloudEvents gpuledger moves through Kafka (SPEC section 2), as frozen typed structs.
+"""The CloudEvents gpuledger moves through Kafka (design §2), as frozen typed structs.
 
 `decode_event` turns any bytes into `Ok(event)` or `Rejected(reason, detail)`; it never raises.
 `encode_event` writes CloudEvents 1.0 structured-mode JSON with orjson. Field rules live in

@@ -1,10 +1,10 @@
-"""Cost allocation (SPEC section 3) as pure functions.
+"""Cost allocation (design §3) as pure functions.
 
-A GPU sample is split once, when it arrives, into per-owner parts (`split_sample`); the parts of
-one (window, device) are summed in any order (`DeviceWindow`); when the window closes the sums
-become rows (`finalize_device_window`). Money is Decimal quantised to 1e-15 USD per sample part,
-so every later sum is exact and independent of arrival order: per window, the rows add up to the
-sample costs exactly.
+Each GPU sample is priced (`Pricer`) and folded, when it arrives, into the per-owner sums of its
+(window, device) (`DeviceWindow.add_sample`); the sums do not depend on arrival order; when the
+window closes they become rows (`finalize_device_window`). Money is counted in whole femto-USD
+(1e-15) per sample part, so every later sum is exact and independent of arrival order: per
+window, the rows add up to the sample costs exactly.
 """
 
 from __future__ import annotations
@@ -13,22 +13,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from functools import partial
-from types import ModuleType
 
-from schemas.events import CloudEvent, GpuSample, PodInfo, ProcessSample
+from schemas.events import GpuSample, PodInfo, ProcessSample
 from streams.labels import LabelSettings, resolve_owner
 from streams.pricing import PriceBook, Quote, device_price_per_hour
 from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, KIND_USAGE, CostRow
-from streams.windows import window_of
-
-_native: ModuleType | None
-try:
-    from streams import _fold  # built from streams/_fold.c at install, where it could be
-except ImportError:
-    _native = None
-else:
-    _fold.init(HOST)
-    _native = _fold
 
 MONEY_QUANTUM = Decimal("1e-15")
 _ZERO = Decimal(0)
@@ -111,12 +100,6 @@ class DevicePrice:
     known_model: bool
 
 
-def price_device(book: PriceBook, sample: GpuSample, time_ms: int) -> DevicePrice:
-    """Step 1: the book's price for the sample's model and node, scaled to its MIG share."""
-    quote = book.quote(sample.gpu_model, book.pricing_class(sample.node_labels), time_ms)
-    return _device_price(quote, sample)
-
-
 def _device_price(quote: Quote, sample: GpuSample) -> DevicePrice:
     price = device_price_per_hour(quote.price_per_hour_usd, sample.mig_slices, sample.gpu_slices)
     return DevicePrice(price, quote.pricing, quote.known_model)
@@ -166,33 +149,6 @@ class Pricer:
         return known.price, cost
 
 
-@dataclass(frozen=True, slots=True)
-class OwnerPart:
-    """One owner's (pod uid, or `__host__`) part of one sample, in integer units so that sums
-    are exact and cheap: femto-USD, nanoseconds, micro(percent x seconds), byte-seconds."""
-
-    owner: str
-    cost_fusd: int
-    device_ns: int
-    sm_pct_us: int
-    mem_byte_seconds: int
-
-
-@dataclass(frozen=True, slots=True)
-class SampleSplit:
-    event_id: str
-    time_ms: int
-    window_start_ms: int
-    sample: GpuSample
-    price: DevicePrice
-    cost_fusd: int
-    idle_fusd: int
-    interval_ns: int
-    sm_pct_us: int
-    mem_byte_seconds: int
-    owners: tuple[OwnerPart, ...]
-
-
 def owner_parts(
     sample: GpuSample, cost_fusd: int, interval_ns: int, settings: AllocationSettings
 ) -> tuple[dict[str, list[int]], int]:
@@ -232,31 +188,6 @@ def sample_cost_fusd(price: DevicePrice, interval_s: float) -> int:
     return int(sample_cost_usd(price.price_per_hour_usd, interval_s).scaleb(15))
 
 
-def split_sample(
-    event: CloudEvent[GpuSample], book: PriceBook, settings: AllocationSettings
-) -> SampleSplit:
-    """Steps 1-6 for one sample as a value: price it, share it among processes, group by pod.
-    (The worker folds samples into a `DeviceWindow` with `add_sample`, the same arithmetic.)"""
-    s = event.data
-    price = price_device(book, s, event.time_ms)
-    cost = sample_cost_fusd(price, s.interval_s)
-    dt_ns = round(s.interval_s * NANOS_PER_SECOND)
-    grouped, idle = owner_parts(s, cost, dt_ns, settings)
-    return SampleSplit(
-        event_id=event.id,
-        time_ms=event.time_ms,
-        window_start_ms=window_of(event.time_ms, settings.window_s),
-        sample=s,
-        price=price,
-        cost_fusd=cost,
-        idle_fusd=idle,
-        interval_ns=dt_ns,
-        sm_pct_us=round(s.interval_s * (s.sm_util_pct or 0.0) * MICROS),
-        mem_byte_seconds=round(s.mem_used_bytes * s.interval_s),
-        owners=tuple(OwnerPart(o, *v) for o, v in sorted(grouped.items())),
-    )
-
-
 class DeviceWindow:
     """Sums of the sample parts of one (window, device); the result is order independent.
 
@@ -290,25 +221,6 @@ class DeviceWindow:
         self.first_sample: GpuSample | None = None
         self.first_price: DevicePrice | None = None
 
-    def add(self, split: SampleSplit) -> bool:
-        """Fold one split in; returns False (and changes nothing) for a duplicate event id."""
-        if split.event_id in self.sample_ids:
-            return False
-        self._fold(
-            split.event_id,
-            split.time_ms,
-            split.sample,
-            split.price,
-            split.cost_fusd,
-            split.interval_ns,
-            {
-                p.owner: [p.cost_fusd, p.device_ns, p.sm_pct_us, p.mem_byte_seconds]
-                for p in split.owners
-            },
-            split.idle_fusd,
-        )
-        return True
-
     def add_sample(
         self,
         event_id: str,
@@ -318,8 +230,8 @@ class DeviceWindow:
         cost: int,
         settings: AllocationSettings,
     ) -> bool:
-        """Split one sample of `cost` femto-USD (`sample_cost_fusd`) and fold it in, without
-        building a SampleSplit; False (and no change) for a duplicate event id."""
+        """Steps 3-6 for one sample of `cost` femto-USD (`Pricer.price`): split it among its
+        owners and fold the parts in; False (and no change) for a duplicate event id."""
         if event_id in self.sample_ids:
             return False
         interval_ns = round(sample.interval_s * NANOS_PER_SECOND)
@@ -372,20 +284,10 @@ class DeviceWindow:
 Folder = Callable[[DeviceWindow, str, int, GpuSample, DevicePrice, int], bool]
 
 
-def sample_folder(settings: AllocationSettings, *, native: bool = True) -> Folder:
+def sample_folder(settings: AllocationSettings) -> Folder:
     """`DeviceWindow.add_sample` with `settings` bound, as `fold(window, event_id, time_ms,
-    sample, price, cost_fusd)`: the C build of it (streams/_fold.c, the same arithmetic, held
-    to it by a test) when the install compiled one, else the method itself."""
-    # (A weight of another type, e.g. Decimal, is left to Python's arithmetic and its errors.)
-    if native and _native is not None and type(settings.sm_weight) in (float, int):
-        policy = SHARE_POLICIES.index(settings.share_policy)
-        return partial(_native.fold, policy, settings.sm_weight, settings)
+    sample, price, cost_fusd)`."""
     return partial(DeviceWindow.add_sample, settings=settings)
-
-
-def native_fold() -> bool:
-    """Whether `sample_folder` can hand out the C build."""
-    return _native is not None
 
 
 def usd(fusd: int) -> Decimal:

@@ -1,6 +1,6 @@
 """Who owns a cost row: team, product and cost centre from pod labels, else namespace labels.
 
-SPEC section 3 step 6: a process outside any pod is `__host__`; a pod with no metadata yet, or
+design §3 step 6: a process outside any pod is `__host__`; a pod with no metadata yet, or
 without the label, is `__untagged__`. Label keys are configurable.
 """
 

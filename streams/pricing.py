@@ -1,6 +1,6 @@
 """The price book: USD per device-hour by GPU model, pricing class and effective date.
 
-Loaded once from YAML (SPEC section 3); lookups are pure. Prices are Decimals so a month of
+Loaded once from YAML (design §3); lookups are pure. Prices are Decimals so a month of
 sums is exact. Errors name the file and line.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from schemas.errors import PriceBookError
+from runtime.errors import PriceBookError
 
 PRICING_CLASSES = ("on_demand", "spot", "reserved", "custom")
 EXAMPLE_PRICE_BOOK = Path(__file__).resolve().parent.parent / "schemas" / "price_book.example.yaml"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from schemas.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
+from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
 from streams.reports.chargeback import ChargebackSettings, chargeback
 from streams.reports.focus_files import export_bytes
 from streams.reports.html_report import html_report

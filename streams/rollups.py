@@ -1,7 +1,7 @@
 """Sealed hourly rollups of the cost tables, so reports over a month stay fast.
 
 An hour is *sealed* once no correction can reach it any more (it ended more than the correction
-retention ago, SPEC section 5): its rows are aggregated from the base tables read with FINAL, so
+retention ago, design §5): its rows are aggregated from the base tables read with FINAL, so
 each key counts once with its latest version, and written to `gpu_cost_hourly` and
 `token_cost_hourly`. The horizon (`rollup_horizon`) says up to where hours are sealed. Sealing
 is idempotent: an hour sealed twice writes the same keys and values, and the rollups are read

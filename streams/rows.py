@@ -1,4 +1,4 @@
-"""The output rows of SPEC section 4, shared by the ClickHouse sink, the Kafka sink and reports.
+"""The output rows of design §4, shared by the ClickHouse sink, the Kafka sink and reports.
 
 Money is Decimal (stored as Decimal(38, 15) in ClickHouse): sums are exact and the same on every
 run. Usage (device_seconds) sits beside the price used so a past period can be re-priced.

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from schemas.errors import StoreError, StoreLockedError
+from runtime.errors import StoreError, StoreLockedError
 from streams.rows import Row, as_values, column_names
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"

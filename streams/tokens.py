@@ -1,4 +1,4 @@
-"""Tokens per (window, pod, model) and cost per token (SPEC section 3, last paragraphs).
+"""Tokens per (window, pod, model) and cost per token (design §3, last paragraphs).
 
 A pod's cost in a window (all its devices) is split across the models it served in proportion
 to their tokens; with no tokens at all it is split evenly so no cost disappears, and

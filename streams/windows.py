@@ -1,4 +1,4 @@
-"""Event-time windows: tumbling, aligned to the Unix epoch (SPEC section 3 step 7)."""
+"""Event-time windows: tumbling, aligned to the Unix epoch (design §3 step 7)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from schemas.errors import GpuledgerError
+from runtime.errors import GpuledgerError
+from runtime.kafka import add_kafka_options, kafka_settings_from
 from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
-from streams.kafka_io import add_kafka_options, kafka_settings_from
 from streams.labels import LabelSettings
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.store import add_clickhouse_option, store_from_args
@@ -110,7 +110,6 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
 
 
 def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from streams.allocation import native_fold
     from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 
     logging.basicConfig(
@@ -130,11 +129,6 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             exit_when_idle_s=args.exit_when_idle,
         )
         worker = Worker(config, book, store=store_from_args(args))
-        if not native_fold():
-            logging.getLogger("gpuledger.worker").warning(
-                "the C fold (streams/_fold.c) was not compiled at install: samples are folded "
-                "in Python, about 4 µs slower per event; reinstall with a C compiler"
-            )
         tune_garbage_collector()
         return asyncio.run(_serve(worker))
     except GpuledgerError as exc:

@@ -15,7 +15,9 @@ from decimal import Decimal
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from folding import fold
 
+from runtime.kafka import KafkaSettings, default_topics, ensure_topics
 from schemas.events import (
     GPU_SAMPLES_TOPIC,
     PODS_TOPIC,
@@ -28,9 +30,7 @@ from schemas.events import (
     encode_event,
     make_event,
 )
-from streams.allocation import AllocationSettings, DeviceWindow, finalize_device_window
-from streams.allocation import split_sample as split
-from streams.kafka_io import KafkaSettings, default_topics, ensure_topics
+from streams.allocation import AllocationSettings, DeviceWindow, Pricer, finalize_device_window
 from streams.labels import PodHistory, resolve_owner
 from streams.pricing import EXAMPLE_PRICE_BOOK, PriceBook, load_price_book
 from streams.rows import KIND_USAGE, CostRow, TokenCostRow, TokenRow
@@ -207,11 +207,15 @@ def expected_rows(
     for ev in pods:
         history.add(ev.id, ev.time_ms, ev.data)
     windows: dict[tuple[int, str], DeviceWindow] = {}
+    pricer = Pricer(book)
     for ev in samples:
-        s = split(ev, book, settings)
-        windows.setdefault(
-            (s.window_start_ms, ev.data.device_uuid), DeviceWindow(s.window_start_ms)
-        ).add(s)
+        start = window_of(ev.time_ms, settings.window_s)
+        fold(
+            windows.setdefault((start, ev.data.device_uuid), DeviceWindow(start)),
+            ev,
+            pricer,
+            settings,
+        )
     size = settings.window_s * 1000
     cost_rows: list[CostRow] = []
     for (start, _), window in sorted(windows.items()):

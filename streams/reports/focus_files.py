@@ -8,7 +8,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from schemas.errors import ConfigError
+from runtime.errors import ConfigError
 from streams.reports.chargeback import ChargebackExport
 from streams.reports.render import to_csv, to_json
 

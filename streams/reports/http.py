@@ -1,4 +1,4 @@
-"""Reports over HTTP, for the process that owns an embedded data folder (SPEC section 6):
+"""Reports over HTTP, for the process that owns an embedded data folder (design §6):
 `handle_report_request(store, path, query)` answers
 
     GET /report/showback?from=..&to=..&by=team&format=json|csv|table
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from schemas.errors import ConfigError, StoreError
+from runtime.errors import ConfigError, StoreError
 from streams.reports.chargeback import ChargebackSettings, chargeback
 from streams.reports.focus_files import export_bytes
 from streams.reports.html_report import html_report

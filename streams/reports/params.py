@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from schemas.errors import ConfigError
+from runtime.errors import ConfigError
 
 DIMENSIONS = ("team", "product", "model", "namespace", "cost_center")
 FORMATS = ("table", "csv", "json")

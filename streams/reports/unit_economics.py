@@ -1,5 +1,5 @@
 """Unit economics of inference: cost per 1M tokens (blended, and input vs output as labelled
-estimates, SPEC section 3) and cost per request, by model, team and product, with the trend
+estimates, design §3) and cost per request, by model, team and product, with the trend
 across the period. Every figure is given on two bases, side by side:
 
 - usage basis: the pods' own GPU cost, idle excluded (an idle share that an idle policy spread
@@ -177,7 +177,7 @@ class UnitEconomicsReport:
             "from": format_ms(self.period.start_ms),
             "to": format_ms(self.period.end_ms),
             "trend_bucket": self.bucket,
-            "estimates": "input/output figures are estimates (SPEC section 3)",
+            "estimates": "input/output figures are estimates (design §3)",
             "output_weight": self.output_weight,
             "lines": [
                 {

@@ -16,9 +16,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from schemas.errors import GpuledgerError
-from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
-from streams.kafka_io import (
+from runtime.errors import GpuledgerError
+from runtime.kafka import (
     KafkaSettings,
     TopicSpec,
     default_topics,
@@ -26,6 +25,7 @@ from streams.kafka_io import (
     make_producer,
     partition_counts,
 )
+from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.pricing import PriceBook
@@ -106,6 +106,10 @@ class Worker:
         self.http: HttpEndpoint | None = None
         self._partition_counts: dict[str, int] = {}
         self._owner_file: Path | None = None
+
+    @property
+    def open_windows(self) -> int:
+        return self.devices.open_windows
 
     def stop(self) -> None:
         self.stopping.set()

@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-if TYPE_CHECKING:
-    from streams.worker.app import Worker
+from streams.store import ClickHouseStore
+
+
+class Served(Protocol):
+    """What the endpoint reads of the worker it serves."""
+
+    @property
+    def registry(self) -> CollectorRegistry: ...
+    @property
+    def store(self) -> ClickHouseStore: ...
+    @property
+    def stopping(self) -> asyncio.Event: ...
+    @property
+    def open_windows(self) -> int: ...
 
 
 class HttpEndpoint:
-    def __init__(self, worker: Worker, host: str, port: int) -> None:
+    def __init__(self, worker: Served, host: str, port: int) -> None:
         self.worker = worker
         self.host = host
         self.port = port
@@ -51,7 +63,7 @@ class HttpEndpoint:
     async def _healthz(self, _: web.Request) -> web.Response:
         if self.worker.stopping.is_set():
             return web.json_response({"status": "stopping"}, status=503)
-        return web.json_response({"status": "ok", "open_windows": self.worker.devices.open_windows})
+        return web.json_response({"status": "ok", "open_windows": self.worker.open_windows})
 
     async def _report(self, request: web.Request) -> web.Response:
         handler = _report_handler()

@@ -19,6 +19,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import Counter
 
+from runtime.kafka import KafkaSettings
 from schemas.events import (
     COST_WINDOWS_TOPIC,
     POD_TYPE,
@@ -30,7 +31,6 @@ from schemas.events import (
     decode_event,
     decode_samples,
 )
-from streams.kafka_io import KafkaSettings
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.worker.device_stage import DUPLICATE, LATE, TOO_LATE, DeviceStage

@@ -1,4 +1,4 @@
-"""Event-time watermarks and commit positions, per input partition (SPEC section 5).
+"""Event-time watermarks and commit positions, per input partition (design §5).
 
 As in Flink, the watermark is the minimum over the input partitions that carry data of the
 latest event time each has shown; a partition silent (by wall clock) for `idle_after_s` stops

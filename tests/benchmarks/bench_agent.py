@@ -28,8 +28,8 @@ from agents.metrics import AgentMetrics
 from agents.sampler import DeviceSampler, SamplerSettings
 from agents.scenario import SimClock
 from agents.scenario_views import cgroup_reader
+from gpuledger.embedded_broker import free_port
 from schemas.events import encode_event
-from streams.embedded_broker import free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -69,7 +69,7 @@ def main() -> int:
     cmd = [
         sys.executable,
         "-m",
-        "streams.cli",
+        "gpuledger.cli",
         "agent",
         "--fake-nvml",
         "bench",

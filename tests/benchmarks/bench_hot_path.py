@@ -6,9 +6,6 @@ bench_worker.py (1,000 nodes x 8 devices by default), then closes the windows (r
 Kafka messages). Each figure is per event and also a ratio to `orjson.loads` of the same bytes,
 measured in the same run: the decode every Python consumer pays.
 
-The same handler with the Python reference fold instead of the C one (streams/_fold.c) is timed
-in the same run.
-
     .venv/bin/python tests/benchmarks/bench_hot_path.py [--seconds 60] [--repeat 3] [--default-gc]
 """
 
@@ -29,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.events import GPU_SAMPLE_TYPE, GPU_SAMPLES_TOPIC, _decode_slowly, decode_event
-from streams.allocation import AllocationSettings, native_fold, sample_folder
+from streams.allocation import AllocationSettings
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
@@ -71,8 +68,6 @@ def main() -> None:
         "--default-gc", action="store_true", help="keep CPython's collector settings"
     )
     args = parser.parse_args()
-    if not native_fold():
-        parser.error("streams/_fold.c is not compiled: reinstall (pip install -e .) with gcc")
     cluster = Cluster(args.nodes, 8, 4, load_price_book(EXAMPLE_PRICE_BOOK))
     by_partition: dict[int, list[ConsumerRecord]] = {}
     for s in range(args.seconds):
@@ -111,10 +106,8 @@ def main() -> None:
         for v in values:
             _decode_slowly(v)
 
-    def handle(native: bool = True) -> StageHandlers:
+    def handle() -> StageHandlers:
         handlers = handlers_for(settings)
-        if not native:  # the reference fold, DeviceWindow.add_sample, instead of streams/_fold.c
-            handlers.devices.fold = sample_folder(settings.allocation, native=False)
         outbox = Outbox()
         for fetch in fetches:
             for tp, records in fetch.items():
@@ -134,7 +127,6 @@ def main() -> None:
         timed("decode_event (msgspec, typed)", decode)
         timed("explaining decoder (orjson + rule table)", explain)
         handlers = timed("handle_samples (decode, dedup, allocate)", handle)
-        timed("handle_samples, Python fold", partial(handle, False))
         timed("window close (rows + messages)", partial(handlers.poll_devices, 0.0, True, Outbox()))
     base = best["orjson.loads (baseline)"]
     table = Table(title=f"{n:,} GPU-sample events, {len(cluster.devices):,} devices")

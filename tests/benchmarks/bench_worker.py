@@ -43,12 +43,12 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
+from runtime.kafka import KafkaSettings, default_topics, ensure_topics
 from schemas.events import (
     GPU_SAMPLES_TOPIC,
     PODS_TOPIC,
 )
 from streams.allocation import AllocationSettings
-from streams.kafka_io import KafkaSettings, default_topics, ensure_topics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.store import ClickHouseStore
 from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector

@@ -16,12 +16,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+from folding import fold
+
 from schemas.events import GpuSample, PodInfo, ProcessSample, TokenDelta, make_event
 from streams.allocation import (
     AllocationSettings,
     DeviceWindow,
+    Pricer,
     finalize_device_window,
-    split_sample,
 )
 from streams.pricing import load_price_book
 from streams.rows import CostRow, Row, TokenCostRow, TokenRow
@@ -122,7 +124,7 @@ def _activity(w: int, base: int) -> int:
 
 def _cost_rows() -> tuple[list[CostRow], list[CostRow]]:
     """(rows as first emitted, corrections at version 2)."""
-    book = load_price_book(REPO / "schemas" / "price_book.example.yaml")
+    pricer = Pricer(load_price_book(REPO / "schemas" / "price_book.example.yaml"))
     settings = AllocationSettings(window_s=WINDOW_S)
     first: list[CostRow] = []
     corrections: list[CostRow] = []
@@ -162,7 +164,7 @@ def _cost_rows() -> tuple[list[CostRow], list[CostRow]]:
                     source=f"agent/{device.node}",
                     time_ms=time_ms,
                 )
-                window.add(split_sample(event, book, settings))
+                fold(window, event, pricer, settings)
 
             def labelled(uid: str, dev: Device = device) -> PodInfo | None:
                 return pod_info(PODS[uid], dev.cluster, dev.node)

@@ -68,7 +68,7 @@ def read_by_code(key: str) -> bool:
     return False
 
 
-# The ClickHouse password variables are part of the contract (SPEC section 6: credentials from
+# The ClickHouse password variables are part of the contract (design §6: credentials from
 # env or files); until the store reads them, the tests that need it say so as expected failures.
 CLICKHOUSE_PASSWORD_KEYS = ("GPULEDGER_CLICKHOUSE_PASSWORD", "GPULEDGER_CLICKHOUSE_PASSWORD_FILE")
 PASSWORD_NOT_READ = pytest.mark.xfail(

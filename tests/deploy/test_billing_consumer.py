@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from deploy_tools import REPO
 
-from streams.embedded_broker import EmbeddedBroker
+from gpuledger.embedded_broker import EmbeddedBroker
 from streams.rows import CostRow, as_json
 
 EXAMPLE = REPO / "deploy" / "examples" / "billing_consumer.py"

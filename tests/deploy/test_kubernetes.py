@@ -21,7 +21,7 @@ from deploy_tools import (
     read_by_code,
 )
 
-from streams.cli import build_parser
+from gpuledger.cli import build_parser
 from streams.pricing import load_price_book, parse_price_book
 
 K8S = REPO / "deploy" / "kubernetes"

@@ -63,7 +63,7 @@ def demo_command(tmp: Path, *args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "streams.cli",
+        "gpuledger.cli",
         "demo",
         "--data",
         str(tmp / "data"),
@@ -164,7 +164,7 @@ def test_ctrl_c_stops_cleanly_and_still_reports(tmp_path: Path) -> None:
         # While it runs, the demo owns the folder: a report elsewhere is pointed at its URL.
         report = ["report", "showback", "--clickhouse", f"chdb://{data}"]
         held = subprocess.run(
-            [sys.executable, "-m", "streams.cli", *report],
+            [sys.executable, "-m", "gpuledger.cli", *report],
             capture_output=True,
             text=True,
             cwd=ROOT,

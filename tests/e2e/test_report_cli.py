@@ -44,7 +44,7 @@ time.sleep(60)
 def gpuledger(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args],
+        [sys.executable, "-m", "gpuledger.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -22,6 +22,8 @@ from agents.demo_scenario import demo_scenario
 from agents.metrics import BufferMetrics
 from agents.publisher import KafkaPublisher
 from agents.scenario_views import metrics_page
+from gpuledger.embedded_broker import EmbeddedBroker, free_port
+from runtime.kafka import KafkaSettings, TopicSpec
 from schemas.events import (
     GPU_SAMPLES_TOPIC,
     PODS_TOPIC,
@@ -31,8 +33,6 @@ from schemas.events import (
     decode_event,
     make_event,
 )
-from streams.embedded_broker import EmbeddedBroker, free_port
-from streams.kafka_io import KafkaSettings, TopicSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit" / "agents"))
 from kube_api import FakeKubeApi, recorded

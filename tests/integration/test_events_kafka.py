@@ -1,7 +1,7 @@
 """Each gpuledger CloudEvent type survives a trip through the real Kafka broker unchanged.
 
 Topics are unique per test (the real names are shared by the whole session's broker), but each
-keeps the key and cleanup policy SPEC section 2 gives its real counterpart.
+keeps the key and cleanup policy design §2 gives its real counterpart.
 """
 
 from __future__ import annotations

@@ -8,12 +8,14 @@ import tempfile
 import uuid
 from decimal import Decimal
 
+from folding import fold
+
 from schemas.events import GpuSample, PodInfo, ProcessSample, make_event
 from streams.allocation import (
     AllocationSettings,
     DeviceWindow,
+    Pricer,
     finalize_device_window,
-    split_sample,
 )
 from streams.pricing import load_price_book
 from streams.rows import CostRow, Row, TokenCostRow, TokenRow
@@ -83,7 +85,7 @@ def cluster_rows(hours: int = 3, start_ms: int = T0_MS, window_minutes_step: int
     """Cost, token and cost-per-token rows of a small cluster, made by the allocation core:
     d1 (on-demand) shared by pod-a and pod-b, d2-mig (spot) used by the untagged pod and a host
     process, every few minutes over `hours` hours. Version 1."""
-    book = load_price_book(SCHEMA_DIR / "price_book.example.yaml")
+    pricer = Pricer(load_price_book(SCHEMA_DIR / "price_book.example.yaml"))
     settings = AllocationSettings()
     out: list[Row] = []
     gib = 2**30
@@ -115,7 +117,7 @@ def cluster_rows(hours: int = 3, start_ms: int = T0_MS, window_minutes_step: int
                 event = make_event(
                     sample, event_id=f"{device}-{w0}-{k}", source="test", time_ms=w0 + k * 10_000
                 )
-                window.add(split_sample(event, book, settings))
+                fold(window, event, pricer, settings)
             rows = finalize_device_window(window, PODS.get, settings, version=1)
             out += rows
             for r in rows:

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from schemas.errors import StoreError
+from runtime.errors import StoreError
 from streams.rows import CostRow, TokenCostRow, TokenRow
 from streams.store import ClickHouseStore, ddl_statements, redact
 

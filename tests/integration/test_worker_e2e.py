@@ -27,6 +27,8 @@ from worker_scenario import (
     token_events,
 )
 
+from gpuledger.embedded_broker import EmbeddedBroker
+from runtime.kafka import KafkaSettings, partition_counts
 from schemas.events import (
     COST_WINDOWS_TOPIC,
     DEAD_LETTER_TOPIC,
@@ -34,8 +36,6 @@ from schemas.events import (
     PODS_TOPIC,
     TOKENS_TOPIC,
 )
-from streams.embedded_broker import EmbeddedBroker
-from streams.kafka_io import KafkaSettings, partition_counts
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.rows import CostRow, TokenCostRow, TokenRow
 from streams.store import ClickHouseStore

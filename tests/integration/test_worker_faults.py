@@ -39,8 +39,8 @@ from worker_scenario import (
     token_events,
 )
 
+from gpuledger.embedded_broker import free_port
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, make_event
-from streams.embedded_broker import free_port
 from streams.rows import CostRow, TokenCostRow, TokenRow
 from streams.store import ClickHouseStore
 
@@ -149,7 +149,7 @@ def _worker_process(
         [
             sys.executable,
             "-m",
-            "streams.cli",
+            "gpuledger.cli",
             "worker",
             "--kafka",
             bootstrap,

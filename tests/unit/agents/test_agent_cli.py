@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from agents import agent_cli
-from schemas.errors import ConfigError
+from runtime.errors import ConfigError
 from schemas.events import Ok, decode_event
 
 
@@ -52,7 +52,7 @@ async def test_dry_run_prints_valid_sample_events() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "streams.cli",
+        "gpuledger.cli",
         "agent",
         "--fake-nvml",
         "--dry-run",

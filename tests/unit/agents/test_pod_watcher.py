@@ -122,7 +122,7 @@ async def test_pods_command_end_to_end_dry_run(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "streams.cli",
+            "gpuledger.cli",
             "pods",
             "--dry-run",
             "--duration",

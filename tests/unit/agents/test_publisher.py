@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from agents.metrics import BufferMetrics
 from agents.publisher import DryRunPublisher, EventBuffer, KafkaPublisher, Outgoing
+from runtime.kafka import KafkaSettings
 from schemas.events import PodInfo, make_event
-from streams.kafka_io import KafkaSettings
 
 
 def _items(n: int, start: int = 0) -> list[Outgoing]:

@@ -164,7 +164,7 @@ async def test_tokens_command_end_to_end_dry_run() -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "streams.cli",
+            "gpuledger.cli",
             "tokens",
             "--dry-run",
             "--no-discovery",

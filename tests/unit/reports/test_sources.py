@@ -1,6 +1,6 @@
 import pytest
 
-from schemas.errors import ConfigError
+from runtime.errors import ConfigError
 from streams.reports.params import parse_instant, parse_month, parse_period
 from streams.reports.sources import plan_ranges
 

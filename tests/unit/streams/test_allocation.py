@@ -1,4 +1,4 @@
-"""Allocation core (SPEC section 3): hand-checkable examples and properties.
+"""Allocation core (design §3): hand-checkable examples and properties.
 
 The test price book prices "Test GPU" at 3.60 USD/h, so a 60 s sample of a whole GPU costs
 exactly 0.06 USD and every figure below can be checked by hand.
@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from folding import fold
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +26,6 @@ from streams.allocation import (
     process_shares,
     sample_cost_usd,
     split_exact,
-    split_sample,
 )
 from streams.labels import LabelSettings, PodHistory, resolve_owner
 from streams.pricing import PriceBook, parse_price_book
@@ -96,14 +96,16 @@ def rows_for(
     events: list[CloudEvent[GpuSample]],
     cfg: AllocationSettings | None = None,
     pods: dict[str, PodInfo] | None = None,
+    pricer: Pricer | None = None,
 ) -> list[CostRow]:
+    """What the worker computes: each sample priced (`Pricer`) and folded into its window."""
     cfg = cfg or AllocationSettings()
     lookup = (pods if pods is not None else PODS).get
     windows: dict[tuple[int, str], DeviceWindow] = {}
+    pricer = pricer or Pricer(BOOK)
     for ev in events:
-        split = split_sample(ev, BOOK, cfg)
-        key = (split.window_start_ms, ev.data.device_uuid)
-        windows.setdefault(key, DeviceWindow(split.window_start_ms)).add(split)
+        start = window_of(ev.time_ms, cfg.window_s)
+        fold(windows.setdefault((start, ev.data.device_uuid), DeviceWindow(start)), ev, pricer, cfg)
     out: list[CostRow] = []
     for key in sorted(windows):
         out += finalize_device_window(windows[key], lookup, cfg, version=1)
@@ -368,32 +370,14 @@ def test_price_book_type() -> None:
     assert isinstance(BOOK, PriceBook)
 
 
-def fast_rows_for(
-    events: list[CloudEvent[GpuSample]], cfg: AllocationSettings, pricer: Pricer
-) -> list[CostRow]:
-    """What the worker does: `Pricer` + `DeviceWindow.add_sample`, no SampleSplit."""
-    windows: dict[tuple[int, str], DeviceWindow] = {}
-    for ev in events:
-        start = window_of(ev.time_ms, cfg.window_s)
-        window = windows.setdefault((start, ev.data.device_uuid), DeviceWindow(start))
-        price, cost = pricer.price(ev.data, ev.time_ms)
-        window.add_sample(ev.id, ev.time_ms, ev.data, price, cost, cfg)
-    out: list[CostRow] = []
-    for key in sorted(windows):
-        out += finalize_device_window(windows[key], PODS.get, cfg, version=1)
-    return out
-
-
 @settings(max_examples=150, deadline=None)
 @given(st.lists(sample_strategy, min_size=1, max_size=25), policy_strategy)
-def test_the_workers_fold_equals_splitting_each_sample(
-    specs: list[Any], cfg: AllocationSettings
-) -> None:
+def test_remembered_prices_change_no_row(specs: list[Any], cfg: AllocationSettings) -> None:
     events = build_events(specs)
-    pricer = Pricer(BOOK)
-    assert fast_rows_for(events, cfg, pricer) == rows_for(events, cfg)
-    # and again with every price and cost now remembered
-    assert fast_rows_for(events + events, cfg, pricer) == rows_for(events, cfg)
+    warm = Pricer(BOOK)
+    for ev in events:  # every price and cost of these samples now remembered
+        warm.price(ev.data, ev.time_ms)
+    assert rows_for(events, cfg, pricer=warm) == rows_for(events, cfg)
 
 
 def test_a_remembered_price_ends_where_the_book_changes_it() -> None:

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from schemas.errors import PriceBookError
+from runtime.errors import PriceBookError
 from streams.pricing import (
     EXAMPLE_PRICE_BOOK,
     device_price_per_hour,

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from schemas.errors import ConfigError, GpuledgerError
+from runtime.errors import ConfigError, GpuledgerError
 from streams.pricing import load_price_book
 from streams.worker_cli import add_allocation_options, stream_settings_from
 
 if TYPE_CHECKING:
-    from streams.demo.pipeline import DemoConfig
+    from gpuledger.demo.pipeline import DemoConfig
 
 DEFAULT_DATA = "gpuledger-demo"
 DEFAULT_REPORT = "gpuledger-report.html"
@@ -88,7 +88,7 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
 
 
 def demo_config_from(args: argparse.Namespace) -> DemoConfig:
-    from streams.demo.pipeline import DemoConfig
+    from gpuledger.demo.pipeline import DemoConfig
 
     if not 0 < args.minutes <= 24 * 60:
         raise ConfigError(f"--minutes must be between 0 and 1440, got {args.minutes:g}")
@@ -143,8 +143,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 async def _run(config: DemoConfig, console: Console) -> int:
-    from streams.demo.console import live_progress, print_intro, print_outcome
-    from streams.demo.pipeline import DemoRun
+    from gpuledger.demo.console import live_progress, print_intro, print_outcome
+    from gpuledger.demo.pipeline import DemoRun
 
     run = DemoRun(config)
     run.prepare()

@@ -1,6 +1,6 @@
 """One demo run: embedded broker, embedded ClickHouse, the worker (which serves the dashboard),
 the simulated cluster and its producers, driven along simulated time; then drain, showback and
-the HTML report. The demo process owns its data folder while it runs (SPEC section 6).
+the HTML report. The demo process owns its data folder while it runs (design §6).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from prometheus_client import CollectorRegistry
 
 from agents.demo_scenario import demo_scenario
 from agents.scenario import Scenario, SimClock
-from schemas.errors import ConfigError
-from streams.demo.producers import PublishedCounts, SimulatedProducers
-from streams.embedded_broker import EmbeddedBroker
-from streams.kafka_io import KafkaSettings
+from gpuledger.demo.producers import PublishedCounts, SimulatedProducers
+from gpuledger.embedded_broker import EmbeddedBroker
+from runtime.errors import ConfigError
+from runtime.kafka import KafkaSettings
 from streams.pricing import PriceBook
 from streams.reports.html_report import html_report
 from streams.reports.params import Period

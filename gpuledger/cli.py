@@ -13,19 +13,17 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from runtime.options import gpuledger_env
+
 # (module, the subcommands it registers) in the order `--help` lists them.
 COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("streams.demo_cli", ("demo",)),
+    ("gpuledger.demo_cli", ("demo",)),
     ("streams.worker_cli", ("worker",)),
     ("agents.agent_cli", ("agent",)),
     ("agents.pods_cli", ("pods",)),
     ("agents.tokens_cli", ("tokens",)),
     ("streams.reports_cli", ("report", "export")),
 )
-
-
-def gpuledger_env(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if k.startswith("GPULEDGER_")}
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:

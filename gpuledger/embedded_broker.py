@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from schemas.errors import BrokerError
+from runtime.errors import BrokerError
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agents.scenario import Scenario
-from streams.demo.pipeline import DemoConfig, DemoOutcome, DemoProgress
+from gpuledger.demo.pipeline import DemoConfig, DemoOutcome, DemoProgress
 from streams.reports.params import format_ms
 from streams.reports.render import Tabular
 

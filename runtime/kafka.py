@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from runtime.errors import BrokerError, ConfigError
 from schemas import events
-from schemas.errors import BrokerError, ConfigError
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
@@ -106,7 +106,7 @@ class TopicSpec:
 
 
 def default_topics(partitions: int = 1, replication_factor: int = 1) -> list[TopicSpec]:
-    """Every topic of SPEC section 2; the pods topic is compacted."""
+    """Every topic of design §2; the pods topic is compacted."""
     rf = replication_factor
     return [
         TopicSpec(events.GPU_SAMPLES_TOPIC, partitions, replication_factor=rf),

@@ -22,10 +22,10 @@ from agents.sampler import DeviceSampler, SamplerSettings
 from agents.scenario import Scenario, SimClock
 from agents.scenario_views import cgroup_reader
 from agents.token_scraper import TokenScraper, http_fetcher, targets_from_pods
-from schemas.errors import KubeApiError
+from gpuledger.demo.cluster_api import SimulatedClusterApi
+from runtime.errors import KubeApiError
+from runtime.kafka import KafkaSettings, default_topics
 from schemas.events import GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC, make_event
-from streams.demo.cluster_api import SimulatedClusterApi
-from streams.kafka_io import KafkaSettings, default_topics
 
 # Events a publisher may hold before the simulation waits for the broker: a fast --speed slows
 # down rather than overflow the buffer (which would drop the oldest events).
