@@ -21,6 +21,7 @@ from agents.demo_scenario import SCENARIOS
 from agents.metrics import AgentMetrics
 from agents.runtime import (
     RunSettings,
+    add_node_option,
     add_run_options,
     configure_logging,
     make_publisher,
@@ -29,6 +30,7 @@ from agents.runtime import (
 )
 from agents.sampler import DeviceSampler, SamplerSettings
 from runtime.errors import ConfigError, GpuledgerError
+from runtime.options import add_env_option, add_log_level_option
 from schemas.events import GPU_SAMPLES_TOPIC
 
 DEFAULT_METRICS_PORT = 9109
@@ -53,22 +55,25 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     add_run_options(
         parser,
         env,
-        prefix="AGENT",
+        interval_env="GPULEDGER_AGENT_INTERVAL",
+        metrics_port_env="GPULEDGER_AGENT_METRICS_PORT",
         default_interval_s=1.0,
         default_metrics_port=DEFAULT_METRICS_PORT,
     )
-    parser.add_argument(
-        "--node",
-        default=env.get("GPULEDGER_NODE_NAME"),
-        help="this node's name (env GPULEDGER_NODE_NAME, e.g. from spec.nodeName; "
+    add_node_option(
+        parser,
+        env,
+        "this node's name (e.g. from spec.nodeName; "
         "default: the host name, or the scenario's first node with --fake-nvml)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--node-label",
-        action="append",
-        default=None,
+        env="GPULEDGER_NODE_LABELS",
+        separator=",",
         metavar="KEY=VALUE",
-        help="a node label to carry in samples (repeatable; env GPULEDGER_NODE_LABELS as "
+        help="a node label to carry in samples (repeatable; the variable lists them as "
         "k=v,k=v), e.g. karpenter.sh/capacity-type=spot",
     )
     parser.add_argument(
@@ -79,13 +84,16 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         metavar="SCENARIO",
         help=f"run on the simulated NVML; scenarios: {', '.join(SCENARIOS)} (default demo)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--proc-root",
-        default=env.get("GPULEDGER_PROC_ROOT", "/proc"),
-        help="the host's /proc, for PID to pod mapping (env GPULEDGER_PROC_ROOT)",
+        env="GPULEDGER_PROC_ROOT",
+        default="/proc",
+        help="the host's /proc, for PID to pod mapping (default /proc)",
     )
-    parser.add_argument("--log-level", default=env.get("GPULEDGER_LOG_LEVEL", "INFO"))
-    parser.set_defaults(handler=lambda args: main(agent_config_from(args, env)))
+    add_log_level_option(parser, env)
+    parser.set_defaults(handler=lambda args: main(agent_config_from(args)))
 
 
 def _parse_labels(items: list[str]) -> dict[str, str]:
@@ -98,17 +106,13 @@ def _parse_labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
-def agent_config_from(args: argparse.Namespace, env: Mapping[str, str]) -> AgentConfig:
+def agent_config_from(args: argparse.Namespace) -> AgentConfig:
     if args.fake_nvml is not None and args.fake_nvml not in SCENARIOS:
         raise ConfigError(f"unknown scenario {args.fake_nvml!r}; known: {', '.join(SCENARIOS)}")
-    items = args.node_label
-    if items is None:
-        env_labels = env.get("GPULEDGER_NODE_LABELS", "")
-        items = [i for i in env_labels.split(",") if i.strip()]
     return AgentConfig(
-        run=run_settings_from(args, env),
+        run=run_settings_from(args),
         node=args.node or "",
-        node_labels=_parse_labels(items),
+        node_labels=_parse_labels(args.node_label or []),
         fake_scenario=args.fake_nvml,
         proc_root=args.proc_root,
         log_level=args.log_level,

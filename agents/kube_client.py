@@ -5,6 +5,7 @@ exec credential plugins are not supported).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import ssl
@@ -18,6 +19,7 @@ import aiohttp
 import yaml
 
 from runtime.errors import ConfigError, KubeApiError
+from runtime.options import add_env_option
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 IN_CLUSTER_SERVER = "https://kubernetes.default.svc"
@@ -233,15 +235,21 @@ class KubeClient:
             raise KubeApiError(f"WATCH {path}: {exc!r}") from exc
 
 
-def add_kube_options(parser: Any, env: Mapping[str, str]) -> None:
-    parser.add_argument(
+def add_kube_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    add_env_option(
+        parser,
+        env,
         "--kubeconfig",
-        default=env.get("GPULEDGER_KUBECONFIG"),
-        help="kubeconfig file (env GPULEDGER_KUBECONFIG); default: the in-cluster service account",
+        env="GPULEDGER_KUBECONFIG",
+        metavar="FILE",
+        help="kubeconfig file (default: the in-cluster service account)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--kube-context",
-        default=env.get("GPULEDGER_KUBE_CONTEXT"),
+        env="GPULEDGER_KUBE_CONTEXT",
+        metavar="CONTEXT",
         help="kubeconfig context (default: its current-context)",
     )
 

@@ -28,6 +28,7 @@ from agents.runtime import (
     run_settings_from,
 )
 from runtime.errors import GpuledgerError
+from runtime.options import add_log_level_option
 from schemas.events import PODS_TOPIC, make_event
 
 DEFAULT_METRICS_PORT = 9110
@@ -49,18 +50,19 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     add_run_options(
         parser,
         env,
-        prefix="PODS",
+        interval_env="GPULEDGER_PODS_INTERVAL",
+        metrics_port_env="GPULEDGER_PODS_METRICS_PORT",
         default_interval_s=300.0,
         default_metrics_port=DEFAULT_METRICS_PORT,
     )
     add_kube_options(parser, env)
-    parser.add_argument("--log-level", default=env.get("GPULEDGER_LOG_LEVEL", "INFO"))
-    parser.set_defaults(handler=lambda args: main(pods_config_from(args, env)))
+    add_log_level_option(parser, env)
+    parser.set_defaults(handler=lambda args: main(pods_config_from(args)))
 
 
-def pods_config_from(args: argparse.Namespace, env: Mapping[str, str]) -> PodsConfig:
+def pods_config_from(args: argparse.Namespace) -> PodsConfig:
     return PodsConfig(
-        run=run_settings_from(args, env), kube=kube_settings_from(args), log_level=args.log_level
+        run=run_settings_from(args), kube=kube_settings_from(args), log_level=args.log_level
     )
 
 

@@ -27,6 +27,7 @@ from runtime.kafka import (
     default_topics,
     kafka_settings_from,
 )
+from runtime.options import add_env_option
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +50,30 @@ def add_run_options(
     parser: argparse.ArgumentParser,
     env: Mapping[str, str],
     *,
-    prefix: str,
+    interval_env: str,
+    metrics_port_env: str,
     default_interval_s: float,
     default_metrics_port: int,
 ) -> None:
-    """`prefix` names the GPULEDGER_<PREFIX>_* variables of this producer."""
-    parser.add_argument(
+    """`interval_env` and `metrics_port_env` name this producer's own variables
+    (GPULEDGER_<PART>_INTERVAL, GPULEDGER_<PART>_METRICS_PORT); the others are shared."""
+    add_env_option(
+        parser,
+        env,
         "--cluster",
-        default=env.get("GPULEDGER_CLUSTER", "default"),
-        help="cluster name carried by every event (env GPULEDGER_CLUSTER)",
+        env="GPULEDGER_CLUSTER",
+        default="default",
+        help="cluster name carried by every event (default: default)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--interval",
+        env=interval_env,
         type=float,
+        default=default_interval_s,
         metavar="SECONDS",
-        default=float(env.get(f"GPULEDGER_{prefix}_INTERVAL", default_interval_s)),
-        help=f"seconds between passes (default {default_interval_s:g}; "
-        f"env GPULEDGER_{prefix}_INTERVAL)",
+        help=f"seconds between passes (default {default_interval_s:g})",
     )
     parser.add_argument(
         "--dry-run",
@@ -73,37 +81,54 @@ def add_run_options(
         help="print each event as one JSON line on stdout instead of sending it",
     )
     add_kafka_options(parser, env)
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--metrics-port",
+        env=metrics_port_env,
         type=int,
-        default=int(env.get(f"GPULEDGER_{prefix}_METRICS_PORT", default_metrics_port)),
+        default=default_metrics_port,
         help=f"port of /metrics and /healthz (default {default_metrics_port}; 0 disables)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--metrics-host",
-        default=env.get("GPULEDGER_METRICS_HOST", "0.0.0.0"),
+        env="GPULEDGER_METRICS_HOST",
+        default="0.0.0.0",
         help="address /metrics listens on (default 0.0.0.0)",
     )
     parser.add_argument("--count", type=int, default=None, help="stop after N passes")
     parser.add_argument(
         "--duration", type=float, default=None, metavar="SECONDS", help="stop after SECONDS"
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--buffer-max-events",
+        env="GPULEDGER_BUFFER_MAX_EVENTS",
         type=int,
-        default=int(env.get("GPULEDGER_BUFFER_MAX_EVENTS", DEFAULT_BUFFER_MAX_EVENTS)),
+        default=DEFAULT_BUFFER_MAX_EVENTS,
         help="events kept locally while Kafka is unreachable; beyond it the oldest are dropped "
         f"(default {DEFAULT_BUFFER_MAX_EVENTS})",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--topic-partitions",
+        env="GPULEDGER_TOPIC_PARTITIONS",
         type=int,
-        default=int(env.get("GPULEDGER_TOPIC_PARTITIONS", 6)),
+        default=6,
         help="partitions of topics this producer creates when missing (default 6)",
     )
 
 
-def run_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> RunSettings:
+def add_node_option(parser: argparse.ArgumentParser, env: Mapping[str, str], help: str) -> None:
+    """`--node`: this node's name (the agent's, or the node a token scraper serves)."""
+    add_env_option(parser, env, "--node", env="GPULEDGER_NODE_NAME", help=help)
+
+
+def run_settings_from(args: argparse.Namespace) -> RunSettings:
     if args.interval <= 0:
         raise ConfigError(f"--interval must be positive, got {args.interval}")
     if args.count is not None and args.count < 1:
@@ -120,7 +145,7 @@ def run_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> RunSe
         cluster=str(args.cluster).strip(),
         interval_s=float(args.interval),
         dry_run=bool(args.dry_run),
-        kafka=None if args.dry_run else kafka_settings_from(args, env),
+        kafka=None if args.dry_run else kafka_settings_from(args),
         metrics_host=str(args.metrics_host),
         metrics_port=int(args.metrics_port),
         count=args.count,

@@ -25,6 +25,7 @@ from agents.kube_client import (
 from agents.metrics import TokensMetrics
 from agents.runtime import (
     RunSettings,
+    add_node_option,
     add_run_options,
     configure_logging,
     make_publisher,
@@ -39,6 +40,7 @@ from agents.token_scraper import (
     targets_from_pods,
 )
 from runtime.errors import ConfigError, GpuledgerError, KubeApiError
+from runtime.options import add_log_level_option
 from schemas.events import TOKENS_TOPIC
 
 DEFAULT_METRICS_PORT = 9111
@@ -64,7 +66,8 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     add_run_options(
         parser,
         env,
-        prefix="TOKENS",
+        interval_env="GPULEDGER_TOKENS_INTERVAL",
+        metrics_port_env="GPULEDGER_TOKENS_METRICS_PORT",
         default_interval_s=15.0,
         default_metrics_port=DEFAULT_METRICS_PORT,
     )
@@ -81,18 +84,14 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         action="store_true",
         help="do not discover annotated pods through the Kubernetes API",
     )
-    parser.add_argument(
-        "--node",
-        default=env.get("GPULEDGER_NODE_NAME"),
-        help="scrape only pods on this node (env GPULEDGER_NODE_NAME)",
-    )
+    add_node_option(parser, env, "scrape only pods on this node")
     parser.add_argument("--discover-interval", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument("--scrape-timeout", type=float, default=5.0, metavar="SECONDS")
-    parser.add_argument("--log-level", default=env.get("GPULEDGER_LOG_LEVEL", "INFO"))
-    parser.set_defaults(handler=lambda args: main(tokens_config_from(args, env)))
+    add_log_level_option(parser, env)
+    parser.set_defaults(handler=lambda args: main(tokens_config_from(args)))
 
 
-def tokens_config_from(args: argparse.Namespace, env: Mapping[str, str]) -> TokensConfig:
+def tokens_config_from(args: argparse.Namespace) -> TokensConfig:
     targets = tuple(parse_static_target(t) for t in args.target)
     kube = None if args.no_discovery else kube_settings_from(args)
     if kube is None and not targets:
@@ -100,7 +99,7 @@ def tokens_config_from(args: argparse.Namespace, env: Mapping[str, str]) -> Toke
     if args.scrape_timeout <= 0 or args.discover_interval <= 0:
         raise ConfigError("--scrape-timeout and --discover-interval must be positive")
     return TokensConfig(
-        run=run_settings_from(args, env),
+        run=run_settings_from(args),
         kube=kube,
         node=args.node or None,
         static_targets=targets,

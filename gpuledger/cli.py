@@ -1,8 +1,10 @@
 """The `gpuledger` command: one entry point for every deployable part.
 
-The environment is read here and nowhere below: `GPULEDGER_*` variables become defaults of the
-flags, and each subcommand builds its frozen configuration from the parsed arguments.
-Each subcommand lives in its own module, which exposes `register(subparsers, env)`.
+The environment is read here and nowhere below: each `GPULEDGER_*` variable is declared once,
+as the fallback of one flag (runtime/options.py; `[env: NAME]` in `--help`), and is converted
+only when its subcommand is the one parsed, so a bad setting for one part stops that part
+alone. Each subcommand builds its frozen configuration from the parsed arguments, and lives in
+its own module, which exposes `register(subparsers, env)`.
 """
 
 from __future__ import annotations
@@ -55,12 +57,7 @@ def _not_yet(command: str):  # type: ignore[no-untyped-def]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    env = gpuledger_env(os.environ)
-    try:
-        parser = build_parser(env)
-    except ValueError as exc:  # a GPULEDGER_* number that is not one
-        print(f"gpuledger: invalid GPULEDGER_* setting: {exc}", file=sys.stderr)
-        return 2
+    parser = build_parser(gpuledger_env(os.environ))
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:

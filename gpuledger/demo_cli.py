@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from runtime.errors import ConfigError, GpuledgerError
+from runtime.options import add_env_option
 from streams.pricing import load_price_book
 from streams.worker_cli import add_allocation_options, stream_settings_from
 
@@ -39,34 +40,49 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         help="run the whole pipeline on a simulated cluster (no Docker, no GPU) and report",
         description=__doc__,
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--minutes",
+        env="GPULEDGER_DEMO_MINUTES",
         type=float,
-        default=float(env.get("GPULEDGER_DEMO_MINUTES", "10")),
+        default=10.0,
         help="simulated minutes of cluster life (default 10)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--speed",
+        env="GPULEDGER_DEMO_SPEED",
         type=float,
-        default=float(env.get("GPULEDGER_DEMO_SPEED", "10")),
+        default=10.0,
         help="simulated seconds per wall-clock second (default 10)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--data",
-        default=env.get("GPULEDGER_DEMO_DATA", DEFAULT_DATA),
+        env="GPULEDGER_DEMO_DATA",
+        default=DEFAULT_DATA,
         metavar="DIR",
         help=f"embedded ClickHouse folder, reset on every run (default ./{DEFAULT_DATA})",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--report",
-        default=env.get("GPULEDGER_DEMO_REPORT", DEFAULT_REPORT),
+        env="GPULEDGER_DEMO_REPORT",
+        default=DEFAULT_REPORT,
         metavar="FILE",
         help=f"where to write the HTML report (default ./{DEFAULT_REPORT})",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--port",
+        env="GPULEDGER_DEMO_PORT",
         type=int,
-        default=int(env.get("GPULEDGER_DEMO_PORT", "9108")),
+        default=9108,
         help="port of the live dashboard on 127.0.0.1 (a free one if taken; default 9108)",
     )
     parser.add_argument(

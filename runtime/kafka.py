@@ -19,9 +19,14 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from runtime.errors import BrokerError, ConfigError
+from runtime.options import EnvSecret, add_env_flag, add_env_option, add_env_secret
 from schemas import events
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_PASSWORD_ENV = "GPULEDGER_KAFKA_SASL_PASSWORD"
+SASL_PASSWORD_FILE_ENV = "GPULEDGER_KAFKA_SASL_PASSWORD_FILE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,37 +54,100 @@ class KafkaSettings:
 
 
 def add_kafka_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    parser.add_argument(
+    """The Kafka connection of every part that talks to Kafka; the SASL password comes from
+    the environment or a file only."""
+    add_env_option(
+        parser,
+        env,
         "--kafka",
-        default=env.get("GPULEDGER_KAFKA_BOOTSTRAP", DEFAULT_BOOTSTRAP),
+        env="GPULEDGER_KAFKA_BOOTSTRAP",
+        default=DEFAULT_BOOTSTRAP,
         metavar="HOST:PORT[,HOST:PORT]",
-        help="Kafka bootstrap servers (env GPULEDGER_KAFKA_BOOTSTRAP)",
+        help=f"Kafka bootstrap servers (default {DEFAULT_BOOTSTRAP})",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--kafka-security-protocol",
+        env="GPULEDGER_KAFKA_SECURITY_PROTOCOL",
+        default="PLAINTEXT",
+        type=str.upper,
+        choices=SECURITY_PROTOCOLS,
+        metavar="PROTOCOL",
+        help=f"{', '.join(SECURITY_PROTOCOLS)} (default PLAINTEXT); SASL_* also take the "
+        "mechanism, username and password below",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--kafka-sasl-mechanism",
+        env="GPULEDGER_KAFKA_SASL_MECHANISM",
+        type=str.upper,
+        choices=SASL_MECHANISMS,
+        metavar="MECHANISM",
+        help=f"{', '.join(SASL_MECHANISMS)} (default PLAIN)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--kafka-sasl-username",
+        env="GPULEDGER_KAFKA_SASL_USERNAME",
+        metavar="USER",
+        help="SASL username",
+    )
+    add_env_secret(parser, env, env=SASL_PASSWORD_ENV, dest="kafka_sasl_password")
+    add_env_option(
+        parser,
+        env,
+        "--kafka-sasl-password-file",
+        env=SASL_PASSWORD_FILE_ENV,
+        secret=True,
+        metavar="FILE",
+        help="file holding the SASL password (a mounted secret); it wins over "
+        f"{SASL_PASSWORD_ENV}, which holds the password itself",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--kafka-ssl-cafile",
+        env="GPULEDGER_KAFKA_SSL_CAFILE",
+        metavar="FILE",
+        help="CA bundle for SSL and SASL_SSL (default: the system's)",
+    )
+    add_env_flag(
+        parser,
+        env,
+        "--kafka-idempotent",
+        env="GPULEDGER_KAFKA_IDEMPOTENT",
+        help="idempotent producer, on brokers that support it (Apache Kafka, not tansu); "
+        "the variable takes 1/true/yes or 0/false/no (default off)",
     )
 
 
-def kafka_settings_from(args: argparse.Namespace, env: Mapping[str, str]) -> KafkaSettings:
-    """Flags first, then GPULEDGER_KAFKA_* variables; a *_FILE variable holds a secret."""
-    password = env.get("GPULEDGER_KAFKA_SASL_PASSWORD")
-    password_file = env.get("GPULEDGER_KAFKA_SASL_PASSWORD_FILE")
+def kafka_settings_from(args: argparse.Namespace) -> KafkaSettings:
+    """The settings of the flags `add_kafka_options` declared (variables as their defaults)."""
+    secret: EnvSecret | None = getattr(args, "kafka_sasl_password", None)
+    password = secret.reveal() if secret is not None else None
+    password_file: str | None = args.kafka_sasl_password_file
     if password_file:
         try:
             password = Path(password_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read GPULEDGER_KAFKA_SASL_PASSWORD_FILE: {exc}") from exc
-    protocol = env.get("GPULEDGER_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT").upper()
-    if protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
-        raise ConfigError(f"GPULEDGER_KAFKA_SECURITY_PROTOCOL: unknown protocol {protocol!r}")
+            raise ConfigError(
+                f"cannot read the SASL password file (--kafka-sasl-password-file or "
+                f"{SASL_PASSWORD_FILE_ENV}): {exc.strerror}"
+            ) from exc
     bootstrap = str(args.kafka).strip()
     if not bootstrap or any(":" not in hp for hp in bootstrap.split(",")):
         raise ConfigError(f"--kafka must be a HOST:PORT list, got {bootstrap!r}")
     return KafkaSettings(
         bootstrap=bootstrap,
-        security_protocol=protocol,
-        sasl_mechanism=env.get("GPULEDGER_KAFKA_SASL_MECHANISM"),
-        sasl_username=env.get("GPULEDGER_KAFKA_SASL_USERNAME"),
+        security_protocol=args.kafka_security_protocol,
+        sasl_mechanism=args.kafka_sasl_mechanism,
+        sasl_username=args.kafka_sasl_username,
         sasl_password=password,
-        ssl_cafile=env.get("GPULEDGER_KAFKA_SSL_CAFILE"),
-        idempotent=env.get("GPULEDGER_KAFKA_IDEMPOTENT", "").lower() in ("1", "true", "yes"),
+        ssl_cafile=args.kafka_ssl_cafile,
+        idempotent=bool(args.kafka_idempotent),
     )
 
 

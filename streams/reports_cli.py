@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
+from runtime.options import add_env_option
 from streams.reports.chargeback import ChargebackSettings, chargeback
 from streams.reports.focus_files import export_bytes
 from streams.reports.html_report import html_report
@@ -44,6 +45,7 @@ from streams.store import (
     redact,
     store_from_args,
 )
+from streams.worker_cli import add_policy_options
 
 EXIT_ARGS, EXIT_STORE, EXIT_LOCKED = 2, 1, 3
 _DEFAULTS = ChargebackSettings()
@@ -89,17 +91,36 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     p.add_argument("--period", required=True, metavar="YYYY-MM", help="billing month")
     p.add_argument("--format", default="focus-csv", help=f"one of {', '.join(EXPORT_FORMATS)}")
     p.add_argument("--output", "-o", metavar="FILE", help="write here, not to stdout")
-    p.add_argument(
+    add_env_option(
+        p,
+        env,
         "--billing-account",
-        default=env.get("GPULEDGER_BILLING_ACCOUNT", _DEFAULTS.billing_account_id),
+        env="GPULEDGER_BILLING_ACCOUNT",
+        default=_DEFAULTS.billing_account_id,
+        help=f"FOCUS BillingAccountId (default {_DEFAULTS.billing_account_id})",
     )
-    p.add_argument("--currency", default=env.get("GPULEDGER_CURRENCY", "USD"))
-    p.add_argument(
+    add_env_option(
+        p,
+        env,
+        "--currency",
+        env="GPULEDGER_CURRENCY",
+        default="USD",
+        help="FOCUS BillingCurrency (default USD)",
+    )
+    add_env_option(
+        p,
+        env,
         "--host-provider",
-        default=env.get("GPULEDGER_HOST_PROVIDER", _DEFAULTS.host_provider_name),
+        env="GPULEDGER_HOST_PROVIDER",
+        default=_DEFAULTS.host_provider_name,
+        help=f"FOCUS HostProviderName (default {_DEFAULTS.host_provider_name})",
     )
-    p.add_argument("--share-policy", default=env.get("GPULEDGER_SHARE_POLICY", "dominant"))
-    p.add_argument("--idle-policy", default=env.get("GPULEDGER_IDLE_POLICY", "platform"))
+    add_policy_options(
+        p,
+        env,
+        share_help="share policy the worker ran with, named in each charge (default dominant)",
+        idle_help="idle policy the worker ran with, named in each charge (default platform)",
+    )
     p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_run_export)
     export.set_defaults(handler=_usage(export))

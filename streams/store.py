@@ -19,11 +19,14 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from runtime.errors import StoreError, StoreLockedError
+from runtime.options import EnvSecret, add_env_option, add_env_secret
 from streams.rows import Row, as_values, column_names
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 DEFAULT_DATABASE = "gpuledger"
 DEFAULT_DSN = "chdb://./gpuledger-data"
+PASSWORD_ENV = "GPULEDGER_CLICKHOUSE_PASSWORD"
+PASSWORD_FILE_ENV = "GPULEDGER_CLICKHOUSE_PASSWORD_FILE"
 OWNER_FILE = ".gpuledger-owner.json"  # in an embedded folder: who holds it and where to read
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -48,34 +51,48 @@ def redact(dsn: str) -> str:
 
 
 def add_clickhouse_option(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    parser.add_argument(
+    """--clickhouse, and the server password, from the environment or a file only."""
+    add_env_option(
+        parser,
+        env,
         "--clickhouse",
-        default=env.get("GPULEDGER_CLICKHOUSE_DSN", DEFAULT_DSN),
+        env="GPULEDGER_CLICKHOUSE_DSN",
+        default=DEFAULT_DSN,
         metavar="DSN",
         help="chdb:///path (embedded) or http(s)://user@host:8123/db "
-        "(env GPULEDGER_CLICKHOUSE_DSN; password from GPULEDGER_CLICKHOUSE_PASSWORD[_FILE])",
+        f"(default {DEFAULT_DSN}; the password from {PASSWORD_ENV} or the file below)",
     )
-    parser.set_defaults(clickhouse_env={k: v for k, v in env.items() if "CLICKHOUSE" in k})
+    add_env_secret(parser, env, env=PASSWORD_ENV, dest="clickhouse_password")
+    add_env_option(
+        parser,
+        env,
+        "--clickhouse-password-file",
+        env=PASSWORD_FILE_ENV,
+        secret=True,
+        metavar="FILE",
+        help=f"file holding the server password (a mounted secret); it wins over {PASSWORD_ENV}",
+    )
 
 
 def store_from_args(args: argparse.Namespace) -> ClickHouseStore:
-    """Open the store named by --clickhouse, with the password from the environment."""
-    env: Mapping[str, str] = getattr(args, "clickhouse_env", {})
-    return ClickHouseStore(args.clickhouse, password=clickhouse_password(env))
+    """Open the store named by --clickhouse, with the password from the environment or file."""
+    return ClickHouseStore(args.clickhouse, password=clickhouse_password(args))
 
 
-def clickhouse_password(env: Mapping[str, str]) -> str | None:
-    """The server password from GPULEDGER_CLICKHOUSE_PASSWORD or the file named by
-    GPULEDGER_CLICKHOUSE_PASSWORD_FILE (a mounted secret); never printed."""
-    path = env.get("GPULEDGER_CLICKHOUSE_PASSWORD_FILE")
+def clickhouse_password(args: argparse.Namespace) -> str | None:
+    """The server password: from the file of --clickhouse-password-file (a mounted secret),
+    else from its variable; never printed."""
+    path: str | None = getattr(args, "clickhouse_password_file", None)
     if path:
         try:
             return Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise StoreError(
-                f"cannot read GPULEDGER_CLICKHOUSE_PASSWORD_FILE: {exc.strerror}"
+                f"cannot read the ClickHouse password file (--clickhouse-password-file or "
+                f"{PASSWORD_FILE_ENV}): {exc.strerror}"
             ) from exc
-    return env.get("GPULEDGER_CLICKHOUSE_PASSWORD")
+    secret: EnvSecret | None = getattr(args, "clickhouse_password", None)
+    return secret.reveal() if secret is not None else None
 
 
 def ddl_statements(database: str) -> list[str]:

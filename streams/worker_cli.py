@@ -1,4 +1,5 @@
-"""`gpuledger worker`: flags and GPULEDGER_* variables -> WorkerConfig -> a running Worker."""
+"""`gpuledger worker`: flags (GPULEDGER_* variables as defaults) -> WorkerConfig -> a running
+Worker."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from runtime.errors import GpuledgerError
 from runtime.kafka import add_kafka_options, kafka_settings_from
+from runtime.options import add_env_option, add_log_level_option
 from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
 from streams.labels import LabelSettings
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
@@ -19,40 +21,123 @@ from streams.store import add_clickhouse_option, store_from_args
 from streams.worker.device_stage import StreamSettings
 
 
+def add_policy_options(
+    parser: argparse.ArgumentParser,
+    env: Mapping[str, str],
+    *,
+    share_help: str = "how a device's cost is split among its pods (default dominant)",
+    idle_help: str = "who pays for idle capacity (default platform)",
+) -> None:
+    """--share-policy and --idle-policy: what the worker allocates with, and what an export
+    names its charges after."""
+    add_env_option(
+        parser,
+        env,
+        "--share-policy",
+        env="GPULEDGER_SHARE_POLICY",
+        default="dominant",
+        choices=SHARE_POLICIES,
+        help=share_help,
+    )
+    add_env_option(
+        parser,
+        env,
+        "--idle-policy",
+        env="GPULEDGER_IDLE_POLICY",
+        default="platform",
+        choices=IDLE_POLICIES,
+        help=idle_help,
+    )
+
+
 def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """Options every part that allocates cost shares (worker, demo)."""
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--price-book",
-        default=env.get("GPULEDGER_PRICE_BOOK", str(EXAMPLE_PRICE_BOOK)),
-        help="price book YAML (env GPULEDGER_PRICE_BOOK; default: the shipped example)",
+        env="GPULEDGER_PRICE_BOOK",
+        default=str(EXAMPLE_PRICE_BOOK),
+        metavar="FILE",
+        help="price book YAML (default: the shipped example)",
     )
-    parser.add_argument(
-        "--share-policy",
-        choices=SHARE_POLICIES,
-        default=env.get("GPULEDGER_SHARE_POLICY", "dominant"),
-    )
-    parser.add_argument(
+    add_policy_options(parser, env)
+    add_env_option(
+        parser,
+        env,
         "--sm-weight",
+        env="GPULEDGER_SM_WEIGHT",
         type=float,
-        default=float(env.get("GPULEDGER_SM_WEIGHT", "0.5")),
-        help="weight of SM utilisation under --share-policy weighted",
+        default=0.5,
+        help="weight of SM utilisation under --share-policy weighted (default 0.5)",
     )
-    parser.add_argument(
-        "--idle-policy", choices=IDLE_POLICIES, default=env.get("GPULEDGER_IDLE_POLICY", "platform")
+    add_env_option(
+        parser,
+        env,
+        "--platform-team",
+        env="GPULEDGER_PLATFORM_TEAM",
+        default="platform",
+        help="team that pays for idle capacity under --idle-policy platform (default platform)",
     )
-    parser.add_argument("--platform-team", default=env.get("GPULEDGER_PLATFORM_TEAM", "platform"))
-    parser.add_argument("--team-label", default=env.get("GPULEDGER_TEAM_LABEL", "team"))
-    parser.add_argument("--product-label", default=env.get("GPULEDGER_PRODUCT_LABEL", "product"))
-    parser.add_argument(
-        "--cost-center-label", default=env.get("GPULEDGER_COST_CENTER_LABEL", "cost-center")
+    add_env_option(
+        parser,
+        env,
+        "--team-label",
+        env="GPULEDGER_TEAM_LABEL",
+        default="team",
+        help="pod or namespace label naming the team (default team)",
     )
-    parser.add_argument("--window-s", type=int, default=int(env.get("GPULEDGER_WINDOW_S", "60")))
-    parser.add_argument("--grace-s", type=float, default=float(env.get("GPULEDGER_GRACE_S", "10")))
-    parser.add_argument(
-        "--idle-flush-s", type=float, default=float(env.get("GPULEDGER_IDLE_FLUSH_S", "30"))
+    add_env_option(
+        parser,
+        env,
+        "--product-label",
+        env="GPULEDGER_PRODUCT_LABEL",
+        default="product",
+        help="pod or namespace label naming the product (default product)",
     )
-    parser.add_argument(
-        "--retention-s", type=float, default=float(env.get("GPULEDGER_RETENTION_S", "3600"))
+    add_env_option(
+        parser,
+        env,
+        "--cost-center-label",
+        env="GPULEDGER_COST_CENTER_LABEL",
+        default="cost-center",
+        help="pod or namespace label naming the cost centre (default cost-center)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--window-s",
+        env="GPULEDGER_WINDOW_S",
+        type=int,
+        default=60,
+        help="length of a cost window in seconds (default 60)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--grace-s",
+        env="GPULEDGER_GRACE_S",
+        type=float,
+        default=10.0,
+        help="seconds a window stays open for late samples after it ends (default 10)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--idle-flush-s",
+        env="GPULEDGER_IDLE_FLUSH_S",
+        type=float,
+        default=30.0,
+        help="seconds after which a silent input no longer holds windows open (default 30)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--retention-s",
+        env="GPULEDGER_RETENTION_S",
+        type=float,
+        default=3600.0,
+        help="seconds a closed window is kept for late corrections (default 3600)",
     )
 
 
@@ -83,20 +168,40 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
     add_kafka_options(parser, env)
     add_clickhouse_option(parser, env)
     add_allocation_options(parser, env)
-    parser.add_argument("--group-id", default=env.get("GPULEDGER_GROUP_ID", "gpuledger-worker"))
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
+        "--group-id",
+        env="GPULEDGER_GROUP_ID",
+        default="gpuledger-worker",
+        help="Kafka consumer group (default gpuledger-worker)",
+    )
+    add_env_option(
+        parser,
+        env,
         "--partitions",
+        env="GPULEDGER_PARTITIONS",
         type=int,
-        default=int(env.get("GPULEDGER_PARTITIONS", "3")),
-        help="partitions of the topics the worker creates when missing",
+        default=3,
+        help="partitions of the topics the worker creates when missing (default 3)",
     )
-    parser.add_argument(
+    add_env_option(
+        parser,
+        env,
         "--metrics-port",
+        env="GPULEDGER_METRICS_PORT",
         type=int,
-        default=int(env.get("GPULEDGER_METRICS_PORT", "9108")),
-        help="port of /metrics, /healthz and the read endpoints (0: none)",
+        default=9108,
+        help="port of /metrics, /healthz and the read endpoints (default 9108; 0: none)",
     )
-    parser.add_argument("--http-host", default=env.get("GPULEDGER_HTTP_HOST", "127.0.0.1"))
+    add_env_option(
+        parser,
+        env,
+        "--http-host",
+        env="GPULEDGER_HTTP_HOST",
+        default="127.0.0.1",
+        help="address the HTTP endpoints listen on (default 127.0.0.1)",
+    )
     parser.add_argument("--flush-interval-s", type=float, default=1.0)
     parser.add_argument(
         "--exit-when-idle",
@@ -105,11 +210,11 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         metavar="SECONDS",
         help="emit everything and exit after this long without input",
     )
-    parser.add_argument("--log-level", default=env.get("GPULEDGER_LOG_LEVEL", "INFO"))
-    parser.set_defaults(handler=lambda args: run_worker(args, env))
+    add_log_level_option(parser, env)
+    parser.set_defaults(handler=run_worker)
 
 
-def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+def run_worker(args: argparse.Namespace) -> int:
     from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 
     logging.basicConfig(
@@ -118,7 +223,7 @@ def run_worker(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         book = load_price_book(args.price_book)
         config = WorkerConfig(
-            kafka=kafka_settings_from(args, env),
+            kafka=kafka_settings_from(args),
             clickhouse_dsn=args.clickhouse,
             stream=stream_settings_from(args),
             group_id=args.group_id,

@@ -3,8 +3,8 @@ or a failure that says how to install them. Nothing is skipped silently."""
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,25 +47,18 @@ def kustomize_command() -> list[str]:
     return [str(built), "build"]
 
 
-def _code_text() -> str:
-    return "\n".join(
-        p.read_text(encoding="utf-8")
-        for d in ("agents", "streams", "schemas")
-        for p in (REPO / d).rglob("*.py")
-    )
+@functools.cache
+def _declared_variables() -> frozenset[str]:
+    from gpuledger.cli import build_parser
+    from runtime.options import declared_variables
+
+    return frozenset(declared_variables(build_parser({})))
 
 
 def read_by_code(key: str) -> bool:
-    """Whether gpuledger's code reads the variable `key`: it appears as a string literal, or
-    fits a per-part template such as f"GPULEDGER_{prefix}_INTERVAL"."""
-    text = _code_text()
-    if f'"{key}"' in text or f"'{key}'" in text:
-        return True
-    for template in re.findall(r'f"(GPULEDGER_[A-Z_]*\{\w+\}[A-Z_]*)"', text):
-        pattern = re.sub(r"\\\{\w+\\\}", "[A-Z]+", re.escape(template))
-        if re.fullmatch(pattern, key):
-            return True
-    return False
+    """Whether gpuledger's code reads the variable `key`: a subcommand of `gpuledger` declares
+    it (runtime/options.py), so its --help shows `[env: key]`."""
+    return key in _declared_variables()
 
 
 # The ClickHouse password variables are part of the contract (design §6: credentials from

@@ -77,7 +77,7 @@ def _config(module: Any, argv: list[str]) -> Any:
         "pods": pods_cli.pods_config_from,
         "tokens": tokens_cli.tokens_config_from,
     }[argv[0]]
-    return build(args, {})
+    return build(args)
 
 
 async def _agent_publishes(bootstrap: str) -> None:

@@ -20,7 +20,7 @@ def _parse(argv: list[str], env: dict[str, str] | None = None) -> agent_cli.Agen
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     agent_cli.register(sub, env or {})
-    return agent_cli.agent_config_from(parser.parse_args(["agent", *argv]), env or {})
+    return agent_cli.agent_config_from(parser.parse_args(["agent", *argv]))
 
 
 def test_flags_and_environment_build_the_config() -> None:
