@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 LOAD = f"""
 import sys
-sys.path.insert(0, {str(ROOT / "tests" / "integration")!r})
+sys.path[:0] = [{str(ROOT / "tests" / "integration")!r}, {str(ROOT / "tests")!r}]
 from test_reports_data import cluster_rows
 from streams.store import ClickHouseStore
 store = ClickHouseStore(sys.argv[1])
