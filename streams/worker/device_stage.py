@@ -1,6 +1,6 @@
 """Stage one of the worker: GPU samples -> cost rows per (window, device).
 
-Pure state machine, no I/O: the runtime feeds it decoded samples with their offsets and pod
+Pure state machine, no I/O: its handler feeds it decoded samples with their offsets and pod
 events, and polls it for rows to write. Windows close on the event-time watermark (or when
 every input is idle), stay in memory for `retention_s` for corrections, then expire. Each
 emission carries a version that only grows with the inputs it saw, so re-emissions replace
@@ -22,7 +22,7 @@ from streams.labels import PodHistory
 from streams.pricing import PriceBook
 from streams.rows import KIND_USAGE, CostRow
 from streams.windows import window_of
-from streams.worker.watermark import OffsetTracker, Partition, Watermark, hold
+from streams.worker.watermark import HeldOffsets, Partition, Watermark
 
 META_BITS = 32
 
@@ -114,20 +114,18 @@ class DeviceStage:
         self.settings = settings
         self.pods = pods
         self.watermark = Watermark(settings.idle_flush_s)
-        self.offsets = OffsetTracker()
+        self.held = HeldOffsets()  # what a restart must replay: the commit positions
         self._open: dict[int, dict[str, _Slot]] = {}
         self._closed: dict[int, dict[str, _Slot]] = {}
         self._by_pod: dict[str, set[tuple[int, str]]] = {}
         self._dirty: set[tuple[int, str]] = set()
         self._closed_until_ms: int | None = None
-        # Earliest offset per partition that each window (open or retained) still needs.
-        self._held: dict[int, dict[Partition, int]] = {}
 
     # ------------------------------------------------------------------ input
 
     def skip(self, partition: Partition, offset: int) -> None:
         """A record that is not a sample (rejected, dead-lettered) still moves the position."""
-        self.offsets.consumed(partition, offset)
+        self.held.consumed(partition, offset)
 
     def add_sample(
         self, partition: Partition, offset: int, event: CloudEvent[GpuSample], now_s: float
@@ -153,15 +151,14 @@ class DeviceStage:
         counts = SampleCounts()
         if not events:
             return counts
-        self.offsets.consumed(partition, offsets[-1])
+        self.held.consumed(partition, offsets[-1])
         size = self.settings.window_ms
         retention = self.settings.retention_ms
         fold = self.fold
         price_of = self.pricer.price
+        hold = self.held.hold
         open_, closed_ = self._open, self._closed
         max_time_ms = events[0].time_ms  # of the samples before the current one
-        window_start: int | None = None
-        window_held: dict[Partition, int] = {}
         ok = late = 0
         for index, event in enumerate(events):
             time_ms = event.time_ms
@@ -196,12 +193,7 @@ class DeviceStage:
             if not price.known_model:
                 counts.unknown_models.append(sample.gpu_model)
             # What a restart must replay: the earliest offset of each slot and window.
-            offset = offsets[index]
-            hold(slot.held, partition, offset)
-            if start != window_start:
-                window_start = start
-                window_held = self._held.setdefault(start, {})
-            hold(window_held, partition, offset)
+            hold(start, slot.held, partition, offsets[index])
             if slot.closed:
                 self._mark_dirty(start, slot)
                 late += 1
@@ -284,8 +276,9 @@ class DeviceStage:
 
     def _expire(self, watermark: int) -> None:
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms
-        for start in [s for s in self._held if s <= horizon and s not in self._open]:
-            del self._held[start]
+        for start in self.held.windows():
+            if start <= horizon and start not in self._open:
+                self.held.release(start)
         for start in [s for s in self._closed if s <= horizon]:
             for device, slot in self._closed.pop(start).items():
                 for owner in slot.window.owners:
@@ -295,14 +288,7 @@ class DeviceStage:
                         if not keys:
                             del self._by_pod[owner]
 
-    # ------------------------------------------------------------------ offsets
-
-    def commit_positions(self) -> dict[Partition, int]:
-        held: dict[Partition, int] = {}
-        for by_partition in self._held.values():
-            for partition, offset in by_partition.items():
-                hold(held, partition, offset)
-        return self.offsets.positions(held)
+    # ------------------------------------------------------------------ partitions
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
         """Drop the state fed by partitions this worker no longer owns."""
@@ -310,7 +296,7 @@ class DeviceStage:
         for group in (self._open, self._closed):
             for start in list(group):
                 slots = group[start]
-                for device in [d for d, s in slots.items() if set(s.held) & lost]:
+                for device in [d for d, s in slots.items() if not lost.isdisjoint(s.held)]:
                     del slots[device]
                 if not slots:
                     del group[start]
@@ -319,16 +305,14 @@ class DeviceStage:
             for uid, keys in self._by_pod.items()
         }
         self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
-        # What each window still needs, from the slots it kept (a dropped slot may have held a
-        # partition this worker keeps too).
-        self._held = {}
-        for group in (self._open, self._closed):
-            for start, slots in group.items():
-                for slot in slots.values():
-                    for partition, offset in slot.held.items():
-                        hold(self._held.setdefault(start, {}), partition, offset)
+        kept = [
+            (start, slot.held)
+            for group in (self._open, self._closed)
+            for start, slots in group.items()
+            for slot in slots.values()
+        ]
+        self.held.revoke(lost, kept)
         self.watermark.forget(lost)
-        self.offsets.forget(lost)
 
     def closed_until_ms(self) -> int | None:
         """Every window of this stage ending at or before this time has been emitted."""

@@ -28,7 +28,7 @@ from streams.worker.device_stage import (
     PodCostPartial,
     StreamSettings,
 )
-from streams.worker.watermark import OffsetTracker, Partition, Watermark, hold
+from streams.worker.watermark import HeldOffsets, Partition, Watermark
 
 
 def encode_marker(source_partition: int, source_partitions: int, end_ms: int) -> bytes:
@@ -87,7 +87,7 @@ class PodStage:
         self.settings = settings
         self.pods = pods
         self.token_watermark = Watermark(settings.idle_flush_s)
-        self.offsets = OffsetTracker()
+        self.held = HeldOffsets()  # what a restart must replay: the commit positions
         self._markers: dict[int, int] = {}
         self._source_partitions = 0
         self._slots: dict[tuple[int, str], _PodSlot] = {}
@@ -95,14 +95,13 @@ class PodStage:
         # slot lives for the retention: thousands of pods x dozens of windows).
         self._pods_by_start: dict[int, set[str]] = {}
         self._open: dict[int, set[str]] = {}  # slots not closed yet
-        self._held: dict[int, dict[Partition, int]] = {}  # earliest offsets per window
         self._dirty: set[tuple[int, str]] = set()
         self._last_input_s = 0.0
 
     # ------------------------------------------------------------------ input
 
     def skip(self, partition: Partition, offset: int) -> None:
-        self.offsets.consumed(partition, offset)
+        self.held.consumed(partition, offset)
 
     def _slot_for(self, start: int, pod_uid: str) -> _PodSlot | None:
         slot = self._slots.get((start, pod_uid))
@@ -115,14 +114,10 @@ class PodStage:
             self._open.setdefault(start, set()).add(pod_uid)
         return slot
 
-    def _hold(self, start: int, slot: _PodSlot, partition: Partition, offset: int) -> None:
-        hold(slot.held, partition, offset)
-        hold(self._held.setdefault(start, {}), partition, offset)
-
     def add_tokens(
         self, partition: Partition, offset: int, event: CloudEvent[TokenDelta], now_s: float
     ) -> str:
-        self.offsets.consumed(partition, offset)
+        self.held.consumed(partition, offset)
         self._last_input_s = now_s
         start = window_of(event.time_ms, self.settings.allocation.window_s)
         self.token_watermark.observe(partition, event.time_ms, now_s)
@@ -132,13 +127,13 @@ class PodStage:
         window = slot.tokens.setdefault(event.data.model, TokenWindow())
         if not window.add(event):
             return DUPLICATE
-        self._hold(start, slot, partition, offset)
+        self.held.hold(start, slot.held, partition, offset)
         return self._touched(start, event.data.pod_uid, slot)
 
     def add_internal(
         self, partition: Partition, offset: int, message: PodCostPartial | Marker, now_s: float
     ) -> str:
-        self.offsets.consumed(partition, offset)
+        self.held.consumed(partition, offset)
         self._last_input_s = now_s
         if isinstance(message, Marker):
             previous = self._markers.get(message.source_partition, message.end_ms)
@@ -152,7 +147,7 @@ class PodStage:
         if current is not None and current.version >= message.version:
             return DUPLICATE
         slot.partials[message.device_uuid] = message
-        self._hold(message.window_start_ms, slot, partition, offset)
+        self.held.hold(message.window_start_ms, slot.held, partition, offset)
         return self._touched(message.window_start_ms, message.pod_uid, slot)
 
     def _touched(self, start: int, pod_uid: str, slot: _PodSlot) -> str:
@@ -213,7 +208,7 @@ class PodStage:
                 for pod_uid in self._pods_by_start.pop(start):
                     del self._slots[(start, pod_uid)]
                 self._open.pop(start, None)
-                self._held.pop(start, None)
+                self.held.release(start)
         return out
 
     def _emit(self, key: tuple[int, str], slot: _PodSlot, out: PodOutput) -> None:
@@ -253,26 +248,18 @@ class PodStage:
                 break
         return PodOwner(cluster, namespace, pod, team, product, cost_center)
 
-    # ------------------------------------------------------------------ offsets
-
-    def commit_positions(self) -> dict[Partition, int]:
-        held: dict[Partition, int] = {}
-        for by_partition in self._held.values():
-            for partition, offset in by_partition.items():
-                hold(held, partition, offset)
-        return self.offsets.positions(held)
+    # ------------------------------------------------------------------ partitions
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
+        """Drop the state fed by partitions this worker no longer owns."""
         lost = set(partitions)
-        for key in [k for k, s in self._slots.items() if set(s.held) & lost]:
+        for key in [k for k, s in self._slots.items() if not lost.isdisjoint(s.held)]:
             del self._slots[key]
-        self._pods_by_start, self._open, self._held = {}, {}, {}
+        self._pods_by_start, self._open = {}, {}
         for (start, pod_uid), slot in self._slots.items():
             self._pods_by_start.setdefault(start, set()).add(pod_uid)
             if not slot.closed:
                 self._open.setdefault(start, set()).add(pod_uid)
-            for partition, offset in slot.held.items():
-                hold(self._held.setdefault(start, {}), partition, offset)
+        self.held.revoke(lost, [(start, slot.held) for (start, _), slot in self._slots.items()])
         self._dirty = {k for k in self._dirty if k in self._slots}
         self.token_watermark.forget(lost)
-        self.offsets.forget(lost)

@@ -2,12 +2,13 @@
 
 As in Flink, the watermark is the minimum over the input partitions that carry data of the
 latest event time each has shown; a partition silent (by wall clock) for `idle_after_s` stops
-holding the others back. Commit positions follow the earliest offset still needed to rebuild
-the state a restart would lose.
+holding the others back. Commit positions (`HeldOffsets`) follow the earliest offset still needed to
+rebuild the state a restart would lose.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 Partition = tuple[str, int]  # (topic, partition)
@@ -58,33 +59,72 @@ class Watermark:
             self._clocks.pop(p, None)
 
 
-class OffsetTracker:
-    """Next offset to read per partition, and the earliest offset each held unit still needs.
+class HeldOffsets:
+    """What a restart must replay, per input partition: the commit positions of one stage.
 
-    A unit is anything whose inputs must be replayed after a crash (an open or retained
-    window). The commit position of a partition is the smallest offset any unit holds there,
-    or the next offset to read when nothing is held."""
+    A stage's state is made of units (a (window, device) or (window, pod) slot) grouped by
+    window start. Each unit keeps, in a dict of its own, the earliest offset per partition it
+    was fed from; this type keeps the same per window (the minimum over the window's units)
+    and the next offset to read. The commit position of a partition is the smallest offset any
+    window still holds there, or the next offset to read when nothing is held: committing it
+    loses nothing a crash would, since replaying from it rebuilds every open or retained window.
+    """
 
     def __init__(self) -> None:
         self._next: dict[Partition, int] = {}
+        self._windows: dict[int, dict[Partition, int]] = {}
 
     def consumed(self, partition: Partition, offset: int) -> None:
+        """`offset` was read (used, rejected or dead-lettered): the position moves past it."""
         if offset + 1 > self._next.get(partition, -1):
             self._next[partition] = offset + 1
 
-    def positions(self, held: dict[Partition, int]) -> dict[Partition, int]:
-        out = {}
-        for partition, next_offset in self._next.items():
-            out[partition] = min(next_offset, held.get(partition, next_offset))
-        return out
+    def hold(
+        self, window: int, unit: dict[Partition, int], partition: Partition, offset: int
+    ) -> None:
+        """`unit` of `window` was fed `offset` of `partition`: keep the earliest, in both."""
+        current = unit.get(partition)
+        if current is not None and current <= offset:
+            return  # the window holds at most what its unit holds: nothing changes there either
+        unit[partition] = offset
+        held = self._windows.get(window)
+        if held is None:
+            self._windows[window] = {partition: offset}
+            return
+        current = held.get(partition)
+        if current is None or offset < current:
+            held[partition] = offset
 
-    def forget(self, partitions: set[Partition]) -> None:
-        for p in partitions:
-            self._next.pop(p, None)
+    def windows(self) -> list[int]:
+        """Starts of the windows that hold offsets."""
+        return list(self._windows)
 
+    def release(self, window: int) -> None:
+        """`window` expired with all its units: it holds nothing any more."""
+        self._windows.pop(window, None)
 
-def hold(held: dict[Partition, int], partition: Partition, offset: int) -> None:
-    """Record that `offset` of `partition` is still needed (keeps the minimum)."""
-    current = held.get(partition)
-    if current is None or offset < current:
-        held[partition] = offset
+    def positions(self) -> dict[Partition, int]:
+        """Commit position per partition read so far (see the class)."""
+        held: dict[Partition, int] = {}
+        for by_partition in self._windows.values():
+            for partition, offset in by_partition.items():
+                current = held.get(partition)
+                if current is None or offset < current:
+                    held[partition] = offset
+        return {p: min(next_, held.get(p, next_)) for p, next_ in self._next.items()}
+
+    def revoke(
+        self, lost: set[Partition], kept: Iterable[tuple[int, dict[Partition, int]]]
+    ) -> None:
+        """Forget the partitions this worker lost. `kept` are the (window, unit holds) the
+        stage kept; each window's holds are rebuilt from them, since a dropped unit may have
+        held a partition this worker keeps too."""
+        self._windows = {}
+        for window, unit in kept:
+            held = self._windows.setdefault(window, {})
+            for partition, offset in unit.items():
+                current = held.get(partition)
+                if current is None or offset < current:
+                    held[partition] = offset
+        for partition in lost:
+            self._next.pop(partition, None)

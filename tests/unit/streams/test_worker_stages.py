@@ -82,9 +82,9 @@ def test_commit_position_holds_back_to_the_oldest_retained_window() -> None:
         devices.add_sample(SAMPLES, 10 + i, ev, NOW)
     devices.poll(NOW)
     # Windows 1-2 closed but kept for corrections, window 3 open: offset 10 still needed.
-    assert devices.commit_positions() == {SAMPLES: 10}
+    assert devices.held.positions() == {SAMPLES: 10}
     devices.revoke({SAMPLES})
-    assert devices.commit_positions() == {}
+    assert devices.held.positions() == {}
     assert devices.open_windows == 0
 
 
@@ -155,7 +155,7 @@ def test_garbage_on_the_internal_topic_is_dead_lettered_not_a_crash() -> None:
     handlers.handle_pod_stage(record, NOW, outbox)
     handlers.handle_pod_stage(record, NOW, outbox)  # the same record again: one letter
     assert [(m[0], m[1]) for m in outbox.messages] == [("gpuledger.dead-letter", b"internal|0|7")]
-    assert handlers.pods_stage.commit_positions() == {("internal", 0): 8}
+    assert handlers.pods_stage.held.positions() == {("internal", 0): 8}
 
 
 def test_a_revoke_keeps_only_what_the_remaining_windows_still_need() -> None:
@@ -168,6 +168,6 @@ def test_a_revoke_keeps_only_what_the_remaining_windows_still_need() -> None:
     devices.add_sample(p0, 5, a, NOW)
     devices.add_sample(p1, 7, replace(a, id="a-again-on-p1"), NOW)  # one device, two partitions
     devices.add_sample(p1, 9, b, NOW)
-    assert devices.commit_positions() == {p0: 5, p1: 7}
+    assert devices.held.positions() == {p0: 5, p1: 7}
     devices.revoke([p0])  # the device fed from p0 goes, and with it its hold on p1 at 7
-    assert devices.commit_positions() == {p1: 9}
+    assert devices.held.positions() == {p1: 9}
