@@ -2,101 +2,169 @@
 
 Business code calls the named hooks; it never touches prometheus-client directly. Names follow
 Prometheus conventions: `gpuledger_` prefix, `_total` counters, base units, `_usd` money.
+Series labelled by input partition are removed when the partition is revoked, so a worker
+exposes only the partitions it owns.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from streams.rows import KIND_IDLE, UNTAGGED, CostRow
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.events = Counter(
+        self._events = Counter(
             "gpuledger_events_total", "Input events decoded and used", ["topic"], registry=registry
         )
-        self.rejected = Counter(
+        self._rejected = Counter(
             "gpuledger_events_rejected_total",
             "Input records that could not be used",
             ["topic", "reason"],
             registry=registry,
         )
-        self.duplicates = Counter(
+        self._duplicates = Counter(
             "gpuledger_events_duplicate_total",
             "Input events dropped because their id was already seen",
             ["topic"],
             registry=registry,
         )
-        self.late = Counter(
+        self._late = Counter(
             "gpuledger_events_late_total",
             "Events for closed windows within retention (they re-emit corrected rows)",
             ["topic"],
             registry=registry,
         )
-        self.dead_letters = Counter(
+        self._dead_letters = Counter(
             "gpuledger_dead_letters_total",
             "Records written to the dead-letter topic",
             ["topic", "reason"],
             registry=registry,
         )
-        self.emit_lag = Histogram(
+        self._emit_lag = Histogram(
             "gpuledger_window_emit_lag_seconds",
             "Wall-clock time from a window's end to its rows being written",
             buckets=(1, 5, 10, 15, 30, 60, 120, 300, 900, 3600),
             registry=registry,
         )
-        self.consumer_lag = Gauge(
+        self._consumer_lag = Gauge(
             "gpuledger_consumer_lag_messages",
             "Messages between the worker's position and the partition's end",
             ["topic", "partition"],
             registry=registry,
         )
-        self.sink_batch = Histogram(
+        self._sink_batch = Histogram(
             "gpuledger_sink_batch_seconds",
             "Time to write one batch to a sink",
             ["sink"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
-        self.sink_failures = Counter(
+        self._sink_failures = Counter(
             "gpuledger_sink_failures_total",
             "Failed attempts to write a batch (retried)",
             ["sink"],
             registry=registry,
         )
-        self.idle_burn = Gauge(
+        self._idle_burn = Gauge(
             "gpuledger_idle_burn_usd_per_hour",
             "Idle cost rate of a device over its latest closed window",
             ["cluster", "node", "device_uuid"],
             registry=registry,
         )
-        self.untagged_rate = Gauge(
+        self._untagged_rate = Gauge(
             "gpuledger_untagged_cost_usd_per_hour",
             "Cost rate of untagged pods over each device's latest closed window",
             ["cluster"],
             registry=registry,
         )
-        self.cost_rate = Gauge(
+        self._cost_rate = Gauge(
             "gpuledger_cost_usd_per_hour",
             "Cost rate by team over each device's latest closed window (idle under the "
             "platform team)",
             ["cluster", "team"],
             registry=registry,
         )
-        self.unknown_model = Counter(
+        self._unknown_model = Counter(
             "gpuledger_unknown_gpu_model_samples_total",
             "Samples priced at the price book's default because their model is not listed",
             ["gpu_model"],
             registry=registry,
         )
-        self.open_windows = Gauge(
+        self._open_windows = Gauge(
             "gpuledger_open_windows", "(window, device) pairs not yet closed", registry=registry
         )
         self._latest: dict[str, tuple[int, list[CostRow]]] = {}
+        # Label children, cached: `labels()` costs microseconds, and some hooks run per event.
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
+        self._lag: dict[tuple[str, int], Gauge] = {}
+
+    def _child(self, metric: M, *labels: str) -> M:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ input
+
+    def events_used(self, topic: str, count: int = 1) -> None:
+        """Events decoded and folded in (late ones included)."""
+        self._child(self._events, topic).inc(count)
+
+    def events_late(self, topic: str, count: int = 1) -> None:
+        """Events for closed windows within retention: corrections."""
+        self._child(self._late, topic).inc(count)
+
+    def events_duplicate(self, topic: str, count: int = 1) -> None:
+        self._child(self._duplicates, topic).inc(count)
+
+    def event_rejected(self, topic: str, reason: str) -> None:
+        self._rejected.labels(topic, reason).inc()
+
+    def dead_lettered(self, topic: str, reason: str) -> None:
+        self._dead_letters.labels(topic, reason).inc()
+
+    def unknown_gpu_model(self, gpu_model: str) -> None:
+        """A sample priced at the price book's default."""
+        self._unknown_model.labels(gpu_model).inc()
+
+    # ------------------------------------------------------------------ partitions
+
+    def partition_lag(self, topic: str, partition: int, lag: int) -> None:
+        """Messages between the worker's position in a partition and its end."""
+        gauge = self._lag.get((topic, partition))
+        if gauge is None:
+            gauge = self._lag[(topic, partition)] = self._consumer_lag.labels(topic, str(partition))
+        gauge.set(lag)
+
+    def partitions_revoked(self, partitions: Iterable[tuple[str, int]]) -> None:
+        """Remove the series of partitions this worker no longer owns."""
+        for topic, partition in partitions:
+            if self._lag.pop((topic, partition), None) is not None:
+                self._consumer_lag.remove(topic, str(partition))
+
+    # ------------------------------------------------------------------ state and output
+
+    def windows_open(self, count: int) -> None:
+        """(window, device) pairs not yet closed."""
+        self._open_windows.set(count)
+
+    def sink_failed(self, sink: str) -> None:
+        """A write to `sink` failed (it is retried)."""
+        self._sink_failures.labels(sink).inc()
+
+    def sink_wrote(self, sink: str, seconds: float) -> None:
+        """One batch written to `sink`, in `seconds`."""
+        self._sink_batch.labels(sink).observe(seconds)
 
     def rows_emitted(self, rows: Iterable[CostRow], window_s: int, now_s: float) -> None:
         """Refresh the cost-rate gauges from each device's most recent window."""
@@ -109,7 +177,7 @@ class WorkerMetrics:
             if previous is not None and previous[0] > start:
                 continue  # a correction of an older window: the gauges show the latest
             if previous is None or previous[0] < start:
-                self.emit_lag.observe(max(0.0, now_s - device_rows[0].window_end_ms / 1000))
+                self._emit_lag.observe(max(0.0, now_s - device_rows[0].window_end_ms / 1000))
             self._latest[device] = (start, device_rows)
         per_hour = 3600 / window_s
         team_rates: dict[tuple[str, str], float] = {}
@@ -123,10 +191,10 @@ class WorkerMetrics:
                 if row.team == UNTAGGED:
                     untagged[row.cluster] += rate
                 if row.kind == KIND_IDLE:
-                    self.idle_burn.labels(row.cluster, row.node, row.device_uuid).set(
+                    self._idle_burn.labels(row.cluster, row.node, row.device_uuid).set(
                         float(row.idle_cost_usd) * per_hour
                     )
         for (cluster, team), rate in team_rates.items():
-            self.cost_rate.labels(cluster, team).set(rate)
+            self._cost_rate.labels(cluster, team).set(rate)
         for cluster, rate in untagged.items():
-            self.untagged_rate.labels(cluster).set(rate)
+            self._untagged_rate.labels(cluster).set(rate)

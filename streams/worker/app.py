@@ -1,4 +1,5 @@
-"""`Worker`: builds the stages, consumers, sinks and HTTP endpoint, and owns their tasks."""
+"""`Worker`: builds the stages, handlers, runners, sinks and HTTP endpoint, starts them in
+order, supervises their loops as one task group, and shuts them down."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from runtime.errors import GpuledgerError
@@ -32,17 +34,18 @@ from streams.pricing import PriceBook
 from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
 from streams.worker.device_stage import DeviceStage, StreamSettings
+from streams.worker.handlers import (
+    DeadLetterLog,
+    DeviceHandler,
+    Intake,
+    PodHandler,
+    TokenCostHandler,
+)
 from streams.worker.http import HttpEndpoint
 from streams.worker.pod_stage import PodStage
-from streams.worker.runtime import (
-    DeadLetterLog,
-    RebalanceListener,
-    StageHandlers,
-    StageRunner,
-    all_partitions_consumer,
-    stage_consumer,
-)
-from streams.worker.sinks import Outbox, Sinks
+from streams.worker.runner import StageRunner, stage_consumer
+from streams.worker.sinks import Sinks
+from streams.worker.tables import PodsTable, load_dead_letter_keys
 
 log = logging.getLogger("gpuledger.worker")
 
@@ -79,6 +82,7 @@ class WorkerConfig:
 
     @property
     def internal_topic(self) -> str:
+        """Stage one's pod costs and markers, re-keyed by pod uid for stage two."""
         return f"{self.group_id}.pod-costs"
 
 
@@ -101,10 +105,8 @@ class Worker:
         self.pod_stage = PodStage(config.stream, self.pods)
         self.dead_letters = DeadLetterLog()
         self.stopping = asyncio.Event()
-        self.pods_ready = asyncio.Event()
-        self.runners: list[StageRunner] = []
+        self.runners: list[StageRunner] = []  # stage one's, stage two's: once pods are loaded
         self.http: HttpEndpoint | None = None
-        self._partition_counts: dict[str, int] = {}
         self._owner_file: Path | None = None
 
     @property
@@ -115,6 +117,9 @@ class Worker:
         self.stopping.set()
 
     async def run(self) -> None:
+        """Start in order (schema, topics, dead-letter keys, HTTP, pod metadata, the two
+        stages), run until `stop()` or until a loop fails (then raise its error), and shut
+        down: the runners' last output is flushed, the clients closed."""
         cfg = self.config
         await asyncio.to_thread(self.store.create_schema)
         specs = [*default_topics(cfg.partitions), TopicSpec(cfg.internal_topic, cfg.partitions)]
@@ -122,156 +127,78 @@ class Worker:
         producer = make_producer(cfg.kafka)
         await producer.start()
         sinks = Sinks(self.store, producer, self.metrics, self.stopping)
-        tasks: list[asyncio.Task[None]] = []
         samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
-        tokens = stage_consumer(cfg.kafka, f"{cfg.group_id}.pods", co_partitioned=True)
+        token_costs = stage_consumer(cfg.kafka, f"{cfg.group_id}.pods", co_partitioned=True)
+        pods: PodsTable | None = None
         try:
-            self._partition_counts = await partition_counts(
+            counts = await partition_counts(
                 cfg.kafka,
-                [
-                    GPU_SAMPLES_TOPIC,
-                    TOKENS_TOPIC,
-                    PODS_TOPIC,
-                    DEAD_LETTER_TOPIC,
-                    cfg.internal_topic,
-                ],
+                [GPU_SAMPLES_TOPIC, PODS_TOPIC, DEAD_LETTER_TOPIC, cfg.internal_topic],
             )
-            await self._load_dead_letters()
+            await load_dead_letter_keys(cfg.kafka, counts[DEAD_LETTER_TOPIC], self.dead_letters)
             if cfg.http_port:
                 self.http = HttpEndpoint(self, cfg.http_host, cfg.http_port)
                 await self.http.start()
                 self._write_owner_file()
-            handlers = StageHandlers(
+            intake = Intake(self.metrics, self.dead_letters)
+            handler = PodHandler(self.pods, self.devices, self.pod_stage, intake)
+            pods = PodsTable(cfg.kafka, counts[PODS_TOPIC], handler, sinks)
+            if not await pods.catch_up(self.stopping):
+                return
+            devices = DeviceHandler(
                 self.devices,
-                self.pod_stage,
-                self.pods,
-                self.metrics,
-                self.dead_letters,
+                intake,
                 cfg.internal_topic,
-                sample_partitions=lambda: self._partition_counts[GPU_SAMPLES_TOPIC],
-                owned_sample_partitions=lambda: sorted(tp.partition for tp in samples.assignment()),
-                internal_partitions=lambda: self._partition_counts[cfg.internal_topic],
+                sample_partitions=counts[GPU_SAMPLES_TOPIC],
+                internal_partitions=counts[cfg.internal_topic],
             )
-            pods_task = asyncio.create_task(self._pods_loop(handlers, sinks), name="pods")
-            tasks.append(pods_task)
-            await self._wait(self.pods_ready, pods_task)
-            device_runner = StageRunner(
-                "devices",
-                samples,
-                handlers.handle_samples,
-                handlers.poll_devices,
-                self.devices.held.positions,
-                self.devices.revoke,
-                sinks,
-                self.metrics,
-                flush_interval_s=cfg.flush_interval_s,
-                max_outbox=cfg.max_outbox,
-            )
-            pod_runner = StageRunner(
-                "pods-stage",
-                tokens,
-                handlers.handle_pod_stage_batch,
-                handlers.poll_pod_stage,
-                self.pod_stage.held.positions,
-                self.pod_stage.revoke,
-                sinks,
-                self.metrics,
-                flush_interval_s=cfg.flush_interval_s,
-                max_outbox=cfg.max_outbox,
-            )
-            self.runners = [device_runner, pod_runner]
+            token_cost = TokenCostHandler(self.pod_stage, intake, cfg.internal_topic)
+            self.runners = [
+                StageRunner(
+                    name,
+                    consumer,
+                    stage,
+                    sinks,
+                    self.metrics,
+                    flush_interval_s=cfg.flush_interval_s,
+                    max_outbox=cfg.max_outbox,
+                )
+                for name, consumer, stage in (
+                    ("devices", samples, devices),
+                    ("token-costs", token_costs, token_cost),
+                )
+            ]
+            device_runner, token_runner = self.runners
             await samples.start()
-            samples.subscribe([GPU_SAMPLES_TOPIC], listener=RebalanceListener(device_runner))
-            await tokens.start()
-            tokens.subscribe(
-                [TOKENS_TOPIC, cfg.internal_topic], listener=RebalanceListener(pod_runner)
+            samples.subscribe([GPU_SAMPLES_TOPIC], listener=device_runner.listener())
+            await token_costs.start()
+            token_costs.subscribe(
+                [TOKENS_TOPIC, cfg.internal_topic], listener=token_runner.listener()
             )
-            for runner in self.runners:
-                tasks.append(asyncio.create_task(runner.run(self.stopping), name=runner.name))
-            tasks.append(asyncio.create_task(self._seal_loop(), name="seal"))
+            loops = {
+                "pods": pods.follow(self.stopping),
+                "devices": device_runner.run(self.stopping),
+                "token-costs": token_runner.run(self.stopping),
+                "seal": self._seal_loop(),
+            }
             if cfg.exit_when_idle_s is not None:
-                tasks.append(asyncio.create_task(self._exit_when_idle(cfg.exit_when_idle_s)))
-            await self._supervise(tasks)
+                loops["exit-when-idle"] = self._exit_when_idle(cfg.exit_when_idle_s)
+            await supervise(loops, self.stopping, STOP_GRACE_S)
         finally:
             self.stopping.set()
-            # Loops notice `stopping` within one fetch; cancel only those that do not.
-            if tasks:
-                await asyncio.wait(tasks, timeout=STOP_GRACE_S)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             for runner in self.runners:
                 with contextlib.suppress(Exception):
                     await runner.final_flush()
-            for consumer in (samples, tokens):
+            for consumer in (samples, token_costs):
                 with contextlib.suppress(Exception):
                     await consumer.stop()
+            if pods is not None:
+                with contextlib.suppress(Exception):
+                    await pods.stop()
             await producer.stop()
             if self.http is not None:
                 await self.http.stop()
             self._remove_owner_file()
-
-    async def _supervise(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Return when stopping is set; a loop that dies takes the worker down loudly."""
-        stop_wait = asyncio.create_task(self.stopping.wait())
-        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        for task in done:
-            if task is not stop_wait and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-
-    async def _wait(self, event: asyncio.Event, task: asyncio.Task[None]) -> None:
-        """Wait for `event`; raise at once if `task`, which should set it, dies."""
-        stop_wait = asyncio.create_task(self.stopping.wait())
-        ready_wait = asyncio.create_task(event.wait())
-        await asyncio.wait([stop_wait, ready_wait, task], return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        ready_wait.cancel()
-        if task.done() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
-
-    async def _pods_loop(self, handlers: StageHandlers, sinks: Sinks) -> None:
-        """Read the compacted pods topic whole, then follow it; signal once caught up."""
-        consumer = all_partitions_consumer(self.config.kafka)
-        await consumer.start()
-        try:
-            tps = [TopicPartition(PODS_TOPIC, p) for p in range(self._partition_counts[PODS_TOPIC])]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            outbox = Outbox()
-            while not self.stopping.is_set():
-                batch = await consumer.getmany(timeout_ms=200, max_records=5000)
-                for records in batch.values():
-                    for msg in records:
-                        handlers.handle_pod(msg, outbox)
-                if len(outbox):
-                    await sinks.write(outbox.take(), "pods")
-                if not self.pods_ready.is_set():
-                    positions = {tp: await consumer.position(tp) for tp in tps}
-                    if all(positions[tp] >= end[tp] for tp in tps):
-                        self.pods_ready.set()
-        finally:
-            await _stop(consumer)
-
-    async def _load_dead_letters(self) -> None:
-        consumer = all_partitions_consumer(self.config.kafka)
-        await consumer.start()
-        try:
-            count = self._partition_counts[DEAD_LETTER_TOPIC]
-            tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in range(count)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
-            while True:
-                positions = [await consumer.position(tp) for tp in tps]
-                if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                    break
-                batch = await consumer.getmany(timeout_ms=500, max_records=10000)
-                for records in batch.values():
-                    self.dead_letters.seen.update(m.key for m in records if m.key)
-        finally:
-            await _stop(consumer)
 
     async def _seal_loop(self) -> None:
         """Roll up whole hours that no correction can reach any more (see streams.rollups)."""
@@ -299,15 +226,15 @@ class Worker:
 
     async def drain(self) -> None:
         """Emit stage one's open windows, give stage two time to read them, emit the rest."""
-        device_runner, pod_runner = self.runners
+        device_runner, token_runner = self.runners
         await device_runner.drain()
         deadline = time.monotonic() + 10
-        before = pod_runner.records
+        before = token_runner.records
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-            if pod_runner.records > before and time.monotonic() - pod_runner.last_record_s > 1:
+            if token_runner.records > before and time.monotonic() - token_runner.last_record_s > 1:
                 break
-        await pod_runner.drain()
+        await token_runner.drain()
 
     def _write_owner_file(self) -> None:
         if not self.store.embedded or self.http is None:
@@ -323,8 +250,36 @@ class Worker:
                 self._owner_file.unlink()
 
 
-async def _stop(consumer: AIOKafkaConsumer) -> None:
-    # aiokafka's group-less consumer cancels a task it just created; let it start first, or
-    # stopping right after starting raises CancelledError.
-    await asyncio.sleep(0)
-    await consumer.stop()
+async def supervise(
+    loops: Mapping[str, Coroutine[Any, Any, None]], stopping: asyncio.Event, grace_s: float
+) -> None:
+    """Run `loops` as one task group until `stopping` is set, then give them `grace_s` to
+    finish (each checks `stopping` between steps) and cancel those still running.
+
+    A loop that raises stops the others (the group cancels them) and this raises its error; a
+    loop that returns while `stopping` is not set is an error too: no worker runs on part of
+    its loops, and none waits on a loop that is gone."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_until_stopped(name, loop, stopping), name=name)
+                for name, loop in loops.items()
+            ]
+            await stopping.wait()
+            _, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                log.warning("%s did not stop within %.0f s; cancelled", task.get_name(), grace_s)
+                task.cancel()
+    except BaseExceptionGroup as failed:
+        first, *others = failed.exceptions
+        for other in others:
+            log.error("another worker loop failed too", exc_info=other)
+        raise first from None
+
+
+async def _until_stopped(
+    name: str, loop: Coroutine[Any, Any, None], stopping: asyncio.Event
+) -> None:
+    await loop
+    if not stopping.is_set():
+        raise RuntimeError(f"the worker's {name} loop ended before the worker was stopped")

@@ -1,9 +1,8 @@
 """Where the worker's output goes: ClickHouse (batched, off the event loop, retried) and Kafka
 (billing topics, the internal pod-costs topic, dead letters).
 
-The order is the guarantee: insert into ClickHouse, then produce to Kafka and wait for every
-acknowledgement, and only then commit input offsets. A crash anywhere before the commit replays
-the input, which rewrites the same keys with the same versions.
+Each sink retries until it succeeds or the worker stops. The order in which the runner uses
+them, and why it makes the output exactly-once, is `streams.worker.runner.write_then_commit`.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import asyncio
 import base64
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import orjson
@@ -44,6 +44,11 @@ class Outbox:
         taken = Outbox(self.rows, self.messages)
         self.rows, self.messages = [], []
         return taken
+
+    def restore(self, taken: Outbox) -> None:
+        """Put back what `take` took (it was not written), before what was added since."""
+        self.rows[:0] = taken.rows
+        self.messages[:0] = taken.messages
 
 
 Message = tuple[str, bytes, bytes, int | bytes]
@@ -84,9 +89,8 @@ def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
 
 
 class Sinks:
-    """Writes an outbox durably, retrying with backoff until it succeeds or `stopping` is set.
-
-    While a write is retried the caller does not consume: back-pressure instead of memory."""
+    """Writes rows and messages durably, retrying with backoff until it succeeds or `stopping`
+    is set. While a write is retried the caller does not consume: back-pressure, not memory."""
 
     def __init__(
         self,
@@ -104,21 +108,25 @@ class Sinks:
         self._partitions: dict[str, list[int]] = {}
         self._routes: dict[tuple[str, bytes], int] = {}
 
-    async def write(self, outbox: Outbox, label: str) -> bool:
-        """True once everything is durable; False if stopping interrupted the retries."""
+    async def insert(self, rows: list[Row], label: str) -> bool:
+        """Insert `rows` into ClickHouse: True once they are stored, False if stopping
+        interrupted the retries. Every attempt carries the same deduplication token, so an
+        attempt that failed after ClickHouse had stored the block does not store it twice."""
         self._batch += 1
         token = f"{label}:{time.time_ns()}:{self._batch}"
-        if outbox.rows and not await self._retry(
-            "clickhouse",
-            lambda: asyncio.to_thread(self.store.insert_rows, outbox.rows, dedup_token=token),
-        ):
-            return False
-        return not outbox.messages or await self._retry("kafka", lambda: self._produce(outbox))
+        return await self._retry(
+            "clickhouse", lambda: asyncio.to_thread(self.store.insert_rows, rows, dedup_token=token)
+        )
 
-    async def _produce(self, outbox: Outbox) -> None:
+    async def produce(self, messages: list[Message]) -> bool:
+        """Produce `messages` and wait for every acknowledgement: True once all are
+        acknowledged, False if stopping interrupted the retries."""
+        return await self._retry("kafka", lambda: self._produce(messages))
+
+    async def _produce(self, messages: list[Message]) -> None:
         """One record batch per partition: far cheaper than a `send` per message."""
         grouped: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for topic, key, value, route in outbox.messages:
+        for topic, key, value, route in messages:
             partition = route if isinstance(route, int) else await self._route(topic, route)
             grouped.setdefault((topic, partition), []).append((key, value))
         futures = []
@@ -149,14 +157,14 @@ class Sinks:
         self._routes[(topic, route)] = chosen
         return chosen
 
-    async def _retry(self, sink: str, attempt: object) -> bool:
+    async def _retry(self, sink: str, attempt: Callable[[], Awaitable[object]]) -> bool:
         backoff = 0.2
         while True:
             started = time.perf_counter()
             try:
-                await attempt()  # type: ignore[operator]
+                await attempt()
             except Exception as exc:  # any failure of the sink is retried, never dropped
-                self.metrics.sink_failures.labels(sink).inc()
+                self.metrics.sink_failed(sink)
                 log.warning("%s write failed, retrying in %.1f s: %s", sink, backoff, exc)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
@@ -165,5 +173,5 @@ class Sinks:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            self.metrics.sink_batch.labels(sink).observe(time.perf_counter() - started)
+            self.metrics.sink_wrote(sink, time.perf_counter() - started)
             return True

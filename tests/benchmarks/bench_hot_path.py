@@ -32,31 +32,28 @@ from streams.metrics import WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.worker.app import tune_garbage_collector
 from streams.worker.device_stage import DeviceStage, StreamSettings
-from streams.worker.pod_stage import PodStage
-from streams.worker.runtime import DeadLetterLog, StageHandlers
+from streams.worker.handlers import DeadLetterLog, DeviceHandler, Intake
+from streams.worker.runner import FETCH_MAX_RECORDS
 from streams.worker.sinks import Outbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import T0_MS, Cluster
-from bench_worker import FETCH_MAX_RECORDS
 
 T = TypeVar("T")
 
 
-def handlers_for(settings: StreamSettings) -> StageHandlers:
+def handler_for(settings: StreamSettings) -> DeviceHandler:
+    """Stage one's handler as the worker builds it, owning four sample partitions."""
     book = load_price_book(EXAMPLE_PRICE_BOOK)
-    pods = PodHistory()
-    return StageHandlers(
-        DeviceStage(book, settings, pods),
-        PodStage(settings, pods),
-        pods,
-        WorkerMetrics(CollectorRegistry()),
-        DeadLetterLog(),
+    handler = DeviceHandler(
+        DeviceStage(book, settings, PodHistory()),
+        Intake(WorkerMetrics(CollectorRegistry()), DeadLetterLog()),
         "internal",
-        lambda: 4,
-        lambda: [0, 1, 2, 3],
-        lambda: 4,
+        sample_partitions=4,
+        internal_partitions=4,
     )
+    handler.assigned({(GPU_SAMPLES_TOPIC, p) for p in range(4)})
+    return handler
 
 
 def main() -> None:
@@ -106,13 +103,13 @@ def main() -> None:
         for v in values:
             _decode_slowly(v)
 
-    def handle() -> StageHandlers:
-        handlers = handlers_for(settings)
+    def handle() -> DeviceHandler:
+        handler = handler_for(settings)
         outbox = Outbox()
         for fetch in fetches:
             for tp, records in fetch.items():
-                handlers.handle_samples(tp, records, 0.0, outbox)
-        return handlers
+                handler.handle(tp, records, 0.0, outbox)
+        return handler
 
     best: dict[str, float] = {}
 
@@ -126,8 +123,8 @@ def main() -> None:
         timed("orjson.loads (baseline)", loads)
         timed("decode_event (msgspec, typed)", decode)
         timed("explaining decoder (orjson + rule table)", explain)
-        handlers = timed("handle_samples (decode, dedup, allocate)", handle)
-        timed("window close (rows + messages)", partial(handlers.poll_devices, 0.0, True, Outbox()))
+        handler = timed("handle (decode, dedup, allocate)", handle)
+        timed("window close (rows + messages)", partial(handler.poll, 0.0, True, Outbox()))
     base = best["orjson.loads (baseline)"]
     table = Table(title=f"{n:,} GPU-sample events, {len(cluster.devices):,} devices")
     table.add_column("step")

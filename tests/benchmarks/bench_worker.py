@@ -53,12 +53,12 @@ from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.store import ClickHouseStore
 from streams.worker.app import Worker, WorkerConfig, tune_garbage_collector
 from streams.worker.device_stage import StreamSettings
+from streams.worker.runner import FETCH_MAX_RECORDS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cluster import T0_MS, VARIANTS, Cluster, Record
 from kafka_broker import DEFAULT_LIBS_DIR, KafkaBroker, fetch_kafka_libs
 
-FETCH_MAX_RECORDS = 5000  # what the worker's runner asks for per getmany
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -168,6 +168,12 @@ def make_worker(
     )
 
 
+def events_counted(worker: Worker) -> float:
+    """GPU samples the worker decoded and used, as its metrics count them."""
+    labels = {"topic": GPU_SAMPLES_TOPIC}
+    return worker.registry.get_sample_value("gpuledger_events_total", labels) or 0.0
+
+
 def sink_seconds(worker: Worker) -> dict[str, float]:
     """Total seconds the worker spent writing batches, per sink (ClickHouse runs in a thread,
     so a profile of the event loop does not show it)."""
@@ -253,7 +259,7 @@ async def worker_throughput(
     cost, rows, devices = store.query_rows(
         f"SELECT sum(cost_usd), count(), uniqExact(device_uuid) FROM {db}.gpu_cost_windows FINAL"
     )[0]
-    events = worker.metrics.events.labels(GPU_SAMPLES_TOPIC)._value.get()
+    events = events_counted(worker)
     return {
         **sink_seconds(worker),
         "events_per_s": (total - first[1]) / (consumed_s - first[0]),
@@ -395,7 +401,7 @@ async def live_latency(
         "stop_s": stop_s,
         "devices_per_window": [int(n) for w, n in coverage if int(w) in closable],
         **sink_seconds(worker),
-        "events_counted": int(worker.metrics.events.labels(GPU_SAMPLES_TOPIC)._value.get()),
+        "events_counted": int(events_counted(worker)),
     }
 
 

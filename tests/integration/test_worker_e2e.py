@@ -150,7 +150,8 @@ async def test_replays_and_duplicates_change_nothing(broker: str, store: ClickHo
     worker = make_worker(broker, store)
     await run_worker(worker)
     assert_matches_core(store)
-    assert worker.metrics.duplicates.labels(GPU_SAMPLES_TOPIC)._value.get() == 60
+    duplicates = {"topic": GPU_SAMPLES_TOPIC}
+    assert worker.registry.get_sample_value("gpuledger_events_duplicate_total", duplicates) == 60
     # A second worker group replaying the whole history writes the same final rows.
     before = stored(store)
     await run_worker(make_worker(broker, store, group_id="replay"))

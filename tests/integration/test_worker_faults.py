@@ -43,6 +43,7 @@ from gpuledger.embedded_broker import free_port
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, make_event
 from streams.rows import CostRow, TokenCostRow, TokenRow
 from streams.store import ClickHouseStore
+from streams.worker.device_stage import DeviceStage
 
 pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,10 @@ async def test_clickhouse_down_for_a_while_loses_nothing(
     finally:
         client.insert = real_insert
     assert calls["failed"] > 0
-    assert worker.metrics.sink_failures.labels("clickhouse")._value.get() == calls["failed"]
+    failures = worker.registry.get_sample_value(
+        "gpuledger_sink_failures_total", {"sink": "clickhouse"}
+    )
+    assert failures == calls["failed"]
     assert_matches_core(store)
 
 
@@ -114,6 +118,23 @@ async def test_late_events_correct_rows_within_retention_and_dead_letter_beyond(
     assert corrected and all(r.version > before[r.key].version for r in corrected)
     letters = [orjson.loads(v) for _, v in await read_topic(broker, DEAD_LETTER_TOPIC)]
     assert [(d["reason"], d["topic"]) for d in letters] == [("too_late", GPU_SAMPLES_TOPIC)]
+
+
+async def test_a_loop_that_dies_stops_the_worker_with_its_error(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await publish_scenario(broker)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ZeroDivisionError("stage one broke")
+
+    monkeypatch.setattr(DeviceStage, "add_samples", broken)
+    worker = make_worker(broker, store, exit_when_idle_s=None)  # only a stop or a failure ends it
+    with pytest.raises(ZeroDivisionError, match="stage one broke"):
+        await run_worker(worker, timeout_s=60)
+    assert worker.stopping.is_set()
 
 
 def _query_folder(folder: Path, sql: str) -> list[list[Any]]:

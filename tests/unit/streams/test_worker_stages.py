@@ -135,27 +135,18 @@ def test_garbage_on_the_internal_topic_is_dead_lettered_not_a_crash() -> None:
     from prometheus_client import CollectorRegistry
 
     from streams.metrics import WorkerMetrics
-    from streams.worker.runtime import DeadLetterLog, StageHandlers
+    from streams.worker.handlers import DeadLetterLog, Intake, TokenCostHandler
     from streams.worker.sinks import Outbox
 
-    devices, pods = stage()
-    handlers = StageHandlers(
-        devices,
-        PodStage(StreamSettings(), pods),
-        pods,
-        WorkerMetrics(CollectorRegistry()),
-        DeadLetterLog(),
-        "internal",
-        lambda: 1,
-        lambda: [0],
-        lambda: 1,
-    )
+    _, pods = stage()
+    intake = Intake(WorkerMetrics(CollectorRegistry()), DeadLetterLog())
+    handler = TokenCostHandler(PodStage(StreamSettings(), pods), intake, "internal")
     outbox = Outbox()
     record = ConsumerRecord("internal", 0, 7, 0, 0, b"k", b"not json", None, 1, 8, ())
-    handlers.handle_pod_stage(record, NOW, outbox)
-    handlers.handle_pod_stage(record, NOW, outbox)  # the same record again: one letter
+    handler.handle_one(record, NOW, outbox)
+    handler.handle_one(record, NOW, outbox)  # the same record again: one letter
     assert [(m[0], m[1]) for m in outbox.messages] == [("gpuledger.dead-letter", b"internal|0|7")]
-    assert handlers.pods_stage.held.positions() == {("internal", 0): 8}
+    assert handler.positions() == {("internal", 0): 8}
 
 
 def test_a_revoke_keeps_only_what_the_remaining_windows_still_need() -> None:

@@ -1,0 +1,93 @@
+"""Topics every worker reads whole, outside any consumer group, as a global table would be.
+
+The compacted pods topic is read from the start before the stages begin, then followed; the
+dead-letter topic's keys are read once at start-up, so a replay does not write a letter twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from runtime.kafka import KafkaSettings
+from schemas.events import DEAD_LETTER_TOPIC, PODS_TOPIC
+from streams.worker.handlers import DeadLetterLog, PodHandler
+from streams.worker.runner import FETCH_MAX_RECORDS, all_partitions_consumer, write_then_commit
+from streams.worker.sinks import Outbox, Sinks
+
+
+class PodsTable:
+    """Reads the pods topic into the pod history (through `PodHandler`); its dead letters are
+    written at once. Nothing is committed: every start reads the topic whole again."""
+
+    def __init__(
+        self, settings: KafkaSettings, partitions: int, handler: PodHandler, sinks: Sinks
+    ) -> None:
+        self.consumer = all_partitions_consumer(settings)
+        self.tps = [TopicPartition(PODS_TOPIC, p) for p in range(partitions)]
+        self.handler = handler
+        self.sinks = sinks
+        self.outbox = Outbox()
+        self._started = False
+
+    async def catch_up(self, stopping: asyncio.Event) -> bool:
+        """Read from the start to the end the topic had when this began: True once there,
+        False if `stopping` was set first."""
+        await self.consumer.start()
+        self._started = True
+        self.consumer.assign(self.tps)
+        await self.consumer.seek_to_beginning(*self.tps)
+        end = await self.consumer.end_offsets(self.tps)
+        while not stopping.is_set():
+            await self._step()
+            positions = {tp: await self.consumer.position(tp) for tp in self.tps}
+            if all(positions[tp] >= end[tp] for tp in self.tps):
+                return True
+        return False
+
+    async def follow(self, stopping: asyncio.Event) -> None:
+        """Keep reading (pod changes re-emit the windows they correct) until `stopping`."""
+        while not stopping.is_set():
+            await self._step()
+
+    async def stop(self) -> None:
+        if self._started:
+            await _stop(self.consumer)
+
+    async def _step(self) -> None:
+        batch = await self.consumer.getmany(timeout_ms=200, max_records=FETCH_MAX_RECORDS)
+        for records in batch.values():
+            for msg in records:
+                self.handler.handle(msg, self.outbox)
+        if len(self.outbox) and not await write_then_commit(self.outbox, self.sinks, "pods", None):
+            self.outbox = Outbox()  # stopping: the next start reads the topic again
+
+
+async def load_dead_letter_keys(
+    settings: KafkaSettings, partitions: int, dead_letters: DeadLetterLog
+) -> None:
+    """Every key already in the dead-letter topic, into `dead_letters`."""
+    consumer = all_partitions_consumer(settings)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        while True:
+            positions = [await consumer.position(tp) for tp in tps]
+            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
+            batch = await consumer.getmany(timeout_ms=500, max_records=10000)
+            for records in batch.values():
+                dead_letters.seen.update(m.key for m in records if m.key)
+    finally:
+        await _stop(consumer)
+
+
+async def _stop(consumer: AIOKafkaConsumer) -> None:
+    # aiokafka's group-less consumer cancels a task it just created; let it start first, or
+    # stopping right after starting raises CancelledError.
+    await asyncio.sleep(0)
+    await consumer.stop()
