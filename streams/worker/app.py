@@ -85,6 +85,12 @@ class WorkerConfig:
         """Stage one's pod costs and markers, re-keyed by pod uid for stage two."""
         return f"{self.group_id}.pod-costs"
 
+    @property
+    def token_costs_group(self) -> str:
+        """Stage two's consumer group (it reads tokens and pod costs; `group_id` is stage
+        one's, which reads GPU samples)."""
+        return f"{self.group_id}.token-costs"
+
 
 class Worker:
     def __init__(
@@ -128,7 +134,7 @@ class Worker:
         await producer.start()
         sinks = Sinks(self.store, producer, self.metrics, self.stopping)
         samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
-        token_costs = stage_consumer(cfg.kafka, f"{cfg.group_id}.pods", co_partitioned=True)
+        token_costs = stage_consumer(cfg.kafka, cfg.token_costs_group, co_partitioned=True)
         pods: PodsTable | None = None
         try:
             counts = await partition_counts(

@@ -40,9 +40,15 @@ from worker_scenario import (
 )
 
 from gpuledger.embedded_broker import free_port
-from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, make_event
+from schemas.events import (
+    DEAD_LETTER_TOPIC,
+    GPU_SAMPLES_TOPIC,
+    TOKEN_COST_WINDOWS_TOPIC,
+    make_event,
+)
 from streams.rows import CostRow, TokenCostRow, TokenRow
 from streams.store import ClickHouseStore
+from streams.worker.app import WorkerConfig
 from streams.worker.device_stage import DeviceStage
 
 pytestmark = pytest.mark.kafka
@@ -135,6 +141,56 @@ async def test_a_loop_that_dies_stops_the_worker_with_its_error(
     with pytest.raises(ZeroDivisionError, match="stage one broke"):
         await run_worker(worker, timeout_s=60)
     assert worker.stopping.is_set()
+
+
+def _latest_versions(records: list[tuple[bytes | None, bytes]]) -> dict[bytes | None, int]:
+    latest: dict[bytes | None, int] = {}
+    for key, value in records:
+        latest[key] = max(latest.get(key, -1), orjson.loads(value)["version"])
+    return latest
+
+
+async def test_an_upgrade_from_the_old_stage_two_group_re_emits_the_same_rows(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stage two's group was `<group>.pods`; after the upgrade `<group>.token-costs` has no
+    committed offsets and reads its inputs from the start: the same rows, the same versions."""
+    await publish_scenario(broker)
+    with monkeypatch.context() as old:
+        old.setattr(WorkerConfig, "token_costs_group", property(lambda c: f"{c.group_id}.pods"))
+        await run_worker(make_worker(broker, store))
+    before = await read_topic(broker, TOKEN_COST_WINDOWS_TOPIC)
+    rows_before = stored(store)
+    assert await _groups(broker) == {"gpuledger-worker", "gpuledger-worker.pods"}
+
+    upgraded = make_worker(broker, store)
+    await run_worker(upgraded)
+    after = await read_topic(broker, TOKEN_COST_WINDOWS_TOPIC)
+    assert upgraded.runners[1].records >= len(token_events())  # read from the start
+    assert len(after) > len(before)  # re-emitted ...
+    assert _latest_versions(after) == _latest_versions(before)  # ... with the same versions
+    assert [comparable(t) for t in stored(store)] == [comparable(t) for t in rows_before]
+    assert_matches_core(store)
+    assert await read_topic(broker, DEAD_LETTER_TOPIC) == []
+    # The old group stays, unused, until the broker expires its offsets or it is deleted.
+    assert await _groups(broker) == {
+        "gpuledger-worker",
+        "gpuledger-worker.pods",
+        "gpuledger-worker.token-costs",
+    }
+
+
+async def _groups(bootstrap: str) -> set[str]:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return {group for group, _ in await admin.list_consumer_groups()}
+    finally:
+        await admin.close()
 
 
 def _query_folder(folder: Path, sql: str) -> list[list[Any]]:
