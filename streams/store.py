@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import struct
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -217,11 +218,71 @@ def _convert(exc: Exception, context: str) -> StoreError:
         return StoreLockedError(
             f"{context}: the embedded data folder is in use by another process ({message})"
         )
-    retriable = not isinstance(exc, ClickHouseError) or _is_connection_error(exc)
-    return StoreError(f"{context}: {message}", retriable=retriable)
+    return StoreError(f"{context}: {message}", retriable=is_retriable(exc))
 
 
-def _is_connection_error(exc: Exception) -> bool:
-    from clickhouse_connect.driver.exceptions import OperationalError
+# ClickHouse error codes of a statement refused for what it is (its values, its columns or its
+# SQL): sent again unchanged, it is refused again.
+REFUSED_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        8,  # THERE_IS_NO_COLUMN
+        10,  # NOT_FOUND_COLUMN_IN_BLOCK
+        16,  # NO_SUCH_COLUMN_IN_TABLE
+        20,  # NUMBER_OF_COLUMNS_DOESNT_MATCH
+        26,  # CANNOT_PARSE_QUOTED_STRING
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        36,  # BAD_ARGUMENTS
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        43,  # ILLEGAL_TYPE_OF_ARGUMENT
+        44,  # ILLEGAL_COLUMN
+        46,  # UNKNOWN_FUNCTION
+        47,  # UNKNOWN_IDENTIFIER
+        53,  # TYPE_MISMATCH
+        62,  # SYNTAX_ERROR
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        386,  # NO_COMMON_TYPE
+        407,  # DECIMAL_OVERFLOW
+        469,  # VIOLATED_CONSTRAINT
+    }
+)
+TOO_MANY_PARTS = 252
+# Code 252 says either: this block spans more partitions than `max_partitions_per_insert_block`
+# (refused whatever the server's state), or the table has too many active parts (merges are
+# behind: retry later).
+PARTITIONS_LIMIT = "Too many partitions for single INSERT block"
+_CODE = re.compile(r"\bCode:\s*(\d+)")
 
-    return isinstance(exc, OperationalError)
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether sending the same statement again may succeed (`StoreError.retriable`).
+
+    Retriable: the server or the path to it failed (connection refused, timeouts, HTTP 429,
+    503 or 504, too many parts while merges catch up, memory limits, a lost table or access:
+    an operator can fix those). Not retriable: ClickHouse or the client refused the statement
+    itself (a value the column's type cannot take, an unknown column, bad SQL, a block over
+    the partitions limit). Unknown server errors count as retriable: a sink must not drop
+    rows for an error it cannot place."""
+    from clickhouse_connect.driver.exceptions import DataError, OperationalError, ProgrammingError
+
+    if isinstance(exc, OperationalError):
+        return True
+    if isinstance(exc, (DataError, ProgrammingError)):
+        return False  # the client could not encode the values, or named unknown columns
+    if isinstance(exc, ClickHouseError):
+        code = getattr(exc, "code", None)
+        if code is None:
+            found = _CODE.search(str(exc))
+            code = int(found.group(1)) if found else None
+        if code == TOO_MANY_PARTS:
+            return PARTITIONS_LIMIT not in str(exc)
+        return code not in REFUSED_CODES
+    # chDB and the client's encoders raise these bare for a value its column cannot take
+    return not isinstance(exc, (ValueError, TypeError, ArithmeticError, struct.error))

@@ -44,7 +44,7 @@ from streams.worker.handlers import (
 from streams.worker.http import HttpEndpoint
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
-from streams.worker.sinks import Sinks
+from streams.worker.sinks import UNHEALTHY_AFTER, Sinks
 from streams.worker.tables import PodsTable, load_dead_letter_keys
 
 log = logging.getLogger("gpuledger.worker")
@@ -79,6 +79,7 @@ class WorkerConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 9108  # 0: no HTTP endpoint
     exit_when_idle_s: float | None = None  # bounded runs: drain and stop after this silence
+    unhealthy_after_failures: int = UNHEALTHY_AFTER  # a sink's failures in a row: /healthz 503
 
     @property
     def internal_topic(self) -> str:
@@ -112,6 +113,7 @@ class Worker:
         self.dead_letters = DeadLetterLog()
         self.stopping = asyncio.Event()
         self.runners: list[StageRunner] = []  # stage one's, stage two's: once pods are loaded
+        self.sinks: Sinks | None = None
         self.http: HttpEndpoint | None = None
         self._owner_file: Path | None = None
 
@@ -121,6 +123,11 @@ class Worker:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def unhealthy_sinks(self) -> dict[str, dict[str, Any]]:
+        """The sinks that failed `unhealthy_after_failures` times in a row, with their last
+        error (for /healthz)."""
+        return self.sinks.unhealthy() if self.sinks is not None else {}
 
     async def run(self) -> None:
         """Start in order (schema, topics, dead-letter keys, HTTP, pod metadata, the two
@@ -132,7 +139,13 @@ class Worker:
         await ensure_topics(cfg.kafka, specs)
         producer = make_producer(cfg.kafka)
         await producer.start()
-        sinks = Sinks(self.store, producer, self.metrics, self.stopping)
+        sinks = self.sinks = Sinks(
+            self.store,
+            producer,
+            self.metrics,
+            self.stopping,
+            unhealthy_after=cfg.unhealthy_after_failures,
+        )
         samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
         token_costs = stage_consumer(cfg.kafka, cfg.token_costs_group, co_partitioned=True)
         pods: PodsTable | None = None

@@ -27,6 +27,7 @@ class Served(Protocol):
     def stopping(self) -> asyncio.Event: ...
     @property
     def open_windows(self) -> int: ...
+    def unhealthy_sinks(self) -> dict[str, dict[str, Any]]: ...
 
 
 class HttpEndpoint:
@@ -61,8 +62,25 @@ class HttpEndpoint:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        """200 `{"status": "ok", "open_windows": n}`; 503 while stopping, or once a sink has
+        failed its threshold of times in a row: `"status": "unhealthy"`, a `reason` and, per
+        failing sink, its consecutive failures, last error and since when."""
         if self.worker.stopping.is_set():
             return web.json_response({"status": "stopping"}, status=503)
+        failing = self.worker.unhealthy_sinks()
+        if failing:
+            reason = "; ".join(
+                f"{sink}: {f['consecutive_failures']} failed writes in a row, last: "
+                f"{f['last_error']}"
+                for sink, f in failing.items()
+            )
+            body = {
+                "status": "unhealthy",
+                "open_windows": self.worker.open_windows,
+                "reason": reason,
+                "sinks": failing,
+            }
+            return web.json_response(body, status=503)
         return web.json_response({"status": "ok", "open_windows": self.worker.open_windows})
 
     async def _report(self, request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ before it commits the offsets the stage says a restart no longer needs (design ย
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from runtime.kafka import KafkaSettings
 from streams.metrics import WorkerMetrics
@@ -26,6 +27,7 @@ log = logging.getLogger("gpuledger.worker")
 
 FETCH_TIMEOUT_MS = 200
 FETCH_MAX_RECORDS = 5000
+REVOKE_WAIT_S = 2.0  # how long a revoke waits for a write in flight that is not failing
 
 
 class Stage(Protocol):
@@ -50,15 +52,23 @@ class Stage(Protocol):
 
 
 async def write_then_commit(
-    pending: Outbox, sinks: Sinks, label: str, commit: Callable[[], Awaitable[None]] | None
+    pending: Outbox,
+    sinks: Sinks,
+    label: str,
+    commit: Callable[[], Awaitable[None]] | None,
+    *,
+    patient: bool = True,
+    on_retry: Callable[[], None] | None = None,
 ) -> bool:
     """Make `pending` durable, then commit the input it came from: the worker's exactly-once
     order, and the only place that writes output.
 
     1. Insert the rows into ClickHouse (retried; every attempt of a batch carries one
-       deduplication token).
+       deduplication token). Rows ClickHouse refuses for what they are become dead letters,
+       produced and acknowledged here (streams.worker.sinks).
     2. Produce the messages (billing topics, the internal pod-costs topic, dead letters) and
-       wait until Kafka acknowledged every one.
+       wait until Kafka acknowledged every one (one the broker refuses for its size is
+       replaced by a dead letter).
     3. Only then commit the input offsets `commit` reads from the stage.
 
     A crash, a kill or a lost partition anywhere before step 3 leaves the offsets where they
@@ -74,15 +84,20 @@ async def write_then_commit(
     that an open or retained window still needs (design ยง5): the state a restart loses is
     rebuilt from the replay, corrections included.
 
-    If `stopping` interrupts a sink's retries, or the write is cancelled, nothing is committed
-    and the batch goes back to the front of `pending` for a final flush. Returns whether the
-    batch became durable. `commit` is None for input that is not committed (read whole again
-    at every start).
+    If `stopping` interrupts a sink's retries (or, without `patient`, a transient failure
+    ends the one attempt each sink makes), or the write is cancelled, nothing is committed and
+    the batch goes back to the front of `pending`, for a later flush. `on_retry` runs at each
+    transient failure. Returns whether the batch became durable. `commit` is None for input
+    that is not committed (read whole again at every start).
     """
     batch = pending.take()
     try:
-        durable = (not batch.rows or await sinks.insert(batch.rows, label)) and (
-            not batch.messages or await sinks.produce(batch.messages)
+        durable = (
+            not batch.rows
+            or await sinks.insert(batch.rows, label, patient=patient, on_retry=on_retry)
+        ) and (
+            not batch.messages
+            or await sinks.produce(batch.messages, patient=patient, on_retry=on_retry)
         )
     except BaseException:
         pending.restore(batch)
@@ -97,7 +112,14 @@ async def write_then_commit(
 
 class StageRunner:
     """Consumes one stage's topics in its consumer group, feeds the stage, and flushes its
-    output (when it is large or a flush interval passed) before committing offsets."""
+    output (when it is large or a flush interval passed) before committing offsets.
+
+    While its output cannot be written (a sink retries a transient failure) the runner pauses
+    its partitions and waits for the write, but holds no lock a rebalance needs: a revoke
+    writes and commits what it can in one attempt, and otherwise drops the lost partitions'
+    state without committing them (their new owner reads them again from the last commit; the
+    pending output is written later, and a replay rewrites the same keys, so it counts once).
+    """
 
     def __init__(
         self,
@@ -109,6 +131,7 @@ class StageRunner:
         *,
         flush_interval_s: float,
         max_outbox: int,
+        revoke_wait_s: float = REVOKE_WAIT_S,
     ) -> None:
         self.name = name
         self.consumer = consumer
@@ -117,21 +140,29 @@ class StageRunner:
         self.metrics = metrics
         self.flush_interval_s = flush_interval_s
         self.max_outbox = max_outbox
+        self.revoke_wait_s = revoke_wait_s
         self.outbox = Outbox()
-        self.lock = asyncio.Lock()  # one of: a batch, a flush, a revoke
+        self.lock = asyncio.Lock()  # the stage's state: a batch's handling, a poll, a revoke
+        # A write (take, write, commit) and the handling that feeds the outbox, never two at
+        # once; a revoke waits for it only briefly, and not at all while it is stalled.
+        self.writing = asyncio.Lock()
+        self.stalled = False  # a write is retrying a transient failure: partitions paused
         self.assigned_at_s: float | None = None  # monotonic time of the last assignment
         self.last_record_s = 0.0
         self.records = 0
         self._last_flush_s = time.monotonic()
+        self._flowing_since_s = 0.0  # monotonic time the last stall ended
 
     def listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
 
     def quiet_for_s(self) -> float:
-        """How long this runner has had partitions and no records; 0 before an assignment."""
-        if self.assigned_at_s is None:
+        """How long this runner has had partitions and no records; 0 before an assignment and
+        while its output cannot be written (a stalled runner is not idle)."""
+        if self.assigned_at_s is None or self.stalled:
             return 0.0
-        return time.monotonic() - max(self.last_record_s, self.assigned_at_s)
+        since = max(self.last_record_s, self.assigned_at_s, self._flowing_since_s)
+        return time.monotonic() - since
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -143,46 +174,118 @@ class StageRunner:
                 log.warning("%s: fetch failed: %s", self.name, exc)
                 await asyncio.sleep(1)
                 continue
-            async with self.lock:
-                now = time.time()
-                for tp, records in batch.items():
-                    self.stage.handle(tp, records, now, self.outbox)
-                    self.records += len(records)
-                    if records:
-                        self._record_lag(tp, records[-1].offset + 1)
-                self.stage.poll(now, False, self.outbox)
+            # No record is handled while a write (a drain's, a revoke's) is between its take and
+            # its commit: the positions it commits must not pass output it does not hold.
+            async with self.writing:
+                async with self.lock:
+                    now = time.time()
+                    for tp, records in batch.items():
+                        self.stage.handle(tp, records, now, self.outbox)
+                        self.records += len(records)
+                        if records:
+                            self._record_lag(tp, records[-1].offset + 1)
+                    self.stage.poll(now, False, self.outbox)
                 due = time.monotonic() - self._last_flush_s >= self.flush_interval_s
                 if len(self.outbox) >= self.max_outbox or due:
-                    await self._flush()
-                if batch:
-                    # Quiet time counts from the end of the work a batch caused, flush included.
-                    self.last_record_s = time.monotonic()
+                    await self._write(patient=True)
+            if batch:
+                # Quiet time counts from the end of the work a batch caused, flush included.
+                self.last_record_s = time.monotonic()
 
     async def drain(self) -> None:
         """Close every open window now (end of a bounded run) and make it durable."""
-        async with self.lock:
-            self.stage.poll(time.time(), True, self.outbox)
-            await self._flush()
+        async with self.writing:
+            async with self.lock:
+                self.stage.poll(time.time(), True, self.outbox)
+            await self._write(patient=True)
 
     async def final_flush(self) -> None:
-        async with self.lock:
-            await self._flush()
+        await self._flush()
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assigned_at_s = time.monotonic()
         self.stage.assigned({(tp.topic, tp.partition) for tp in assigned})
+        if self.stalled:
+            self._pause(assigned)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Make what the lost partitions fed durable, then drop their state and series."""
+        """Make what the lost partitions fed durable and commit, if the sinks can do it now;
+        then drop their state and series. Never waits out an outage: the rebalance, and with
+        it the whole group, would wait too."""
         lost = {(tp.topic, tp.partition) for tp in revoked}
+        if await self._writing_soon():
+            try:
+                if not await self._write(patient=False):
+                    log.warning(
+                        "%s: partitions revoked while output cannot be written: nothing "
+                        "committed for them; %d entries stay pending",
+                        self.name,
+                        len(self.outbox),
+                    )
+            finally:
+                self.writing.release()
+        else:
+            log.warning(
+                "%s: partitions revoked during a write that is failing: nothing committed "
+                "for them; their new owner reads them again",
+                self.name,
+            )
         async with self.lock:
-            await self._flush()
             self.stage.revoke(lost)
             self.metrics.partitions_revoked(lost)
 
+    async def _writing_soon(self) -> bool:
+        """Acquire `writing` at once, or within `revoke_wait_s` if the write in flight is not
+        failing. True if acquired."""
+        if self.writing.locked() and self.stalled:
+            return False
+        try:
+            return await asyncio.wait_for(self.writing.acquire(), timeout=self.revoke_wait_s)
+        except TimeoutError:
+            return False
+
     async def _flush(self) -> None:
+        async with self.writing:
+            await self._write(patient=True)
+
+    async def _write(self, *, patient: bool) -> bool:
+        """Write the outbox and commit (`writing` held); the partitions stay paused from the
+        first transient failure until the write succeeds."""
         self._last_flush_s = time.monotonic()
-        await write_then_commit(self.outbox, self.sinks, self.name, self._commit)
+        durable = await write_then_commit(
+            self.outbox,
+            self.sinks,
+            self.name,
+            self._commit,
+            patient=patient,
+            on_retry=self._stall,
+        )
+        if durable:
+            self._flow()
+        return durable
+
+    def _stall(self) -> None:
+        if self.stalled:
+            return
+        self.stalled = True
+        self._pause(self.consumer.assignment())
+        log.warning("%s: output cannot be written; consumption paused", self.name)
+
+    def _flow(self) -> None:
+        if not self.stalled:
+            return
+        self.stalled = False
+        self._flowing_since_s = time.monotonic()
+        assigned = self.consumer.assignment()
+        if assigned:
+            with contextlib.suppress(IllegalStateError):  # a rebalance took them meanwhile
+                self.consumer.resume(*assigned)
+        log.info("%s: output written again; consumption resumed", self.name)
+
+    def _pause(self, partitions: set[TopicPartition]) -> None:
+        if partitions:
+            with contextlib.suppress(IllegalStateError):  # a rebalance took them meanwhile
+                self.consumer.pause(*partitions)
 
     async def _commit(self) -> None:
         assigned = self.consumer.assignment()

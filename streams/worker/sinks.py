@@ -1,8 +1,24 @@
-"""Where the worker's output goes: ClickHouse (batched, off the event loop, retried) and Kafka
-(billing topics, the internal pod-costs topic, dead letters).
+"""Where the worker's output goes: ClickHouse (batched, off the event loop) and Kafka (billing
+topics, the internal pod-costs topic, dead letters), and what a sink does when a write fails.
 
-Each sink retries until it succeeds or the worker stops. The order in which the runner uses
-them, and why it makes the output exactly-once, is `streams.worker.runner.write_then_commit`.
+- A transient failure (ClickHouse or Kafka unreachable, a timeout, an overloaded server: the
+  error's `retriable`) is retried with backoff, 0.2 s doubling to 30 s, until it succeeds or
+  the worker stops. The caller's `on_retry` runs at each one (a runner pauses its partitions:
+  back-pressure, not memory). With `patient=False` a write makes one attempt and says whether
+  it succeeded (a runner giving up partitions does not wait out an outage).
+- A permanent failure is never retried unchanged. A batch ClickHouse refuses (a block over the
+  partitions limit, a value its column cannot take, an unknown column) is split: one insert per
+  (table, month) partition, then halves of a part still refused, down to the rows it refuses
+  (at most `MAX_SPLITS` halvings per batch, so at most its partitions and twice that many
+  inserts; past them a refused part goes whole). Those rows are dead-lettered (reason
+  `unstorable`), the rest is stored. A message the broker refuses for its size is replaced by
+  a small dead letter (`message_too_large`); a dead letter refused for its size is sent again
+  without the original bytes.
+- Each sink counts its consecutive failed attempts and refusals; a write that succeeds clears
+  them. `unhealthy()` names the sinks at or past the threshold, with the last error (/healthz).
+
+The order in which the runner uses the sinks, and why it makes the output exactly-once, is
+`streams.worker.runner.write_then_commit`.
 """
 
 from __future__ import annotations
@@ -10,14 +26,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
+from runtime.errors import GpuledgerError, StoreError
 from schemas.events import DEAD_LETTER_TOPIC, format_time
 from streams.metrics import WorkerMetrics
 from streams.rows import Row, as_json
@@ -25,7 +46,18 @@ from streams.store import ClickHouseStore
 
 log = logging.getLogger("gpuledger.worker")
 
+FIRST_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 30.0
+MAX_SPLITS = 64  # halvings per batch: past them a part ClickHouse refuses is dead-lettered whole
+UNHEALTHY_AFTER = 5  # consecutive failures of a sink before /healthz says unhealthy
+DETAIL_CHARS = 1000  # a dead letter's detail (an error text) is cut to this
+MAX_LETTER_KEY_BYTES = 1000  # a longer original key is left out of a shrunk dead letter
+CLICKHOUSE = "clickhouse"
+KAFKA = "kafka"
+UNSTORABLE = "unstorable"  # ClickHouse refused the row
+MESSAGE_TOO_LARGE = "message_too_large"  # the broker refused the message for its size
+# Refused by the broker for that message alone: sent again, it is refused again.
+REFUSED_BY_BROKER = (MessageSizeTooLargeError, RecordTooLargeError)
 
 
 @dataclass
@@ -70,16 +102,7 @@ def dead_letter_message(
     now_s: float,
 ) -> Message:
     """The original bytes travel base64-encoded beside where they came from and why."""
-    body = {
-        "topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "reason": reason,
-        "detail": detail,
-        "key_base64": base64.b64encode(key).decode() if key is not None else None,
-        "value_base64": base64.b64encode(value).decode() if value is not None else None,
-        "dead_lettered_at": format_time(int(now_s * 1000)),
-    }
+    body = _letter(topic, partition, offset, key, value, reason, detail, now_s)
     key = dead_letter_key(topic, partition, offset)
     return DEAD_LETTER_TOPIC, key, orjson.dumps(body), key
 
@@ -88,9 +111,117 @@ def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
     return f"{topic}|{partition}|{offset}".encode()
 
 
+def unstorable_row_message(row: Row, error: str, now_s: float) -> Message:
+    """A row ClickHouse refused, as a dead letter: `topic` is its table (`partition` and
+    `offset` are null, `sink` is "clickhouse"), the original bytes are its key and its
+    billing-topic JSON, the detail is the error. Keyed by table, row key and version, so a
+    replay writes the same letter again, not another."""
+    value = orjson.dumps(as_json(row), default=str)
+    body = _letter(row.TABLE, None, None, row.key.encode(), value, UNSTORABLE, error, now_s)
+    body["sink"] = CLICKHOUSE
+    key = f"{UNSTORABLE}|{row.TABLE}|{row.key}|{row.version}".encode()
+    return DEAD_LETTER_TOPIC, key, orjson.dumps(body), key
+
+
+def refused_message_letter(message: Message, error: str, now_s: float) -> Message:
+    """What replaces a message the broker refused for its size: for a dead letter, the same
+    letter without the original bytes; for any other message, a small dead letter naming its
+    topic, partition (when known) and key (`sink` is "kafka")."""
+    topic, key, value, route = message
+    body = _json_object(value) if topic == DEAD_LETTER_TOPIC else None
+    if body is not None:
+        body["value_base64"] = None
+        if len(body.get("key_base64") or "") > MAX_LETTER_KEY_BYTES:
+            body["key_base64"] = None
+        omitted = f"original bytes omitted: the {len(value)}-byte letter was refused ({error})"
+        body["detail"] = _cut(f"{omitted}; {body.get('detail', '')}")
+        return topic, key, orjson.dumps(body), route
+    partition = route if isinstance(route, int) else None
+    short_key = key if len(key) <= MAX_LETTER_KEY_BYTES else None
+    detail = f"the {len(value)}-byte message was refused: {error}"
+    body = _letter(topic, partition, None, short_key, None, MESSAGE_TOO_LARGE, detail, now_s)
+    body["sink"] = KAFKA
+    letter_key = f"{MESSAGE_TOO_LARGE}|{topic}|".encode() + key[:MAX_LETTER_KEY_BYTES]
+    return DEAD_LETTER_TOPIC, letter_key, orjson.dumps(body), letter_key
+
+
+def _json_object(value: bytes) -> dict[str, Any] | None:
+    try:
+        body = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _letter(
+    topic: str,
+    partition: int | None,
+    offset: int | None,
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    detail: str,
+    now_s: float,
+) -> dict[str, Any]:
+    return {
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "reason": reason,
+        "detail": _cut(detail),
+        "key_base64": base64.b64encode(key).decode() if key is not None else None,
+        "value_base64": base64.b64encode(value).decode() if value is not None else None,
+        "dead_lettered_at": format_time(int(now_s * 1000)),
+    }
+
+
+def _cut(text: str, limit: int = DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@|((?:password|secret|token)=)[^&\s]+", re.I)
+
+
+def describe(exc: BaseException) -> str:
+    """An error's type and first line, short, with any credentials in it masked."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    masked = _CREDENTIALS.sub(_mask, first)
+    return _cut(f"{type(exc).__name__}: {masked}" if masked else type(exc).__name__, 300)
+
+
+def _mask(match: re.Match[str]) -> str:
+    if match.group(1):
+        return f"{match.group(1)}***@"
+    return f"{match.group(2)}***"
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """gpuledger errors say so themselves (`retriable`); a message the broker refuses for its
+    size is refused again; any other failure may pass on a later attempt."""
+    if isinstance(exc, GpuledgerError):
+        return exc.retriable
+    return not isinstance(exc, REFUSED_BY_BROKER)
+
+
+def month_of(row: Row) -> int:
+    """The partition of a row's table: toYYYYMM(window_start) (schemas/clickhouse.sql)."""
+    moment = time.gmtime(row.window_start_ms // 1000)
+    return moment.tm_year * 100 + moment.tm_mon
+
+
+@dataclass
+class SinkHealth:
+    """One sink's current run of failures (attempts that failed, batches or messages refused)."""
+
+    failures: int = 0
+    last_error: str = ""
+    failing_since_s: float | None = None  # wall time of the first failure of the run
+
+
 class Sinks:
-    """Writes rows and messages durably, retrying with backoff until it succeeds or `stopping`
-    is set. While a write is retried the caller does not consume: back-pressure, not memory."""
+    """Writes rows and messages durably under the failure policy above. While a transient
+    failure is retried the caller does not consume: back-pressure, not memory."""
 
     def __init__(
         self,
@@ -98,49 +229,184 @@ class Sinks:
         producer: AIOKafkaProducer,
         metrics: WorkerMetrics,
         stopping: asyncio.Event,
+        *,
+        unhealthy_after: int = UNHEALTHY_AFTER,
     ) -> None:
         self.store = store
         self.producer = producer
         self.metrics = metrics
         self.stopping = stopping
+        self.unhealthy_after = unhealthy_after
+        self.health = {CLICKHOUSE: SinkHealth(), KAFKA: SinkHealth()}
         self._batch = 0
         self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         self._routes: dict[tuple[str, bytes], int] = {}
 
-    async def insert(self, rows: list[Row], label: str) -> bool:
-        """Insert `rows` into ClickHouse: True once they are stored, False if stopping
-        interrupted the retries. Every attempt carries the same deduplication token, so an
-        attempt that failed after ClickHouse had stored the block does not store it twice."""
+    def unhealthy(self) -> dict[str, dict[str, Any]]:
+        """The sinks that failed `unhealthy_after` times in a row or more, with their last
+        error (no credentials) and since when (RFC 3339)."""
+        out: dict[str, dict[str, Any]] = {}
+        for sink, health in self.health.items():
+            if health.failures >= self.unhealthy_after:
+                since = health.failing_since_s or time.time()
+                out[sink] = {
+                    "consecutive_failures": health.failures,
+                    "last_error": health.last_error,
+                    "failing_since": format_time(int(since * 1000)),
+                }
+        return out
+
+    def failing(self, sink: str) -> bool:
+        """Whether the last attempt to write to `sink` failed."""
+        return self.health[sink].failures > 0
+
+    async def insert(
+        self,
+        rows: list[Row],
+        label: str,
+        *,
+        patient: bool = True,
+        on_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Store `rows` in ClickHouse, or dead-letter those it refuses (see the module): True
+        once done, False if stopping (or, without `patient`, a transient failure) interrupted
+        it. Every attempt of a batch, or of a part of it, carries the same deduplication token,
+        so an attempt that failed after ClickHouse had stored the block does not store it
+        twice."""
         self._batch += 1
         token = f"{label}:{time.time_ns()}:{self._batch}"
+        try:
+            return await self._insert(rows, token, patient, on_retry)
+        except StoreError as refused:
+            log.warning(
+                "ClickHouse refused a batch of %d rows, inserting it per partition: %s",
+                len(rows),
+                refused,
+            )
+        parts: dict[tuple[str, int], list[Row]] = {}
+        for row in rows:
+            parts.setdefault((row.TABLE, month_of(row)), []).append(row)
+        queue = deque((f"{table}:{month}", part) for (table, month), part in parts.items())
+        splits = 0
+        letters: list[Message] = []
+        tables: Counter[str] = Counter()
+        while queue:
+            name, part = queue.popleft()
+            try:
+                if not await self._insert(part, f"{token}:{name}", patient, on_retry):
+                    return False
+                continue
+            except StoreError as exc:
+                error = exc
+            if len(part) > 1 and splits < MAX_SPLITS:
+                splits += 1
+                half = len(part) // 2
+                queue.extendleft([(f"{name}b", part[half:]), (f"{name}a", part[:half])])
+                continue
+            log.error("ClickHouse refused %d rows; dead-lettering them: %s", len(part), error)
+            now = time.time()
+            letters += [unstorable_row_message(row, describe(error), now) for row in part]
+            tables.update(row.TABLE for row in part)
+        if not letters:
+            return True
+        if not await self.produce(letters, patient=patient, on_retry=on_retry):
+            return False
+        for table in tables.elements():
+            self.metrics.dead_lettered(table, UNSTORABLE)
+        return True
+
+    async def _insert(
+        self, rows: list[Row], token: str, patient: bool, on_retry: Callable[[], None] | None
+    ) -> bool:
+        """One insert, retried while its failure is transient; a permanent one is raised."""
         return await self._retry(
-            "clickhouse", lambda: asyncio.to_thread(self.store.insert_rows, rows, dedup_token=token)
+            CLICKHOUSE,
+            lambda: asyncio.to_thread(self.store.insert_rows, rows, dedup_token=token),
+            patient,
+            on_retry,
         )
 
-    async def produce(self, messages: list[Message]) -> bool:
+    async def produce(
+        self,
+        messages: list[Message],
+        *,
+        patient: bool = True,
+        on_retry: Callable[[], None] | None = None,
+    ) -> bool:
         """Produce `messages` and wait for every acknowledgement: True once all are
-        acknowledged, False if stopping interrupted the retries."""
-        return await self._retry("kafka", lambda: self._produce(messages))
+        acknowledged or, refused for their size, replaced by dead letters (see the module);
+        False if stopping (or, without `patient`, a transient failure) interrupted it."""
+        pending = messages
+        for round_ in range(3):
+            refused: list[tuple[Message, BaseException]] = []
 
-    async def _produce(self, messages: list[Message]) -> None:
-        """One record batch per partition: far cheaper than a `send` per message."""
-        grouped: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for topic, key, value, route in messages:
+            async def attempt(
+                batch: list[Message] = pending, out: list[tuple[Message, BaseException]] = refused
+            ) -> None:
+                out[:] = await self._produce(batch)
+
+            if not await self._retry(KAFKA, attempt, patient, on_retry):
+                return False
+            if not refused:
+                return True
+            self._failed(KAFKA, refused[-1][1])
+            if round_ == 2:
+                log.error("Kafka refused %d shrunk dead letters; dropped", len(refused))
+                return True
+            now = time.time()
+            pending = []
+            for message, exc in refused:
+                topic = message[0]
+                log.error("Kafka refused a %d-byte message to %s: %s", len(message[2]), topic, exc)
+                pending.append(refused_message_letter(message, describe(exc), now))
+                if topic != DEAD_LETTER_TOPIC:
+                    self.metrics.dead_lettered(topic, MESSAGE_TOO_LARGE)
+        return True
+
+    async def _produce(self, messages: list[Message]) -> list[tuple[Message, BaseException]]:
+        """One record batch per partition: far cheaper than a `send` per message. Returns the
+        messages the broker refused for their size; raises a transient failure."""
+        grouped: dict[tuple[str, int], list[Message]] = {}
+        for message in messages:
+            topic, _, _, route = message
             partition = route if isinstance(route, int) else await self._route(topic, route)
-            grouped.setdefault((topic, partition), []).append((key, value))
-        futures = []
-        for (topic, partition), records in grouped.items():
-            batch = self.producer.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:  # batch full
-                    futures.append(
-                        await self.producer.send_batch(batch, topic, partition=partition)
-                    )
-                    batch = self.producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            futures.append(await self.producer.send_batch(batch, topic, partition=partition))
-        await asyncio.gather(*futures)
+            grouped.setdefault((topic, partition), []).append(message)
+        sent: list[_Sent] = []
+        for (topic, partition), group in grouped.items():
+            sent += await self._send(topic, partition, group)
+        refused: list[tuple[Message, BaseException]] = []
+        while sent:
+            results = await asyncio.gather(*(s[3] for s in sent), return_exceptions=True)
+            again: list[_Sent] = []
+            for (topic, partition, group, _), result in zip(sent, results, strict=True):
+                if not isinstance(result, BaseException):
+                    continue
+                if not isinstance(result, REFUSED_BY_BROKER):
+                    raise result
+                if len(group) == 1:
+                    refused.append((group[0], result))
+                    continue
+                for message in group:  # a batch over the broker's limit: one by one
+                    again += await self._send(topic, partition, [message])
+            sent = again
+        return refused
+
+    async def _send(self, topic: str, partition: int, group: list[Message]) -> list[_Sent]:
+        sent: list[_Sent] = []
+        batch = self.producer.create_batch()
+        in_batch: list[Message] = []
+        for message in group:
+            if batch.append(key=message[1], value=message[2], timestamp=None) is None:  # full
+                future = await self.producer.send_batch(batch, topic, partition=partition)
+                sent.append((topic, partition, in_batch, future))
+                batch, in_batch = self.producer.create_batch(), []
+                # an empty batch takes any one message, however large
+                batch.append(key=message[1], value=message[2], timestamp=None)
+            in_batch.append(message)
+        future = await self.producer.send_batch(batch, topic, partition=partition)
+        sent.append((topic, partition, in_batch, future))
+        return sent
 
     async def _route(self, topic: str, route: bytes) -> int:
         """The partition Kafka's default partitioner gives `route` (cached: murmur2 in Python
@@ -157,14 +423,29 @@ class Sinks:
         self._routes[(topic, route)] = chosen
         return chosen
 
-    async def _retry(self, sink: str, attempt: Callable[[], Awaitable[object]]) -> bool:
-        backoff = 0.2
+    async def _retry(
+        self,
+        sink: str,
+        attempt: Callable[[], Awaitable[object]],
+        patient: bool,
+        on_retry: Callable[[], None] | None,
+    ) -> bool:
+        """Run `attempt` until it succeeds (True) or stopping interrupts the backoff (False);
+        without `patient`, once. A permanent failure is raised at once."""
+        backoff = FIRST_BACKOFF_S
         while True:
             started = time.perf_counter()
             try:
                 await attempt()
-            except Exception as exc:  # any failure of the sink is retried, never dropped
-                self.metrics.sink_failed(sink)
+            except Exception as exc:
+                self._failed(sink, exc)
+                if not is_retriable(exc):
+                    raise
+                if on_retry is not None:
+                    on_retry()
+                if not patient:
+                    log.warning("%s write failed: %s", sink, exc)
+                    return False
                 log.warning("%s write failed, retrying in %.1f s: %s", sink, backoff, exc)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
@@ -173,5 +454,30 @@ class Sinks:
                     pass
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
-            self.metrics.sink_wrote(sink, time.perf_counter() - started)
+            self._wrote(sink, time.perf_counter() - started)
             return True
+
+    def _failed(self, sink: str, exc: BaseException) -> None:
+        self.metrics.sink_failed(sink)
+        health = self.health[sink]
+        health.failures += 1
+        health.last_error = describe(exc)
+        if health.failing_since_s is None:
+            health.failing_since_s = time.time()
+        if health.failures == self.unhealthy_after:
+            log.error(
+                "%s failed %d times in a row; /healthz says unhealthy: %s",
+                sink,
+                health.failures,
+                health.last_error,
+            )
+
+    def _wrote(self, sink: str, seconds: float) -> None:
+        self.metrics.sink_wrote(sink, seconds)
+        health = self.health[sink]
+        if health.failures >= self.unhealthy_after:
+            log.warning("%s writes again after %d failures", sink, health.failures)
+        self.health[sink] = SinkHealth()
+
+
+_Sent = tuple[str, int, list[Message], "asyncio.Future[Any]"]

@@ -22,11 +22,11 @@ class FakeSinks:
     def __init__(self, log: list[Any], durable: bool = True, block: bool = False) -> None:
         self.log, self.durable, self.block = log, durable, block
 
-    async def insert(self, rows: list[Any], label: str) -> bool:
+    async def insert(self, rows: list[Any], label: str, **policy: Any) -> bool:
         self.log.append(("insert", list(rows)))
         return self.durable
 
-    async def produce(self, messages: list[Any]) -> bool:
+    async def produce(self, messages: list[Any], **policy: Any) -> bool:
         self.log.append(("produce", list(messages)))
         if self.block:
             await asyncio.sleep(3600)
