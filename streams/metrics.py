@@ -18,6 +18,12 @@ from streams.rows import KIND_IDLE, UNTAGGED, CostRow
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
+# Event sources (CloudEvent `source`, e.g. `agent/node-7`) come from event data: the first
+# MAX_SOURCES get a series of their own, the rest share OTHER_SOURCE.
+MAX_SOURCES = 2000
+OTHER_SOURCE = "__other__"
+CLOCK_SERIES_TTL_S = 900.0  # a source silent this long loses its clock-offset series
+
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -102,6 +108,21 @@ class WorkerMetrics:
         self._open_windows = Gauge(
             "gpuledger_open_windows", "(window, device) pairs not yet closed", registry=registry
         )
+        self._clock_offset = Gauge(
+            "gpuledger_clock_offset_seconds",
+            "Event time minus Kafka record timestamp of the source's latest event",
+            ["source"],
+            registry=registry,
+        )
+        self._clock_skew = Counter(
+            "gpuledger_clock_skew_events_total",
+            "Events dead-lettered because their time is outside the clock bounds",
+            ["topic", "source"],
+            registry=registry,
+        )
+        self._sources: set[str] = set()
+        self._offset_seen: dict[str, float] = {}  # source label -> wall time of its last value
+        self._next_sweep_s = 0.0
         self._latest: dict[str, tuple[int, list[CostRow]]] = {}
         # Label children, cached: `labels()` costs microseconds, and some hooks run per event.
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
@@ -136,6 +157,34 @@ class WorkerMetrics:
     def unknown_gpu_model(self, gpu_model: str) -> None:
         """A sample priced at the price book's default."""
         self._unknown_model.labels(gpu_model).inc()
+
+    def _source(self, source: str) -> str:
+        """The label for an event source: its own for the first MAX_SOURCES, then shared."""
+        if source in self._sources:
+            return source
+        if len(self._sources) < MAX_SOURCES:
+            self._sources.add(source)
+            return source
+        return OTHER_SOURCE
+
+    def clock_offset(self, source: str, seconds: float, now_s: float) -> None:
+        """`source`'s latest event time minus its Kafka record timestamp. Series of sources
+        silent for CLOCK_SERIES_TTL_S are removed (checked at most once a minute)."""
+        label = self._source(source)
+        self._child(self._clock_offset, label).set(seconds)
+        self._offset_seen[label] = now_s
+        if now_s >= self._next_sweep_s:
+            self._next_sweep_s = now_s + 60.0
+            for stale in [
+                s for s, t in self._offset_seen.items() if now_s - t > CLOCK_SERIES_TTL_S
+            ]:
+                del self._offset_seen[stale]
+                self._children.pop((id(self._clock_offset), (stale,)), None)
+                self._clock_offset.remove(stale)
+
+    def clock_skewed(self, topic: str, source: str) -> None:
+        """An event of `source` dead-lettered as `clock_skew`."""
+        self._child(self._clock_skew, topic, self._source(source)).inc()
 
     # ------------------------------------------------------------------ partitions
 

@@ -21,6 +21,20 @@ IDLE = "__idle__"
 UNTAGGED = "__untagged__"
 UNKNOWN = "__unknown__"
 
+# What a row's times can be: ClickHouse's DateTime64(3) range, which RFC 3339 can also write.
+ROW_TIME_MIN_MS = -2_208_988_800_000  # 1900-01-01T00:00:00Z
+ROW_TIME_MAX_MS = 10_413_791_999_999  # 2299-12-31T23:59:59.999Z
+
+
+def check_window_times(start_ms: int, end_ms: int) -> None:
+    """Raise ValueError when a window's rows could not be stored or written (design §5: such
+    a window is dead-lettered, not emitted)."""
+    if not (ROW_TIME_MIN_MS <= start_ms <= end_ms <= ROW_TIME_MAX_MS):
+        raise ValueError(
+            f"window {start_ms}..{end_ms} ms is outside the times a row can hold "
+            "(1900-01-01 to 2299-12-31)"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class CostRow:

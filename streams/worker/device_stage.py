@@ -20,7 +20,7 @@ from streams.allocation import AllocationSettings, DeviceWindow, Pricer, sample_
 from streams.allocation import finalize_device_window as finalize
 from streams.labels import PodHistory
 from streams.pricing import PriceBook
-from streams.rows import KIND_USAGE, CostRow
+from streams.rows import KIND_USAGE, CostRow, check_window_times
 from streams.windows import window_of
 from streams.worker.watermark import HeldOffsets, Partition, Watermark
 
@@ -30,6 +30,7 @@ OK = "ok"
 DUPLICATE = "duplicate"
 LATE = "late"  # for a closed window still within retention: a correction
 TOO_LATE = "too_late"
+NO_TIME = -(2**63)  # below any event time: "no accepted sample yet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,9 @@ class StreamSettings:
     grace_s: float = 10.0
     idle_flush_s: float = 30.0
     retention_s: float = 3600.0
+    # An event stamped further ahead of the worker's clock than this (and of its record
+    # timestamp, where that is the broker's) is dead-lettered as `clock_skew` (design §5).
+    max_clock_skew_s: float = 300.0
 
     @property
     def window_ms(self) -> int:
@@ -100,10 +104,22 @@ class SampleCounts:
     unknown_models: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Unemittable:
+    """A (window, unit) whose rows could not be formed or written: it is dropped, its inputs
+    dead-lettered. `held` is the earliest offset per partition its inputs came from."""
+
+    window_start_ms: int
+    unit: str  # the device uuid (stage one) or pod uid (stage two)
+    held: dict[Partition, int]
+    error: str
+
+
 @dataclass
 class StageOutput:
     rows: list[CostRow] = field(default_factory=list)
     partials: list[PodCostPartial] = field(default_factory=list)
+    unemittable: list[Unemittable] = field(default_factory=list)
 
 
 class DeviceStage:
@@ -158,7 +174,9 @@ class DeviceStage:
         price_of = self.pricer.price
         hold = self.held.hold
         open_, closed_ = self._open, self._closed
-        max_time_ms = events[0].time_ms  # of the samples before the current one
+        # The latest time of the samples before the current one, too-late ones left out: an
+        # event that is refused never moves its partition's clock.
+        max_time_ms = NO_TIME
         ok = late = 0
         for index, event in enumerate(events):
             time_ms = event.time_ms
@@ -172,13 +190,11 @@ class DeviceStage:
                 slot = closed.get(device) if closed is not None else None
                 if slot is None:
                     # Only a new (window, device) can be too late (rare: once per window).
-                    if index:
+                    if max_time_ms != NO_TIME:
                         self.watermark.observe(partition, max_time_ms, now_s)
                     watermark = self.watermark.value(now_s)
                     if watermark is not None and start + size + retention <= watermark:
                         counts.too_late.append(index)
-                        if time_ms > max_time_ms:
-                            max_time_ms = time_ms
                         continue
                     slot = _Slot(start, device)
                     if slots is None:
@@ -200,7 +216,8 @@ class DeviceStage:
             else:
                 ok += 1
         counts.ok, counts.late = ok, late
-        self.watermark.observe(partition, max_time_ms, now_s)
+        if max_time_ms != NO_TIME:
+            self.watermark.observe(partition, max_time_ms, now_s)
         return counts
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
@@ -246,33 +263,71 @@ class DeviceStage:
             if dirty is not None and dirty.dirty:
                 self._emit(start, dirty, out)
         self._dirty.clear()
+        for failed in out.unemittable:
+            self.discard(failed.window_start_ms, failed.unit)
         self._expire(watermark)
         return out
 
     def _emit(self, start: int, slot: _Slot, out: StageOutput) -> None:
+        """Add the slot's rows and pod-cost partials to `out`; a slot whose rows cannot be
+        formed goes to `out.unemittable` instead (`poll` drops it), and the stage goes on."""
         slot.dirty = False
-        as_of = start + self.settings.window_ms + self.settings.grace_ms
-        meta = self.pods.count_as_of(slot.window.owners, as_of)
-        version = (slot.window.sample_count << META_BITS) | meta
-        if version == slot.emitted_version:
+        try:
+            end = start + self.settings.window_ms
+            check_window_times(start, end)
+            as_of = end + self.settings.grace_ms
+            meta = self.pods.count_as_of(slot.window.owners, as_of)
+            version = (slot.window.sample_count << META_BITS) | meta
+            if version == slot.emitted_version:
+                return
+            rows = finalize(
+                slot.window,
+                lambda uid: self.pods.as_of(uid, as_of),
+                self.settings.allocation,
+                version,
+            )
+            partials = [
+                PodCostPartial(
+                    start,
+                    slot.device_uuid,
+                    row.pod_uid,
+                    row.cost_usd,
+                    slot.window.sample_count,
+                    version,
+                )
+                for row in rows
+                if row.kind == KIND_USAGE
+            ]
+        except Exception as exc:  # one window's data, whatever it is, must not stop the stage
+            out.unemittable.append(Unemittable(start, slot.device_uuid, dict(slot.held), repr(exc)))
             return
         slot.emitted_version = version
-        rows = finalize(
-            slot.window, lambda uid: self.pods.as_of(uid, as_of), self.settings.allocation, version
-        )
         out.rows += rows
-        for row in rows:
-            if row.kind == KIND_USAGE:
-                out.partials.append(
-                    PodCostPartial(
-                        start,
-                        slot.device_uuid,
-                        row.pod_uid,
-                        row.cost_usd,
-                        slot.window.sample_count,
-                        version,
-                    )
-                )
+        out.partials += partials
+
+    def discard(self, start: int, device: str) -> dict[Partition, int]:
+        """Drop the (window, device) `start`, `device` (its rows cannot be emitted): it holds
+        no offsets any more, so commits move past its inputs. Returns what it held."""
+        slot = None
+        for group in (self._open, self._closed):
+            slots = group.get(start)
+            if slots is not None and device in slots:
+                slot = slots.pop(device)
+                if not slots:
+                    del group[start]
+                break
+        if slot is None:
+            return {}
+        for owner in slot.window.owners:
+            keys = self._by_pod.get(owner)
+            if keys is not None:
+                keys.discard((start, device))
+                if not keys:
+                    del self._by_pod[owner]
+        self._dirty.discard((start, device))
+        units = [s.held for g in (self._open, self._closed) for s in g.get(start, {}).values()]
+        self.held.rebuild(start, units)
+        return slot.held
 
     def _expire(self, watermark: int) -> None:
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms

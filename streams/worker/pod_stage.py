@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Annotated
 
+import msgspec
 import orjson
+from msgspec import Meta, Struct
 
 from schemas.events import CloudEvent, TokenDelta
 from streams.labels import PodHistory, resolve_owner
-from streams.rows import TokenCostRow, TokenRow
+from streams.rows import (
+    ROW_TIME_MAX_MS,
+    ROW_TIME_MIN_MS,
+    TokenCostRow,
+    TokenRow,
+    check_window_times,
+)
 from streams.tokens import PodOwner, TokenWindow, token_cost_rows
 from streams.windows import window_of
 from streams.worker.device_stage import (
@@ -27,11 +35,17 @@ from streams.worker.device_stage import (
     TOO_LATE,
     PodCostPartial,
     StreamSettings,
+    Unemittable,
 )
 from streams.worker.watermark import HeldOffsets, Partition, Watermark
 
+# The end of a marker from a sample partition that has no data at all ("do not wait for me").
+# Stage two does not take it for a time: it only stops that partition holding the others back.
+MARKER_ALL_IDLE_MS = 2**62
+
 
 def encode_marker(source_partition: int, source_partitions: int, end_ms: int) -> bytes:
+    """Stage one's "my windows up to `end_ms` are emitted" (or MARKER_ALL_IDLE_MS)."""
     return orjson.dumps(
         {
             "kind": "marker",
@@ -42,25 +56,67 @@ def encode_marker(source_partition: int, source_partitions: int, end_ms: int) ->
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Marker:
-    source_partition: int
-    source_partitions: int
-    end_ms: int
+_Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+_PartitionNo = Annotated[int, Meta(ge=0, le=99_999)]
+_Text = Annotated[str, Meta(min_length=1)]
+_Money = Annotated[str, Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$")]  # format(Decimal, "f")
 
 
-def decode_internal(raw: bytes) -> PodCostPartial | Marker:
-    """Internal messages are written by stage one; anything else is a bug, so this raises."""
-    doc: dict[str, Any] = orjson.loads(raw)
-    if doc["kind"] == "marker":
-        return Marker(doc["source_partition"], doc["source_partitions"], doc["end_ms"])
+class Marker(Struct, frozen=True, tag_field="kind", tag="marker"):
+    """A sample partition's windows up to `end_ms` are emitted; `idle`: it has no data."""
+
+    source_partition: _PartitionNo
+    source_partitions: Annotated[int, Meta(ge=1, le=100_000)]
+    end_ms: Annotated[int, Meta(ge=0)]
+
+    @property
+    def idle(self) -> bool:
+        return self.end_ms >= MARKER_ALL_IDLE_MS
+
+
+class _PartialWire(Struct, frozen=True, tag_field="kind", tag="partial"):
+    """`PodCostPartial.encode`'s form, with its types: a value of another type is refused."""
+
+    window_start_ms: Annotated[int, Meta(ge=ROW_TIME_MIN_MS, le=ROW_TIME_MAX_MS)]
+    device_uuid: _Text
+    pod_uid: _Text
+    cost_usd: _Money
+    samples: _Count
+    version: _Count
+
+
+_INTERNAL = msgspec.json.Decoder(_PartialWire | Marker)
+
+
+class InvalidInternal(ValueError):
+    """A record on the internal topic that is not what stage one writes."""
+
+
+def decode_internal(raw: bytes | None) -> PodCostPartial | Marker:
+    """A pod-cost partial or a marker, with strict types; raises InvalidInternal on anything
+    else (the handler dead-letters it, like any unusable input)."""
+    if raw is None:
+        raise InvalidInternal("record has no value")
+    try:
+        message = _INTERNAL.decode(raw)
+    except msgspec.MsgspecError as exc:
+        raise InvalidInternal(str(exc)) from None
+    if isinstance(message, Marker):
+        if message.source_partition >= message.source_partitions:
+            raise InvalidInternal(
+                f"source_partition {message.source_partition} of "
+                f"{message.source_partitions} partitions"
+            )
+        if not message.idle and message.end_ms > ROW_TIME_MAX_MS:
+            raise InvalidInternal(f"end_ms {message.end_ms} is not a window end")
+        return message
     return PodCostPartial(
-        doc["window_start_ms"],
-        doc["device_uuid"],
-        doc["pod_uid"],
-        Decimal(doc["cost_usd"]),
-        doc["samples"],
-        doc["version"],
+        message.window_start_ms,
+        message.device_uuid,
+        message.pod_uid,
+        Decimal(message.cost_usd),
+        message.samples,
+        message.version,
     )
 
 
@@ -80,6 +136,7 @@ class _PodSlot:
 class PodOutput:
     token_rows: list[TokenRow] = field(default_factory=list)
     cost_rows: list[TokenCostRow] = field(default_factory=list)
+    unemittable: list[Unemittable] = field(default_factory=list)
 
 
 class PodStage:
@@ -88,8 +145,10 @@ class PodStage:
         self.pods = pods
         self.token_watermark = Watermark(settings.idle_flush_s)
         self.held = HeldOffsets()  # what a restart must replay: the commit positions
-        self._markers: dict[int, int] = {}
+        self._markers: dict[int, int] = {}  # sample partition -> highest window end reported
+        self._idle_sources: set[int] = set()  # sample partitions whose last marker said "idle"
         self._source_partitions = 0
+        self._horizon_floor: int | None = None  # the horizon never goes back
         self._slots: dict[tuple[int, str], _PodSlot] = {}
         # Indexes by window start, so that a poll or commit costs windows, not slots (a pod
         # slot lives for the retention: thousands of pods x dozens of windows).
@@ -120,10 +179,10 @@ class PodStage:
         self.held.consumed(partition, offset)
         self._last_input_s = now_s
         start = window_of(event.time_ms, self.settings.allocation.window_s)
-        self.token_watermark.observe(partition, event.time_ms, now_s)
         slot = self._slot_for(start, event.data.pod_uid)
         if slot is None:
-            return TOO_LATE
+            return TOO_LATE  # refused: it does not move its partition's clock
+        self.token_watermark.observe(partition, event.time_ms, now_s)
         window = slot.tokens.setdefault(event.data.model, TokenWindow())
         if not window.add(event):
             return DUPLICATE
@@ -136,8 +195,12 @@ class PodStage:
         self.held.consumed(partition, offset)
         self._last_input_s = now_s
         if isinstance(message, Marker):
-            previous = self._markers.get(message.source_partition, message.end_ms)
-            self._markers[message.source_partition] = max(previous, message.end_ms)
+            source = message.source_partition
+            if message.idle:
+                self._idle_sources.add(source)  # stops holding back, moves no clock
+            else:
+                self._idle_sources.discard(source)
+                self._markers[source] = max(self._markers.get(source, 0), message.end_ms)
             self._source_partitions = max(self._source_partitions, message.source_partitions)
             return OK
         slot = self._slot_for(message.window_start_ms, message.pod_uid)
@@ -168,17 +231,36 @@ class PodStage:
 
     # ------------------------------------------------------------------ output
 
-    def _cost_watermark(self) -> int | None:
-        """The window end up to which every sample partition's pod costs are in."""
-        if not self._source_partitions or len(self._markers) < self._source_partitions:
+    def _active_ends(self) -> list[int] | None:
+        """The ends reported by the sample partitions that have data; None until every sample
+        partition has sent a marker."""
+        reported = len(self._markers.keys() | self._idle_sources)
+        if not self._source_partitions or reported < self._source_partitions:
             return None
-        return min(self._markers.values())
+        return [end for p, end in self._markers.items() if p not in self._idle_sources]
+
+    def _cost_watermark(self) -> int | None:
+        """The window end up to which every sample partition's pod costs are in (with no
+        sample partition holding data: every end)."""
+        ends = self._active_ends()
+        if ends is None:
+            return None
+        return min(ends) if ends else MARKER_ALL_IDLE_MS
 
     def _horizon(self) -> int | None:
-        mark = self._cost_watermark()
-        if mark is None:
-            return None
-        return mark - self.settings.retention_ms - self.settings.window_ms
+        """Windows starting at or before this are expired: input for them is too late. From
+        the reported ends only (an idle marker is no time), and never going back."""
+        ends = self._active_ends()
+        if ends is None:
+            return self._horizon_floor
+        if not ends:
+            if not self._markers:
+                return self._horizon_floor
+            ends = [max(self._markers.values())]  # all idle: as a watermark, the latest
+        horizon = min(ends) - self.settings.retention_ms - self.settings.window_ms
+        if self._horizon_floor is None or horizon > self._horizon_floor:
+            self._horizon_floor = horizon
+        return self._horizon_floor
 
     def poll(self, now_s: float) -> PodOutput:
         out = PodOutput()
@@ -202,6 +284,8 @@ class PodStage:
             if dirty is not None and dirty.dirty:
                 self._emit(key, dirty, out)
         self._dirty.clear()
+        for failed in out.unemittable:
+            self.discard(failed.window_start_ms, failed.unit)
         horizon = self._horizon()
         if horizon is not None:
             for start in [s for s in self._pods_by_start if s <= horizon]:
@@ -212,27 +296,54 @@ class PodStage:
         return out
 
     def _emit(self, key: tuple[int, str], slot: _PodSlot, out: PodOutput) -> None:
+        """Add the slot's changed rows to `out`; a slot whose rows cannot be formed goes to
+        `out.unemittable` instead (`poll` drops it), and the stage goes on."""
         slot.dirty = False
         start, pod_uid = key
-        end = start + self.settings.window_ms
-        as_of = end + self.settings.grace_ms
-        meta = self.pods.count_as_of([pod_uid], as_of)
-        token_rows = {}
-        for model, window in slot.tokens.items():
-            token_row = window.row(start, end, pod_uid, model, len(window.delta_ids))
-            token_rows[model] = token_row
-            if slot.emitted.get(token_row.key) != token_row.version:
-                slot.emitted[token_row.key] = token_row.version
+        emitted = slot.emitted
+        try:
+            end = start + self.settings.window_ms
+            check_window_times(start, end)
+            as_of = end + self.settings.grace_ms
+            meta = self.pods.count_as_of([pod_uid], as_of)
+            token_rows = {
+                model: window.row(start, end, pod_uid, model, len(window.delta_ids))
+                for model, window in slot.tokens.items()
+            }
+            samples = sum(p.samples for p in slot.partials.values())
+            deltas = sum(len(w.delta_ids) for w in slot.tokens.values())
+            version = (samples << 40) | (deltas << 20) | meta
+            cost = sum((p.cost_usd for p in slot.partials.values()), Decimal(0))
+            owner = self._owner(pod_uid, as_of, slot)
+            cost_rows = token_cost_rows(start, end, pod_uid, cost, token_rows, owner, version)
+        except Exception as exc:  # one window's data, whatever it is, must not stop the stage
+            out.unemittable.append(Unemittable(start, pod_uid, dict(slot.held), repr(exc)))
+            return
+        for token_row in token_rows.values():
+            if emitted.get(token_row.key) != token_row.version:
+                emitted[token_row.key] = token_row.version
                 out.token_rows.append(token_row)
-        samples = sum(p.samples for p in slot.partials.values())
-        deltas = sum(len(w.delta_ids) for w in slot.tokens.values())
-        version = (samples << 40) | (deltas << 20) | meta
-        cost = sum((p.cost_usd for p in slot.partials.values()), Decimal(0))
-        owner = self._owner(pod_uid, as_of, slot)
-        for row in token_cost_rows(start, end, pod_uid, cost, token_rows, owner, version):
-            if slot.emitted.get("cpt|" + row.key) != version:
-                slot.emitted["cpt|" + row.key] = version
+        for row in cost_rows:
+            if emitted.get("cpt|" + row.key) != version:
+                emitted["cpt|" + row.key] = version
                 out.cost_rows.append(row)
+
+    def discard(self, start: int, pod_uid: str) -> dict[Partition, int]:
+        """Drop the (window, pod) `start`, `pod_uid` (its rows cannot be emitted): it holds no
+        offsets any more, so commits move past its inputs. Returns what it held."""
+        slot = self._slots.pop((start, pod_uid), None)
+        if slot is None:
+            return {}
+        for index in (self._pods_by_start, self._open):
+            uids = index.get(start)
+            if uids is not None:
+                uids.discard(pod_uid)
+                if not uids:
+                    del index[start]
+        self._dirty.discard((start, pod_uid))
+        units = [self._slots[(start, uid)].held for uid in self._pods_by_start.get(start, ())]
+        self.held.rebuild(start, units)
+        return slot.held
 
     def _owner(self, pod_uid: str, as_of: int, slot: _PodSlot) -> PodOwner:
         namespace, pod, team, product, cost_center = resolve_owner(

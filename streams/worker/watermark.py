@@ -2,8 +2,11 @@
 
 As in Flink, the watermark is the minimum over the input partitions that carry data of the
 latest event time each has shown; a partition silent (by wall clock) for `idle_after_s` stops
-holding the others back. Commit positions (`HeldOffsets`) follow the earliest offset still needed to
-rebuild the state a restart would lose.
+holding the others back. It never goes backwards, per partition or overall: a partition that
+speaks again after a silence, behind the others, does not step it back (what closed stays
+closed), and the stages observe only the times of events they accepted. Commit positions
+(`HeldOffsets`) follow the earliest offset still needed to rebuild the state a restart would
+lose.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Watermark:
     def __init__(self, idle_after_s: float) -> None:
         self.idle_after_s = idle_after_s
         self._clocks: dict[Partition, _PartitionClock] = {}
+        self._floor: int | None = None  # the highest value returned: it never goes back
 
     def observe(self, partition: Partition, time_ms: int, now_s: float) -> None:
         clock = self._clocks.get(partition)
@@ -37,17 +41,19 @@ class Watermark:
 
     def value(self, now_s: float) -> int | None:
         """Minimum over active partitions; None before any data. When every partition is idle
-        the maximum is returned, so a quiet stream still closes what it has."""
+        the maximum is taken, so a quiet stream still closes what it has. Never less than a
+        value returned before (until every partition is forgotten)."""
         if not self._clocks:
-            return None
+            return self._floor
         active = [
             c.max_time_ms
             for c in self._clocks.values()
             if now_s - c.last_seen_wall_s < self.idle_after_s
         ]
-        if active:
-            return min(active)
-        return max(c.max_time_ms for c in self._clocks.values())
+        value = min(active) if active else max(c.max_time_ms for c in self._clocks.values())
+        if self._floor is None or value > self._floor:
+            self._floor = value
+        return self._floor
 
     def all_idle(self, now_s: float) -> bool:
         return bool(self._clocks) and all(
@@ -55,8 +61,12 @@ class Watermark:
         )
 
     def forget(self, partitions: set[Partition]) -> None:
+        """Drop lost partitions' clocks. Once none is left the stage holds no state the
+        watermark guarded, and the next owner's replay starts it again from its data."""
         for p in partitions:
             self._clocks.pop(p, None)
+        if not self._clocks:
+            self._floor = None
 
 
 class HeldOffsets:
@@ -94,6 +104,25 @@ class HeldOffsets:
         current = held.get(partition)
         if current is None or offset < current:
             held[partition] = offset
+
+    def last_read(self, partition: Partition) -> int | None:
+        """The highest offset read from `partition`, if any."""
+        next_ = self._next.get(partition)
+        return None if next_ is None else next_ - 1
+
+    def rebuild(self, window: int, units: Iterable[dict[Partition, int]]) -> None:
+        """`window` lost a unit (dropped, not expired): its holds become those of `units`, the
+        units it still has; with none left it holds nothing."""
+        held: dict[Partition, int] = {}
+        for unit in units:
+            for partition, offset in unit.items():
+                current = held.get(partition)
+                if current is None or offset < current:
+                    held[partition] = offset
+        if held:
+            self._windows[window] = held
+        else:
+            self._windows.pop(window, None)
 
     def windows(self) -> list[int]:
         """Starts of the windows that hold offsets."""

@@ -30,6 +30,8 @@ KNOWN_METRICS = {
     "gpuledger_untagged_cost_usd_per_hour",
     "gpuledger_cost_usd_per_hour",
     "gpuledger_unknown_gpu_model_samples_total",
+    "gpuledger_clock_offset_seconds",
+    "gpuledger_clock_skew_events_total",
     "gpuledger_agent_last_sample_timestamp_seconds",
     "gpuledger_agent_samples_total",
 }
@@ -39,6 +41,7 @@ REQUIRED_ALERTS = {
     "GpuledgerAgentSilent",
     "GpuledgerConsumerLagGrowing",
     "GpuledgerDeadLetters",
+    "GpuledgerClockSkew",
 }
 
 
@@ -103,6 +106,12 @@ def test_promtool_unit_tests_pass() -> None:
         ("GpuledgerConsumerLagGrowing", "> 0\n", ">= 0\n"),
         ("GpuledgerDeadLetters", "[10m]", "[1m]"),
         ("GpuledgerSinkFailing", "for: 5m", "for: 30m"),
+        ("GpuledgerClockSkew", "> 60", "> 7200"),
+        (
+            "GpuledgerClockSkew",
+            "(abs(gpuledger_clock_offset_seconds))",
+            "(gpuledger_clock_offset_seconds)",
+        ),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
