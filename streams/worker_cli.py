@@ -139,6 +139,16 @@ def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, st
         default=3600.0,
         help="seconds a closed window is kept for late corrections (default 3600)",
     )
+    add_env_option(
+        parser,
+        env,
+        "--max-clock-skew-s",
+        env="GPULEDGER_MAX_CLOCK_SKEW_S",
+        type=float,
+        default=300.0,
+        help="an event further ahead of the worker's clock than this is dead-lettered as "
+        "clock_skew (default 300)",
+    )
 
 
 def stream_settings_from(args: argparse.Namespace) -> StreamSettings:
@@ -157,7 +167,15 @@ def stream_settings_from(args: argparse.Namespace) -> StreamSettings:
         )
     except ValueError as exc:
         raise GpuledgerError(str(exc)) from exc
-    return StreamSettings(allocation, args.grace_s, args.idle_flush_s, args.retention_s)
+    if args.max_clock_skew_s <= 0:
+        raise GpuledgerError("--max-clock-skew-s must be positive")
+    return StreamSettings(
+        allocation,
+        args.grace_s,
+        args.idle_flush_s,
+        args.retention_s,
+        max_clock_skew_s=args.max_clock_skew_s,
+    )
 
 
 def register(sub: Any, env: Mapping[str, str]) -> None:
