@@ -737,7 +737,15 @@ class Running:
     @property
     def busy(self) -> bool:
         """Handling a batch, or writing (a sink retrying through an outage counts)."""
-        return any(r.lock.locked() for r in self.worker.runners)
+        return any(
+            r.lock.locked() or _locked(getattr(r, "writing", None)) or getattr(r, "stalled", False)
+            for r in self.worker.runners
+        )
+
+    def unhealthy(self) -> dict[str, Any]:
+        """The sinks the worker's /healthz names as failing (none where it has no such view)."""
+        view = getattr(self.worker, "unhealthy_sinks", None)
+        return dict(view()) if view is not None else {}
 
     def records(self, stage: int) -> int:
         runners = self.worker.runners
@@ -749,13 +757,17 @@ class Running:
             return set()
         return {tp.partition for tp in runners[0].consumer.assignment()}
 
-    async def stop(self, timeout_s: float) -> bool:
-        """Tell it to stop; True if it was alive until then and stopped cleanly."""
+    async def stop(self, timeout_s: float, *, while_failing: bool = False) -> bool:
+        """Tell it to stop; True if it was alive and healthy until then (`while_failing`: a
+        stop during an outage, when its sinks are failing) and stopped cleanly."""
         if self.ok is None:
             alive = self.alive
+            unhealthy = self.unhealthy() if alive and not while_failing else {}
+            if unhealthy:
+                self.problem = f"alive, but /healthz would say unhealthy: {unhealthy}"
             self.worker.stop()
             clean = await self._ended(timeout_s)
-            self.ok = clean and (alive or self.bounded)
+            self.ok = clean and (alive or self.bounded) and not unhealthy
             if clean and not alive and not self.bounded:
                 self.problem = "it had stopped before it was told to"
         return self.ok
@@ -789,6 +801,10 @@ class Running:
         else:
             what += " alive until told to stop, then stopped cleanly"
         return what, bool(self.ok)
+
+
+def _locked(lock: asyncio.Lock | None) -> bool:
+    return lock is not None and lock.locked()
 
 
 def http_metric(port: int, name: str, label: str = "") -> float:
@@ -1179,6 +1195,8 @@ async def clickhouse_down(env: DrillEnv, baseline: Baseline) -> DrillResult:
             began = time.monotonic()
             await send_events(run.bootstrap, rest)
             await asyncio.sleep(max(0.0, down_s - (time.monotonic() - began)))
+            unhealthy = worker.unhealthy()
+        run.notes.append(f"/healthz at the end of the outage: {unhealthy or 'ok'}")
         failures = metric(worker.worker, "gpuledger_sink_failures_total", sink="clickhouse")
         run.check(
             f"ClickHouse refused {outage.refused} calls ({type(outage.error).__name__}) for "
@@ -1209,7 +1227,7 @@ async def rebalance_in_clickhouse_outage(env: DrillEnv, baseline: Baseline) -> D
             began = time.monotonic()
             await send_events(run.bootstrap, rest)
             await asyncio.sleep(min(2.0, down_s / 3))  # both fetch, fold, and fail to write
-            left = await a.stop(run.settings.worker_timeout_s)
+            left = await a.stop(run.settings.worker_timeout_s, while_failing=True)
             left_after = time.monotonic() - began
             # The group rebalances while ClickHouse is still down, however long A took.
             await asyncio.sleep(max(down_s - left_after, 2.0))
