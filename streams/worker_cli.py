@@ -220,6 +220,15 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         default="127.0.0.1",
         help="address the HTTP endpoints listen on (default 127.0.0.1)",
     )
+    add_env_option(
+        parser,
+        env,
+        "--unhealthy-after-failures",
+        env="GPULEDGER_UNHEALTHY_AFTER_FAILURES",
+        type=int,
+        default=5,
+        help="failed writes of one sink in a row after which /healthz answers 503 (default 5)",
+    )
     parser.add_argument("--flush-interval-s", type=float, default=1.0)
     parser.add_argument(
         "--exit-when-idle",
@@ -239,6 +248,8 @@ def run_worker(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.unhealthy_after_failures < 1:
+            raise GpuledgerError("--unhealthy-after-failures must be at least 1")
         book = load_price_book(args.price_book)
         config = WorkerConfig(
             kafka=kafka_settings_from(args),
@@ -247,6 +258,7 @@ def run_worker(args: argparse.Namespace) -> int:
             group_id=args.group_id,
             partitions=args.partitions,
             flush_interval_s=args.flush_interval_s,
+            unhealthy_after_failures=args.unhealthy_after_failures,
             http_host=args.http_host,
             http_port=args.metrics_port,
             exit_when_idle_s=args.exit_when_idle,

@@ -79,6 +79,7 @@ EXPECTED = {
     "GPULEDGER_PRODUCT_LABEL": "--product-label",
     "GPULEDGER_RETENTION_S": "--retention-s",
     "GPULEDGER_MAX_CLOCK_SKEW_S": "--max-clock-skew-s",
+    "GPULEDGER_UNHEALTHY_AFTER_FAILURES": "--unhealthy-after-failures",
     "GPULEDGER_SHARE_POLICY": "--share-policy",
     "GPULEDGER_SM_WEIGHT": "--sm-weight",
     "GPULEDGER_TEAM_LABEL": "--team-label",
