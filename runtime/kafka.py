@@ -158,6 +158,7 @@ class TopicSpec:
     compacted: bool = False
     replication_factor: int = 1
     retention_ms: int | None = None
+    min_compaction_lag_ms: int | None = None  # a compacted record stays at least this long
 
     def new_topic(self) -> NewTopic:
         configs: dict[str, str] = {}
@@ -165,6 +166,8 @@ class TopicSpec:
             configs["cleanup.policy"] = "compact"
         if self.retention_ms is not None:
             configs["retention.ms"] = str(self.retention_ms)
+        if self.min_compaction_lag_ms is not None:
+            configs["min.compaction.lag.ms"] = str(self.min_compaction_lag_ms)
         return NewTopic(
             name=self.name,
             num_partitions=self.partitions,
@@ -173,12 +176,26 @@ class TopicSpec:
         )
 
 
+# The pods topic is compacted, but a pod event stays until the event that supersedes it is a
+# week old (Kafka compacts a record only once a later one of its key is past this lag): a week
+# is Kafka's default retention, that of the samples topic, so a replay of any sample still in
+# Kafka sees every pod event live processing saw. It must be at least the worker's retention
+# (1 h by default), which a restart or rebalance replays.
+PODS_MIN_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
+
+
 def default_topics(partitions: int = 1, replication_factor: int = 1) -> list[TopicSpec]:
-    """Every topic of design §2; the pods topic is compacted."""
+    """Every topic of design §2; the pods topic is compacted, after a week."""
     rf = replication_factor
     return [
         TopicSpec(events.GPU_SAMPLES_TOPIC, partitions, replication_factor=rf),
-        TopicSpec(events.PODS_TOPIC, partitions, compacted=True, replication_factor=rf),
+        TopicSpec(
+            events.PODS_TOPIC,
+            partitions,
+            compacted=True,
+            replication_factor=rf,
+            min_compaction_lag_ms=PODS_MIN_COMPACTION_LAG_MS,
+        ),
         TopicSpec(events.TOKENS_TOPIC, partitions, replication_factor=rf),
         TopicSpec(events.COST_WINDOWS_TOPIC, partitions, replication_factor=rf),
         TopicSpec(events.TOKEN_COST_WINDOWS_TOPIC, partitions, replication_factor=rf),

@@ -6,6 +6,7 @@ without the label, is `__untagged__`. Label keys are configurable.
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -47,11 +48,18 @@ def resolve_owner(
 
 
 class PodHistory:
-    """Every pod event seen, per uid, so a window reads the metadata as of its end."""
+    """Every pod event seen, per uid, so a window reads the metadata as of its end.
+
+    First-known metadata (design §3 step 6): a window reads the latest event dated at or before
+    its end + grace; where the pod has none that early, its earliest known event applies (its
+    labels are known from the first event on, whatever the watcher's clock said). The answer
+    depends only on the set of events seen, never on the order they came in.
+    """
 
     __slots__ = ("_events", "_ids")
 
     def __init__(self) -> None:
+        # uid -> events sorted by (time, event id)
         self._events: dict[str, list[tuple[int, str, PodInfo]]] = {}
         self._ids: set[str] = set()
 
@@ -61,26 +69,49 @@ class PodHistory:
             return False
         self._ids.add(event_id)
         series = self._events.setdefault(pod.uid, [])
-        series.append((time_ms, event_id, pod))
-        series.sort(key=lambda e: (e[0], e[1]))
+        entry = (time_ms, event_id, pod)
+        if not series or series[-1][:2] < entry[:2]:
+            series.append(entry)  # the usual case: events come in time order
+        else:
+            insort(series, entry, key=_order)
         return True
 
     def as_of(self, uid: str, time_ms: int) -> PodInfo | None:
-        """The latest event of `uid` with time <= `time_ms` (ties broken by event id)."""
-        best = None
-        for t, _, pod in self._events.get(uid, ()):
-            if t > time_ms:
-                break
-            best = pod
-        return best
+        """The latest event of `uid` with time <= `time_ms` (ties broken by event id); where
+        there is none that early, its earliest known event; None for a pod never seen."""
+        series = self._events.get(uid)
+        if not series:
+            return None
+        if series[-1][0] <= time_ms:
+            return series[-1][2]
+        index = bisect_right(series, time_ms, key=_time)
+        return series[index - 1][2] if index else series[0][2]
+
+    def first_ms(self, uid: str) -> int | None:
+        """Time of the earliest known event of `uid`."""
+        series = self._events.get(uid)
+        return series[0][0] if series else None
+
+    def can_change(self, uid: str, time_ms: int, as_of_ms: int) -> bool:
+        """Whether an event of `uid` dated `time_ms`, just added, can change what a window
+        reading metadata as of `as_of_ms` resolves to: it is dated within the window's view, or
+        it is the pod's earliest event (which applies where none is that early)."""
+        first = self.first_ms(uid)
+        return time_ms <= as_of_ms or (first is not None and time_ms <= first)
 
     def count_as_of(self, uids: Iterable[str], time_ms: int) -> int:
-        """How many events of these pods a window ending at `time_ms` can see: a version input
-        that only grows as metadata arrives."""
-        return sum(1 for uid in set(uids) for t, _, _ in self._events.get(uid, ()) if t <= time_ms)
+        """A version input of a window ending at `time_ms`: how many events of these pods are
+        known. Every event counts, those dated after `time_ms` too, since a later-dated one
+        applies where a pod has none that early (and an even earlier one can arrive later):
+        the count grows with every event that can change the window's rows, and depends only
+        on the events seen, so a replay over the same pods topic gives the same versions."""
+        del time_ms  # every event counts, whatever its date (above)
+        events = self._events
+        return sum(len(events.get(uid, ())) for uid in set(uids))
 
     def forget_before(self, time_ms: int) -> None:
-        """Drop events superseded before `time_ms`, keeping the latest one per pod."""
+        """Drop events superseded before `time_ms`, keeping the latest one per pod (version
+        counts then drop too: only for state that no retained window reads)."""
         for uid, series in self._events.items():
             keep_from = 0
             for i, (t, _, _) in enumerate(series):
@@ -90,3 +121,11 @@ class PodHistory:
                 for _, event_id, _ in series[:keep_from]:
                     self._ids.discard(event_id)
                 self._events[uid] = series[keep_from:]
+
+
+def _order(entry: tuple[int, str, PodInfo]) -> tuple[int, str]:
+    return entry[0], entry[1]
+
+
+def _time(entry: tuple[int, str, PodInfo]) -> int:
+    return entry[0]

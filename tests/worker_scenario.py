@@ -31,7 +31,7 @@ from schemas.events import (
     make_event,
 )
 from streams.allocation import AllocationSettings, DeviceWindow, Pricer, finalize_device_window
-from streams.labels import PodHistory, resolve_owner
+from streams.labels import resolve_owner
 from streams.pricing import EXAMPLE_PRICE_BOOK, PriceBook, load_price_book
 from streams.rows import KIND_USAGE, CostRow, TokenCostRow, TokenRow
 from streams.tokens import PodOwner, TokenWindow, token_cost_rows
@@ -203,9 +203,7 @@ def expected_rows(
     """What the allocation core computes from the whole input, ignoring versions."""
     settings = settings or AllocationSettings()
     book = book or load_price_book(EXAMPLE_PRICE_BOOK)
-    history = PodHistory()
-    for ev in pods:
-        history.add(ev.id, ev.time_ms, ev.data)
+    history = _FirstKnown(pods)
     windows: dict[tuple[int, str], DeviceWindow] = {}
     pricer = Pricer(book)
     for ev in samples:
@@ -253,6 +251,26 @@ def expected_rows(
             start, start + size, uid, pod_cost[(start, uid)], rows, owner, 0
         )
     return cost_rows, token_rows, cpt_rows
+
+
+class _FirstKnown:
+    """The oracle's pod lookup, written apart from `PodHistory`: the latest event (by time, then
+    id) dated at or before `t`; where a pod has none that early, its earliest (design §3 step
+    6). Duplicate ids count once."""
+
+    def __init__(self, pods: Iterable[CloudEvent[PodInfo]]) -> None:
+        self.events: dict[str, dict[str, CloudEvent[PodInfo]]] = defaultdict(dict)
+        for ev in pods:
+            self.events[ev.data.uid].setdefault(ev.id, ev)
+
+    def as_of(self, uid: str, t: int) -> PodInfo | None:
+        events = self.events.get(uid)
+        if not events:
+            return None
+        early = [ev for ev in events.values() if ev.time_ms <= t]
+        if early:
+            return max(early, key=lambda ev: (ev.time_ms, ev.id)).data
+        return min(events.values(), key=lambda ev: (ev.time_ms, ev.id)).data
 
 
 def comparable(rows: Iterable[Any]) -> list[tuple[Any, ...]]:

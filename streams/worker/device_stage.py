@@ -221,15 +221,26 @@ class DeviceStage:
         return counts
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
-        """Metadata arrived: closed windows that would now see it are re-emitted."""
-        for start, device in self._by_pod.get(uid, ()):
-            end = start + self.settings.window_ms
-            if time_ms <= end + self.settings.grace_ms:
-                self._mark_dirty(start, self._closed[start][device])
+        """Metadata arrived (already in the pod history): the retained closed windows of this
+        pod whose owner it can change are re-emitted, those that can see it (time <= end +
+        grace) and, where it is the pod's earliest event, those before it (first-known
+        metadata, design §3 step 6)."""
+        keys = self._by_pod.get(uid)
+        if not keys:
+            return
+        reach = self.settings.window_ms + self.settings.grace_ms
+        can_change = self.pods.can_change
+        for start, device in [k for k in keys if can_change(uid, time_ms, k[0] + reach)]:
+            self._mark_dirty(start, self._closed[start][device])
 
     def _mark_dirty(self, start: int, slot: _Slot) -> None:
         slot.dirty = True
-        self._dirty.add((start, slot.device_uuid))
+        key = (start, slot.device_uuid)
+        self._dirty.add(key)
+        # A correction can bring a pod the window did not have when it closed: that pod's
+        # metadata must find the window too (on_pod_event).
+        for owner in slot.window.owners:
+            self._by_pod.setdefault(owner, set()).add(key)
 
     # ------------------------------------------------------------------ output
 

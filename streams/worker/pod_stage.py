@@ -221,9 +221,12 @@ class PodStage:
         return OK
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
-        limit = time_ms - self.settings.window_ms - self.settings.grace_ms
+        """Metadata arrived (already in the pod history): the retained closed (window, pod)
+        slots whose owner it can change are re-emitted, as in stage one (design §3 step 6)."""
+        reach = self.settings.window_ms + self.settings.grace_ms
+        can_change = self.pods.can_change
         for start, uids in self._pods_by_start.items():
-            if start >= limit and uid in uids:
+            if uid in uids and can_change(uid, time_ms, start + reach):
                 slot = self._slots[(start, uid)]
                 if slot.closed:
                     slot.dirty = True

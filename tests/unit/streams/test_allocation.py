@@ -254,10 +254,10 @@ def test_pod_metadata_as_of_window_end() -> None:
     assert history.add("e1", 1000, old)
     assert history.add("e2", 5000, new)
     assert not history.add("e2", 5000, new)
-    assert history.as_of("u", 999) is None
+    assert history.as_of("u", 999) == old  # none that early: the earliest applies
     assert history.as_of("u", 4999) == old
     assert history.as_of("u", 5000) == new
-    assert history.count_as_of(["u", "u"], 4999) == 1
+    assert history.count_as_of(["u", "u"], 4999) == 2  # a version input: every event counts
 
 
 def test_split_exact_adds_up() -> None:
