@@ -17,6 +17,7 @@ script does it itself), as for every module of tests/.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import logging
@@ -111,6 +112,7 @@ class BrokerPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="broker")
         self._next: concurrent.futures.Future[DrillBroker] | None = None
         self._closed = False
+        atexit.register(self.close)  # no broker outlives an interrupted run
 
     def take(self) -> DrillBroker:
         """A started broker (blocking: call it off the event loop)."""
@@ -139,6 +141,7 @@ class BrokerPool:
             with contextlib.suppress(Exception):
                 future.result(timeout=180).stop()
         self._executor.shutdown(wait=True)
+        atexit.unregister(self.close)
 
 
 class DrillEnv:
@@ -1256,15 +1259,16 @@ SKEWS: tuple[tuple[str, Callable[[int], int], frozenset[str]], ...] = (
 
 
 def skewed_events(now_ms: int) -> list[tuple[str, CloudEvent[Any], frozenset[str]]]:
-    """An agent's GPU sample and a token scraper's delta stamped by clocks set wrong. Only the
-    event time is wrong: the Kafka record timestamp is the producer's (right) clock, since
-    Kafka 4 refuses record timestamps more than an hour ahead."""
+    """A node agent's GPU sample, a token scraper's delta and a pod watcher's event stamped by
+    clocks set wrong. Only the event time is wrong: the Kafka record timestamp is the
+    producer's (right) clock, since Kafka 4 refuses record timestamps more than an hour ahead."""
     sample = next(ev for ev in gpu_samples() if ev.data.device_uuid == "GPU-l40s")
     delta = token_events()[0]
+    pod = pod_events()[0]
     out = []
     for label, when, reasons in SKEWS:
         time_ms = when(now_ms)
-        for base, source in ((sample, "agent/n3"), (delta, "tokens")):
+        for base, source in ((sample, "agent/n3"), (delta, "tokens"), (pod, "pods")):
             event = make_event(
                 base.data, event_id=f"skew:{label}:{base.id}", source=source, time_ms=time_ms
             )
@@ -1273,7 +1277,8 @@ def skewed_events(now_ms: int) -> list[tuple[str, CloudEvent[Any], frozenset[str
 
 
 async def clock_skew(env: DrillEnv, baseline: Baseline) -> DrillResult:
-    """Samples and token deltas from clocks at +10 min, 2099, 9999 and 1970, mid-run."""
+    """Samples, token deltas and pod events from clocks at +10 min, 2099, 9999 and 1970,
+    mid-run."""
 
     async def body(run: DrillRun) -> None:
         rest = await start_mid_run(run)
