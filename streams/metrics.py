@@ -124,6 +124,10 @@ class WorkerMetrics:
         self._offset_seen: dict[str, float] = {}  # source label -> wall time of its last value
         self._next_sweep_s = 0.0
         self._latest: dict[str, tuple[int, list[CostRow]]] = {}
+        self._window_s = 60
+        self._idle_series: set[tuple[str, str, str]] = set()
+        self._team_series: set[tuple[str, str]] = set()
+        self._untagged_series: set[str] = set()
         # Label children, cached: `labels()` costs microseconds, and some hooks run per event.
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         self._lag: dict[tuple[str, int], Gauge] = {}
@@ -228,7 +232,24 @@ class WorkerMetrics:
             if previous is None or previous[0] < start:
                 self._emit_lag.observe(max(0.0, now_s - device_rows[0].window_end_ms / 1000))
             self._latest[device] = (start, device_rows)
-        per_hour = 3600 / window_s
+        self._window_s = window_s
+        self._refresh_rates()
+
+    def devices_revoked(self, devices: Iterable[str]) -> None:
+        """Forget the cost-rate series of devices whose partitions this worker no longer owns
+        (their new owner reports them), so two workers never expose the same device."""
+        for device in devices:
+            if self._latest.pop(device, None) is None:
+                continue
+            for labels in [k for k in self._idle_series if k[2] == device]:
+                self._idle_series.discard(labels)
+                self._idle_burn.remove(*labels)
+        self._refresh_rates()
+
+    def _refresh_rates(self) -> None:
+        """Set the rate gauges from each owned device's latest window; a team or cluster no
+        longer in any of them loses its series."""
+        per_hour = 3600 / self._window_s
         team_rates: dict[tuple[str, str], float] = {}
         untagged: dict[str, float] = {}
         for _, device_rows in self._latest.values():
@@ -240,10 +261,16 @@ class WorkerMetrics:
                 if row.team == UNTAGGED:
                     untagged[row.cluster] += rate
                 if row.kind == KIND_IDLE:
-                    self._idle_burn.labels(row.cluster, row.node, row.device_uuid).set(
-                        float(row.idle_cost_usd) * per_hour
-                    )
+                    labels = (row.cluster, row.node, row.device_uuid)
+                    self._idle_series.add(labels)
+                    self._idle_burn.labels(*labels).set(float(row.idle_cost_usd) * per_hour)
         for (cluster, team), rate in team_rates.items():
             self._cost_rate.labels(cluster, team).set(rate)
         for cluster, rate in untagged.items():
             self._untagged_rate.labels(cluster).set(rate)
+        for team_labels in self._team_series - team_rates.keys():
+            self._cost_rate.remove(*team_labels)
+        for cluster in self._untagged_series - untagged.keys():
+            self._untagged_rate.remove(cluster)
+        self._team_series = set(team_rates)
+        self._untagged_series = set(untagged)

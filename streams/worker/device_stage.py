@@ -356,14 +356,17 @@ class DeviceStage:
 
     # ------------------------------------------------------------------ partitions
 
-    def revoke(self, partitions: Iterable[Partition]) -> None:
-        """Drop the state fed by partitions this worker no longer owns."""
+    def revoke(self, partitions: Iterable[Partition]) -> set[str]:
+        """Drop the state fed by partitions this worker no longer owns; returns the devices
+        whose windows were dropped."""
         lost = set(partitions)
+        dropped: set[str] = set()
         for group in (self._open, self._closed):
             for start in list(group):
                 slots = group[start]
                 for device in [d for d, s in slots.items() if not lost.isdisjoint(s.held)]:
                     del slots[device]
+                    dropped.add(device)
                 if not slots:
                     del group[start]
         self._by_pod = {
@@ -379,6 +382,7 @@ class DeviceStage:
         ]
         self.held.revoke(lost, kept)
         self.watermark.forget(lost)
+        return dropped
 
     def closed_until_ms(self) -> int | None:
         """Every window of this stage ending at or before this time has been emitted."""

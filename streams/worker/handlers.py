@@ -385,7 +385,7 @@ class DeviceHandler:
         return self.devices.held.positions()
 
     def revoke(self, partitions: set[Partition]) -> None:
-        self.devices.revoke(partitions)
+        self.intake.metrics.devices_revoked(self.devices.revoke(partitions))
         lost = {p for topic, p in partitions if topic == GPU_SAMPLES_TOPIC}
         self._owned = [p for p in self._owned if p not in lost]
 
