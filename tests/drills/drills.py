@@ -76,7 +76,6 @@ SPLIT_MS = T0 + 90_000  # mid-run disturbances come here: the middle of the seco
 COST_TABLE = "gpu_cost_windows"
 TOKEN_COST_TABLE = "cost_per_token_windows"
 TOKEN_TABLE = "token_windows"
-UNTAGGED = "__untagged__"
 
 
 # ------------------------------------------------------------------ settings
