@@ -86,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clickhouse-down-s", type=float, help="default 60 (quick: 5)")
     parser.add_argument("--broker-down-s", type=float, help="default 10 (quick: 1)")
     parser.add_argument("--converge-s", type=float, help="default 90 (quick: 45)")
-    parser.add_argument(
-        "--only", nargs="+", metavar="DRILL", choices=[d.slug for d in drills.DRILLS]
-    )
+    slugs = [d.slug for d in drills.DRILLS]
+    parser.add_argument("--only", nargs="+", metavar="DRILL", choices=slugs, help=", ".join(slugs))
     parser.add_argument("--work-dir", type=Path, help="keep chDB folders and logs here")
     parser.add_argument("-v", "--verbose", action="store_true", help="each drill's details")
     args = parser.parse_args(argv)
