@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 from prometheus_client import CollectorRegistry
 
-from runtime.errors import GpuledgerError
+from runtime.errors import GpuledgerError, StoreError
 from runtime.kafka import (
     KafkaSettings,
     TopicSpec,
@@ -44,7 +44,7 @@ from streams.worker.handlers import (
 from streams.worker.http import HttpEndpoint
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
-from streams.worker.sinks import UNHEALTHY_AFTER, Sinks
+from streams.worker.sinks import FIRST_BACKOFF_S, MAX_BACKOFF_S, UNHEALTHY_AFTER, Sinks
 from streams.worker.tables import PodsTable, load_dead_letter_keys
 
 log = logging.getLogger("gpuledger.worker")
@@ -134,7 +134,8 @@ class Worker:
         stages), run until `stop()` or until a loop fails (then raise its error), and shut
         down: the runners' last output is flushed, the clients closed."""
         cfg = self.config
-        await asyncio.to_thread(self.store.create_schema)
+        if not await self._create_schema():
+            return  # stopped while ClickHouse was still unreachable
         specs = [*default_topics(cfg.partitions), TopicSpec(cfg.internal_topic, cfg.partitions)]
         await ensure_topics(cfg.kafka, specs)
         producer = make_producer(cfg.kafka)
@@ -218,6 +219,25 @@ class Worker:
             if self.http is not None:
                 await self.http.stop()
             self._remove_owner_file()
+
+    async def _create_schema(self) -> bool:
+        """The tables, before anything is consumed. A ClickHouse not reachable yet (a worker
+        started or restarted during an outage) is waited for with the sinks' backoff, as they
+        would wait; a permanent error ends the run. False if stopped while waiting."""
+        backoff = FIRST_BACKOFF_S
+        while True:
+            try:
+                await asyncio.to_thread(self.store.create_schema)
+                return True
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("ClickHouse unreachable at start, retrying in %.1f s: %s", backoff, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
+            if self.stopping.is_set():
+                return False
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _seal_loop(self) -> None:
         """Roll up whole hours that no correction can reach any more (see streams.rollups)."""
