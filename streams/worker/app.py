@@ -35,13 +35,12 @@ from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
 from streams.worker.device_stage import DeviceStage, StreamSettings
 from streams.worker.handlers import (
-    DeadLetterLog,
     DeviceHandler,
-    Intake,
     PodHandler,
     TokenCostHandler,
 )
 from streams.worker.http import HttpEndpoint
+from streams.worker.intake import DeadLetterLog, Intake
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
 from streams.worker.sinks import FIRST_BACKOFF_S, MAX_BACKOFF_S, UNHEALTHY_AFTER, Sinks

@@ -11,33 +11,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
-import orjson
 from aiokafka import ConsumerRecord, TopicPartition
 
 from schemas.events import (
     COST_WINDOWS_TOPIC,
-    DEAD_LETTER_TOPIC,
     GPU_SAMPLES_TOPIC,
     POD_TYPE,
     TOKEN_COST_WINDOWS_TOPIC,
     TOKENS_TYPE,
-    CloudEvent,
-    Decoded,
-    GpuSample,
-    Ok,
-    Rejected,
-    decode_event,
     decode_samples,
-    format_time,
 )
 from streams.labels import PodHistory
-from streams.metrics import WorkerMetrics
 from streams.rows import CostRow, TokenCostRow
-from streams.worker.device_stage import DUPLICATE, LATE, TOO_LATE, DeviceStage, Unemittable
+from streams.worker.clocks import ClockCheck
+from streams.worker.device_stage import DeviceStage, Unemittable
+from streams.worker.intake import TOO_LATE_DETAIL, Intake
+from streams.worker.outbox import Message, Outbox, row_message
 from streams.worker.pod_stage import (
     MARKER_ALL_IDLE_MS,
     InvalidInternal,
@@ -45,250 +35,9 @@ from streams.worker.pod_stage import (
     decode_internal,
     encode_marker,
 )
-from streams.worker.sinks import (
-    Message,
-    Outbox,
-    dead_letter_key,
-    dead_letter_message,
-    row_message,
-)
-from streams.worker.watermark import HeldOffsets, Partition
+from streams.worker.watermark import Partition
 
 log = logging.getLogger("gpuledger.worker")
-
-TOO_LATE_DETAIL = "event time is older than the retention"
-CLOCK_SKEW = "clock_skew"
-UNEMITTABLE = "unemittable"
-# Event times outside these are no clock's reading: refused whatever the skew allows.
-EARLIEST_EVENT_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
-LATEST_EVENT_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z
-LOG_APPEND_TIME = 1  # ConsumerRecord.timestamp_type when the broker stamped the record
-
-
-def moment(time_ms: int | None) -> str:
-    """A time for a detail text; one that is no date says so instead of raising."""
-    if time_ms is None:
-        return "none"
-    try:
-        return format_time(time_ms)
-    except (ValueError, OverflowError, OSError):
-        return f"{time_ms} ms since 1970 (not a date)"
-
-
-@dataclass
-class DeadLetterLog:
-    """Keys already in the dead-letter topic, so a replay does not write a record twice."""
-
-    seen: set[bytes] = field(default_factory=set)
-
-    def add(self, outbox: Outbox, msg: ConsumerRecord, reason: str, detail: str) -> bool:
-        key = dead_letter_key(msg.topic, msg.partition, msg.offset)
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        outbox.messages.append(
-            dead_letter_message(
-                msg.topic,
-                msg.partition,
-                msg.offset,
-                msg.key,
-                msg.value,
-                reason,
-                detail,
-                time.time(),
-            )
-        )
-        return True
-
-    def add_window(
-        self,
-        outbox: Outbox,
-        partition: Partition,
-        first: int,
-        last: int | None,
-        window: str,
-        reason: str,
-        detail: str,
-    ) -> bool:
-        """A letter for a window's inputs on one partition, offsets `first` to `last` (their
-        bytes stay in the input topic); keyed by the window too, so a replay writes it once."""
-        topic, number = partition
-        key = dead_letter_key(topic, number, first) + b"|window|" + window.encode()
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        _, _, body, _ = dead_letter_message(
-            topic, number, first, None, None, reason, detail, time.time()
-        )
-        doc = orjson.loads(body)
-        doc["last_offset"] = last
-        doc["window"] = window
-        outbox.messages.append((DEAD_LETTER_TOPIC, key, orjson.dumps(doc), key))
-        return True
-
-
-class Intake:
-    """Decoding, dead letters and input counters, shared by every handler."""
-
-    def __init__(self, metrics: WorkerMetrics, dead_letters: DeadLetterLog) -> None:
-        self.metrics = metrics
-        self.dead_letters = dead_letters
-
-    def reject(self, msg: ConsumerRecord, outbox: Outbox, reason: str, detail: str) -> None:
-        self.metrics.event_rejected(msg.topic, reason)
-        if self.dead_letters.add(outbox, msg, reason, detail):
-            self.metrics.dead_lettered(msg.topic, reason)
-
-    def decode(self, msg: ConsumerRecord, expected_type: str, outbox: Outbox) -> Ok | None:  # type: ignore[type-arg]
-        decoded = decode_event(msg.value)
-        if isinstance(decoded, Ok) and decoded.event.type == expected_type:
-            return decoded
-        self.reject_decoded(msg, decoded, outbox)
-        return None
-
-    def reject_decoded(self, msg: ConsumerRecord, decoded: Decoded, outbox: Outbox) -> None:
-        """Dead-letter a record that did not decode, or decoded to another topic's type."""
-        if isinstance(decoded, Rejected):
-            self.reject(msg, outbox, decoded.reason, decoded.detail)
-        else:
-            kind = decoded.event.type
-            self.reject(msg, outbox, "wrong_topic", f"{kind} does not belong on {msg.topic}")
-
-    def reject_window(
-        self, outbox: Outbox, failed: Unemittable, held: HeldOffsets, what: str
-    ) -> None:
-        """Dead-letter the inputs of a window whose rows cannot be emitted (the stage dropped
-        it and released its offsets): one letter per input partition it held."""
-        window = f"{failed.window_start_ms}|{failed.unit}"
-        log.warning(
-            "%s %s, window %s: rows cannot be emitted, inputs dead-lettered: %s",
-            what,
-            failed.unit,
-            moment(failed.window_start_ms),
-            failed.error,
-        )
-        for partition, first in sorted(failed.held.items()):
-            last = held.last_read(partition)
-            detail = (
-                f"the rows of {what} {failed.unit} in the window starting "
-                f"{moment(failed.window_start_ms)} cannot be emitted ({failed.error}); its "
-                f"inputs are among offsets {first} to {last} of {partition[0]} partition "
-                f"{partition[1]}"
-            )
-            self.metrics.event_rejected(partition[0], UNEMITTABLE)
-            if self.dead_letters.add_window(
-                outbox, partition, first, last, window, UNEMITTABLE, detail
-            ):
-                self.metrics.dead_lettered(partition[0], UNEMITTABLE)
-
-    def count(self, status: str, msg: ConsumerRecord, outbox: Outbox) -> None:
-        """Count one event by what the stage made of it (a too-late one is dead-lettered)."""
-        if status == DUPLICATE:
-            self.metrics.events_duplicate(msg.topic)
-        elif status == TOO_LATE:
-            self.reject(msg, outbox, "too_late", TOO_LATE_DETAIL)
-        else:
-            self.metrics.events_used(msg.topic)
-            if status == LATE:
-                self.metrics.events_late(msg.topic)
-
-
-class ClockCheck:
-    """Event times against the worker's clock and the Kafka record timestamp (design §5).
-
-    An event stamped more than `max_skew_s` ahead of the worker's clock is refused, unless its
-    record timestamp is the broker's (`message.timestamp.type=LogAppendTime`) and the event is
-    not that far ahead of it either: a producer's timestamp (CreateTime) comes from the same
-    clock as the event, so it vouches for nothing. Times before 2000 or after 2200 are refused
-    whatever the skew. A refused event is dead-lettered as `clock_skew` and never reaches a
-    stage, so it moves no clock. With `offsets`, each event's offset from its record timestamp
-    is exported per source (`gpuledger_clock_offset_seconds`): not for pod events, which carry
-    the pod's creation time from the Kubernetes API, not a reading of the sender's clock."""
-
-    def __init__(self, intake: Intake, max_skew_s: float, *, offsets: bool = True) -> None:
-        self.intake = intake
-        self.metrics = intake.metrics
-        self.max_skew_s = max_skew_s
-        self.skew_ms = max_skew_s * 1000
-        self.offsets = offsets
-
-    def latest_ms(self, now_s: float) -> float:
-        """Event times up to this pass without looking at the record."""
-        return min(now_s * 1000 + self.skew_ms, LATEST_EVENT_MS)
-
-    def _broker_vouches(self, msg: ConsumerRecord, time_ms: int) -> bool:
-        return (
-            msg.timestamp_type == LOG_APPEND_TIME
-            and msg.timestamp >= 0
-            and EARLIEST_EVENT_MS <= time_ms <= LATEST_EVENT_MS
-            and time_ms <= msg.timestamp + self.skew_ms
-        )
-
-    def check(
-        self, msg: ConsumerRecord, event: CloudEvent[Any], now_s: float, outbox: Outbox
-    ) -> bool:
-        """One event: True if its time is sane, else it is dead-lettered."""
-        time_ms = event.time_ms
-        if self.offsets and msg.timestamp >= 0:
-            self.metrics.clock_offset(event.source, (time_ms - msg.timestamp) / 1000, now_s)
-        if EARLIEST_EVENT_MS <= time_ms <= self.latest_ms(now_s) or self._broker_vouches(
-            msg, time_ms
-        ):
-            return True
-        self.refuse(msg, event, now_s, outbox)
-        return False
-
-    def sort(
-        self,
-        records: Sequence[ConsumerRecord],
-        events: list[CloudEvent[GpuSample]],
-        indices: list[int],
-        now_s: float,
-        outbox: Outbox,
-    ) -> tuple[list[CloudEvent[GpuSample]], list[ConsumerRecord]]:
-        """A batch's decoded samples (from `records[indices[i]]`): those whose time is sane
-        and their records; the others are dead-lettered."""
-        latest = self.latest_ms(now_s)
-        offsets: dict[str, int] = {}
-        kept_events: list[CloudEvent[GpuSample]] = []
-        kept: list[ConsumerRecord] = []
-        for event, index in zip(events, indices, strict=True):
-            msg = records[index]
-            time_ms = event.time_ms
-            if msg.timestamp >= 0:
-                offsets[event.source] = time_ms - msg.timestamp  # the source's latest
-            if EARLIEST_EVENT_MS <= time_ms <= latest or self._broker_vouches(msg, time_ms):
-                kept_events.append(event)
-                kept.append(msg)
-            else:
-                self.refuse(msg, event, now_s, outbox)
-        for source, offset_ms in offsets.items():
-            self.metrics.clock_offset(source, offset_ms / 1000, now_s)
-        return kept_events, kept
-
-    def refuse(
-        self, msg: ConsumerRecord, event: CloudEvent[Any], now_s: float, outbox: Outbox
-    ) -> None:
-        self.metrics.clock_skewed(msg.topic, event.source)
-        self.intake.reject(msg, outbox, CLOCK_SKEW, self.detail(msg, event.time_ms, now_s))
-
-    def detail(self, msg: ConsumerRecord, time_ms: int, now_s: float) -> str:
-        now_ms = int(now_s * 1000)
-        record_ms = msg.timestamp if msg.timestamp >= 0 else None
-        if time_ms < EARLIEST_EVENT_MS:
-            why = "is before 2000-01-01"
-        elif time_ms > LATEST_EVENT_MS:
-            why = "is after 2200-01-01"
-        else:
-            why = f"is {(time_ms - now_ms) / 1000:.0f} s ahead of the worker's clock"
-            if record_ms is not None:
-                why += f" and {(time_ms - record_ms) / 1000:.0f} s ahead of its record timestamp"
-            why += f" (at most {self.max_skew_s:g} s is accepted)"
-        stamp = "the broker's" if msg.timestamp_type == LOG_APPEND_TIME else "the producer's"
-        return (
-            f"event time {moment(time_ms)} {why}; record time {moment(record_ms)} ({stamp}), "
-            f"worker time {moment(now_ms)}"
-        )
 
 
 class DeviceHandler:

@@ -20,7 +20,8 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from runtime.kafka import KafkaSettings
 from streams.metrics import WorkerMetrics
-from streams.worker.sinks import Outbox, Sinks
+from streams.worker.outbox import Outbox
+from streams.worker.sinks import Sinks
 from streams.worker.watermark import Partition
 
 log = logging.getLogger("gpuledger.worker")

@@ -12,9 +12,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from runtime.kafka import KafkaSettings
 from schemas.events import DEAD_LETTER_TOPIC, PODS_TOPIC
-from streams.worker.handlers import DeadLetterLog, PodHandler
+from streams.worker.handlers import PodHandler
+from streams.worker.intake import DeadLetterLog
+from streams.worker.outbox import Outbox
 from streams.worker.runner import FETCH_MAX_RECORDS, all_partitions_consumer, write_then_commit
-from streams.worker.sinks import Outbox, Sinks
+from streams.worker.sinks import Sinks
 
 
 class PodsTable:

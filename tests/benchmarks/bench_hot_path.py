@@ -32,9 +32,10 @@ from streams.metrics import WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.worker.app import tune_garbage_collector
 from streams.worker.device_stage import DeviceStage, StreamSettings
-from streams.worker.handlers import DeadLetterLog, DeviceHandler, Intake
+from streams.worker.handlers import DeviceHandler
+from streams.worker.intake import DeadLetterLog, Intake
+from streams.worker.outbox import Outbox
 from streams.worker.runner import FETCH_MAX_RECORDS
-from streams.worker.sinks import Outbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cluster import T0_MS, Cluster

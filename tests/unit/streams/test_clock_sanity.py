@@ -28,14 +28,13 @@ from streams.metrics import OTHER_SOURCE, WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.worker.device_stage import OK, TOO_LATE, DeviceStage, StreamSettings
 from streams.worker.handlers import (
-    DeadLetterLog,
     DeviceHandler,
-    Intake,
     PodHandler,
     TokenCostHandler,
 )
+from streams.worker.intake import DeadLetterLog, Intake
+from streams.worker.outbox import Outbox
 from streams.worker.pod_stage import PodStage, encode_marker
-from streams.worker.sinks import Outbox
 from streams.worker.watermark import Partition, Watermark
 
 BOOK = load_price_book(EXAMPLE_PRICE_BOOK)

@@ -18,7 +18,9 @@ from streams.metrics import WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.rows import TokenCostRow
 from streams.worker.device_stage import OK, TOO_LATE, DeviceStage, PodCostPartial, StreamSettings
-from streams.worker.handlers import DeadLetterLog, DeviceHandler, Intake, TokenCostHandler
+from streams.worker.handlers import DeviceHandler, TokenCostHandler
+from streams.worker.intake import DeadLetterLog, Intake
+from streams.worker.outbox import Outbox
 from streams.worker.pod_stage import (
     MARKER_ALL_IDLE_MS,
     InvalidInternal,
@@ -27,7 +29,6 @@ from streams.worker.pod_stage import (
     decode_internal,
     encode_marker,
 )
-from streams.worker.sinks import Outbox
 
 BOOK = load_price_book(EXAMPLE_PRICE_BOOK)
 INTERNAL = "gpuledger-worker.pod-costs"

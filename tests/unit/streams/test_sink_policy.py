@@ -31,19 +31,18 @@ from streams.metrics import WorkerMetrics
 from streams.rows import CostRow, TokenRow
 from streams.store import _convert as convert
 from streams.store import ddl_statements, is_retriable
+from streams.worker import outbox as outbox_module
 from streams.worker import sinks as sinks_module
 from streams.worker.http import HttpEndpoint
-from streams.worker.runner import StageRunner
-from streams.worker.sinks import (
-    MAX_SPLITS,
+from streams.worker.outbox import (
     MESSAGE_TOO_LARGE,
     UNSTORABLE,
     Outbox,
-    Sinks,
     dead_letter_message,
     describe,
-    month_of,
 )
+from streams.worker.runner import StageRunner
+from streams.worker.sinks import MAX_SPLITS, Sinks, month_of
 from streams.worker.watermark import Partition
 
 PARTITIONS_REFUSED = (
@@ -352,7 +351,7 @@ async def test_a_dead_letter_over_the_limit_goes_again_without_the_original_byte
     assert key == b"gpuledger.gpu-samples|2|7"  # the same key: a replay skips the input
     assert body["reason"] == "invalid_json" and body["value_base64"] is None
     assert body["offset"] == 7 and "original bytes omitted" in body["detail"]
-    assert len(body["detail"]) <= sinks_module.DETAIL_CHARS
+    assert len(body["detail"]) <= outbox_module.DETAIL_CHARS
 
 
 # --- /healthz ------------------------------------------------------------------------------------

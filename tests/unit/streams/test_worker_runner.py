@@ -10,8 +10,8 @@ from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from streams.metrics import WorkerMetrics
+from streams.worker.outbox import Outbox
 from streams.worker.runner import StageRunner, write_then_commit
-from streams.worker.sinks import Outbox
 from streams.worker.watermark import Partition
 
 TOPIC = "gpuledger.gpu-samples"

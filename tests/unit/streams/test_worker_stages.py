@@ -135,8 +135,9 @@ def test_garbage_on_the_internal_topic_is_dead_lettered_not_a_crash() -> None:
     from prometheus_client import CollectorRegistry
 
     from streams.metrics import WorkerMetrics
-    from streams.worker.handlers import DeadLetterLog, Intake, TokenCostHandler
-    from streams.worker.sinks import Outbox
+    from streams.worker.handlers import TokenCostHandler
+    from streams.worker.intake import DeadLetterLog, Intake
+    from streams.worker.outbox import Outbox
 
     _, pods = stage()
     intake = Intake(WorkerMetrics(CollectorRegistry()), DeadLetterLog())
