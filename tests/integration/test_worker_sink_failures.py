@@ -8,13 +8,13 @@ import asyncio
 import dataclasses
 import datetime
 import time
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
+from row_builders import cost_row
 from test_worker_e2e import (
     assert_matches_core,
     broker,  # noqa: F401 - fixture
@@ -28,7 +28,6 @@ from worker_scenario import comparable, expected_rows, gpu_samples, publish, pub
 from gpuledger.embedded_broker import free_port
 from runtime.errors import StoreError
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, CloudEvent, GpuSample, make_event
-from streams.rows import CostRow
 from streams.store import ClickHouseStore
 from streams.worker.app import Worker
 
@@ -41,51 +40,21 @@ def _month_ms(index: int, second: int = 30) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _cost_row(start_ms: int, **changes: Any) -> CostRow:
-    values: dict[str, Any] = dict(
-        window_start_ms=start_ms,
-        window_end_ms=start_ms + 60_000,
-        cluster="c1",
-        node="n1",
-        device_uuid="GPU-1",
-        gpu_uuid="GPU-1",
-        gpu_model="H100",
-        mig_profile="",
-        namespace="ns",
-        pod="p",
-        pod_uid="uid-p",
-        team="search",
-        product="web",
-        cost_center="cc",
-        kind="usage",
-        device_seconds=60.0,
-        sm_util_avg=50.0,
-        mem_bytes_avg=1e9,
-        cost_usd=Decimal("0.05"),
-        idle_cost_usd=Decimal(0),
-        price_per_hour=Decimal("3"),
-        pricing="list",
-        version=1,
-    )
-    values.update(changes)
-    return CostRow(**values)
-
-
 def test_chdb_refusals_are_not_retriable(store: ClickHouseStore) -> None:
     """The texts and codes chDB gives, provoked: none of these passes on a retry."""
     with pytest.raises(StoreError, match="Too many partitions for single INSERT block") as many:
-        store.insert_rows([_cost_row(_month_ms(i, 0)) for i in range(101)])
+        store.insert_rows([cost_row(_month_ms(i, 0)) for i in range(101)])
     with pytest.raises(StoreError, match="could not convert string to float") as mismatch:
-        store.insert_rows([_cost_row(_month_ms(0, 0), device_seconds="abc")])
+        store.insert_rows([cost_row(_month_ms(0, 0), device_seconds="abc")])
     with pytest.raises(StoreError, match="Unable to create native array") as negative:
-        store.insert_rows([_cost_row(_month_ms(0, 0), version=-1)])
+        store.insert_rows([cost_row(_month_ms(0, 0), version=-1)])
     with pytest.raises(StoreError, match="Unrecognized column") as unknown_column:
         store._insert("gpu_cost_windows", ["no_such_column"], [(1,)], {})
     with pytest.raises(StoreError, match=r"Syntax error") as syntax:
         store.command("SELEC 1")
     for refused in (many, mismatch, negative, unknown_column, syntax):
         assert refused.value.retriable is False
-    store.insert_rows([_cost_row(_month_ms(i, 0)) for i in range(100)])  # at the limit: stored
+    store.insert_rows([cost_row(_month_ms(i, 0)) for i in range(100)])  # at the limit: stored
 
 
 def _monthly_samples(months: int) -> list[CloudEvent[GpuSample]]:

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import datetime
 import time
-from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -23,12 +22,13 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 from prometheus_client import CollectorRegistry
+from row_builders import cost_row
 
 from gpuledger.embedded_broker import free_port
 from runtime.errors import StoreError
 from schemas.events import DEAD_LETTER_TOPIC
 from streams.metrics import WorkerMetrics
-from streams.rows import CostRow, TokenRow
+from streams.rows import TokenRow
 from streams.store import _convert as convert
 from streams.store import ddl_statements, is_retriable
 from streams.worker import outbox as outbox_module
@@ -60,36 +60,6 @@ REFUSED_CONNECTION = "Error HTTPConnectionPool(host='ch', port=8123): Connection
 def _month_start_ms(index: int) -> int:
     moment = datetime.datetime(2015 + index // 12, index % 12 + 1, 1, tzinfo=datetime.UTC)
     return int(moment.timestamp() * 1000)
-
-
-def cost_row(start_ms: int, device: str = "GPU-1", **changes: Any) -> CostRow:
-    values: dict[str, Any] = dict(
-        window_start_ms=start_ms,
-        window_end_ms=start_ms + 60_000,
-        cluster="c1",
-        node="n1",
-        device_uuid=device,
-        gpu_uuid=device,
-        gpu_model="H100",
-        mig_profile="",
-        namespace="ns",
-        pod="p",
-        pod_uid="uid-p",
-        team="search",
-        product="web",
-        cost_center="cc",
-        kind="usage",
-        device_seconds=60.0,
-        sm_util_avg=50.0,
-        mem_bytes_avg=1e9,
-        cost_usd=Decimal("0.05"),
-        idle_cost_usd=Decimal(0),
-        price_per_hour=Decimal("3"),
-        pricing="list",
-        version=1,
-    )
-    values.update(changes)
-    return CostRow(**values)
 
 
 # --- classification where ClickHouse errors enter ----------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry
+from row_builders import cost_row
 
 from streams.metrics import WorkerMetrics
 from streams.rows import KIND_IDLE, KIND_USAGE, CostRow
@@ -13,30 +14,15 @@ START_MS = 1_795_046_400_000
 
 
 def row(device: str, team: str, kind: str, cost: str) -> CostRow:
-    return CostRow(
-        window_start_ms=START_MS,
-        window_end_ms=START_MS + 60_000,
-        cluster="c1",
+    return cost_row(
+        START_MS,
+        device,
         node=f"node-{device}",
-        device_uuid=device,
-        gpu_uuid=device,
-        gpu_model="NVIDIA H100 80GB HBM3",
-        mig_profile="",
-        namespace=team,
-        pod=f"pod-{team}",
-        pod_uid=f"uid-{team}" if kind == KIND_USAGE else "__idle__",
         team=team,
-        product="p",
-        cost_center="cc",
         kind=kind,
-        device_seconds=60.0,
-        sm_util_avg=0.0,
-        mem_bytes_avg=0.0,
+        pod_uid=f"uid-{team}" if kind == KIND_USAGE else "__idle__",
         cost_usd=Decimal(cost),
         idle_cost_usd=Decimal(cost) if kind == KIND_IDLE else Decimal(0),
-        price_per_hour=Decimal("4"),
-        pricing="on_demand",
-        version=1,
     )
 
 
