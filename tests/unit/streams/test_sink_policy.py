@@ -23,6 +23,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 from prometheus_client import CollectorRegistry
 from row_builders import cost_row
+from test_worker_runner import FakeConsumer, FakeStage
 
 from gpuledger.embedded_broker import free_port
 from runtime.errors import StoreError
@@ -43,7 +44,6 @@ from streams.worker.outbox import (
 )
 from streams.worker.runner import StageRunner
 from streams.worker.sinks import MAX_SPLITS, Sinks, month_of
-from streams.worker.watermark import Partition
 
 PARTITIONS_REFUSED = (
     "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). "
@@ -372,20 +372,12 @@ async def test_healthz_says_which_sink_fails_and_why_then_ok_again() -> None:
 TOPIC = "gpuledger.gpu-samples"
 
 
-class PausingConsumer:
+class PausingConsumer(FakeConsumer):
+    """The runner tests' consumer, with pause and resume (logged) and a copied assignment."""
+
     def __init__(self, log: list[Any], batches: list[dict[TopicPartition, list[Any]]]) -> None:
-        self.log, self.batches = log, batches
-        self.assigned: set[TopicPartition] = set()
+        super().__init__(log, batches)
         self.paused: set[TopicPartition] = set()
-
-    async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, Any]:
-        if self.batches:
-            return self.batches.pop(0)
-        await asyncio.sleep(timeout_ms / 1000)
-        return {}
-
-    def highwater(self, tp: TopicPartition) -> int:
-        return 100
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -398,33 +390,14 @@ class PausingConsumer:
         self.paused -= set(tps)
         self.log.append(("resume", set(tps)))
 
-    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
-        self.log.append(("commit", offsets))
 
-
-class RowStage:
-    def __init__(self, log: list[Any]) -> None:
-        self.log = log
-        self.next: dict[Partition, int] = {}
-
-    def assigned(self, partitions: set[Partition]) -> None:
-        pass
+class RowStage(FakeStage):
+    """The runner tests' stage, turning each record into a cost row only."""
 
     def handle(self, tp: TopicPartition, records: list[Any], now_s: float, out: Outbox) -> None:
         for msg in records:
             out.rows.append(cost_row(_month_start_ms(0) + msg.offset * 60_000))
             self.next[(tp.topic, tp.partition)] = msg.offset + 1
-
-    def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
-        pass
-
-    def positions(self) -> dict[Partition, int]:
-        return dict(self.next)
-
-    def revoke(self, partitions: set[Partition]) -> None:
-        self.log.append(("revoke", partitions))
-        for p in partitions:
-            self.next.pop(p, None)
 
 
 async def test_a_revoke_during_an_outage_does_not_wait_for_it_nor_commit_the_lost_input() -> None:
