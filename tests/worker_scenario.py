@@ -8,16 +8,17 @@ arrives late, a host process, idle gaps, and three inference models with token c
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from folding import fold
 
-from runtime.kafka import KafkaSettings, default_topics, ensure_topics
+from runtime.kafka import KafkaSettings, default_topics, ensure_topics, partition_counts
 from schemas.events import (
     GPU_SAMPLES_TOPIC,
     PODS_TOPIC,
@@ -318,3 +319,32 @@ async def publish_scenario(bootstrap: str, *, include_late_pod: bool = True) -> 
     )
     await publish(bootstrap, GPU_SAMPLES_TOPIC, gpu_samples(), lambda ev: ev.data.device_uuid)
     await publish(bootstrap, TOKENS_TOPIC, token_events(), lambda ev: ev.data.pod_uid)
+
+
+async def read_topic(
+    bootstrap: str, topic: str, timeout_s: float = 60
+) -> list[tuple[bytes | None, bytes]]:
+    """Every record of `topic`, from the beginning to the end it has now."""
+    count = (await partition_counts(KafkaSettings(bootstrap=bootstrap), [topic]))[topic]
+    tps = [TopicPartition(topic, p) for p in range(count)]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: list[tuple[bytes | None, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            positions = {tp: await consumer.position(tp) for tp in tps}
+            if all(positions[tp] >= end[tp] for tp in tps):
+                return out
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out += [(m.key, m.value) for m in records]
+        raise TimeoutError(f"{topic} not read to its end within {timeout_s:.0f} s")
+    finally:
+        await asyncio.sleep(0)
+        await consumer.stop()

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from kafka_broker import DEFAULT_LIBS_DIR, KAFKA_VERSION, KafkaBroker, KafkaBrokerError
 from prometheus_client import CollectorRegistry
-from worker_scenario import T0, expected_rows, gpu_samples, pod_events, token_events
+from worker_scenario import T0, expected_rows, gpu_samples, pod_events, read_topic, token_events
 
 from gpuledger.embedded_broker import free_port
 from runtime.kafka import KafkaSettings, default_topics, ensure_topics, partition_counts
@@ -579,35 +579,6 @@ async def send_events(bootstrap: str, events: Iterable[CloudEvent[Any]], **kwarg
 
 async def prepare_topics(bootstrap: str) -> None:
     await ensure_topics(KafkaSettings(bootstrap=bootstrap), default_topics(PARTITIONS))
-
-
-async def read_topic(
-    bootstrap: str, topic: str, timeout_s: float = 60
-) -> list[tuple[bytes | None, bytes]]:
-    """Every record of `topic`, from the beginning to the end it has now."""
-    count = (await partition_counts(KafkaSettings(bootstrap=bootstrap), [topic]))[topic]
-    tps = [TopicPartition(topic, p) for p in range(count)]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: list[tuple[bytes | None, bytes]] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= end[tp] for tp in tps):
-                return out
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                out += [(m.key, m.value) for m in records]
-        raise TimeoutError(f"{topic} not read to its end within {timeout_s:.0f} s")
-    finally:
-        await asyncio.sleep(0)
-        await consumer.stop()
 
 
 async def read_dead_letters(bootstrap: str) -> list[dict[str, Any]]:

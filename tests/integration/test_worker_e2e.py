@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from kafka_broker import DEFAULT_LIBS_DIR, KafkaBroker, fetch_kafka_libs
 from prometheus_client import CollectorRegistry
 from worker_scenario import (
@@ -24,11 +23,12 @@ from worker_scenario import (
     publish,
     publish_raw,
     publish_scenario,
+    read_topic,
     token_events,
 )
 
 from gpuledger.embedded_broker import EmbeddedBroker
-from runtime.kafka import KafkaSettings, partition_counts
+from runtime.kafka import KafkaSettings
 from schemas.events import (
     COST_WINDOWS_TOPIC,
     DEAD_LETTER_TOPIC,
@@ -96,30 +96,6 @@ def assert_matches_core(store: ClickHouseStore) -> None:
     assert comparable(cost) == comparable(want_cost)
     assert comparable(tokens) == comparable(want_tokens)
     assert comparable(cpt) == comparable(want_cpt)
-
-
-async def read_topic(bootstrap: str, topic: str) -> list[tuple[bytes | None, bytes]]:
-    """Every record of `topic` from the beginning to its current end."""
-    count = (await partition_counts(KafkaSettings(bootstrap=bootstrap), [topic]))[topic]
-    tps = [TopicPartition(topic, p) for p in range(count)]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    try:
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: list[tuple[bytes | None, bytes]] = []
-        while True:
-            positions = {tp: await consumer.position(tp) for tp in tps}
-            if all(positions[tp] >= end[tp] for tp in tps):
-                return out
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                out += [(m.key, m.value) for m in records]
-    finally:
-        await consumer.stop()
 
 
 async def test_scenario_rows_match_the_allocation_core(broker: str, store: ClickHouseStore) -> None:
