@@ -6,6 +6,7 @@ GPULEDGER_TEST_KAFKA="host:port". Tests that use it are marked `kafka`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -56,9 +57,9 @@ def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"chdb://{tmp_path_factory.mktemp('chdb')}"
 
 
-@pytest.fixture
-def store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
-    """A ClickHouseStore on a fresh database with the gpuledger schema created."""
+@contextlib.contextmanager
+def fresh_store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
+    """A ClickHouseStore on a fresh database with the gpuledger schema created, dropped after."""
     database = f"t_{uuid.uuid4().hex[:12]}"
     ch = ClickHouseStore(chdb_dsn, database=database)
     ch.create_schema()
@@ -67,3 +68,17 @@ def store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
     finally:
         ch.command(f"DROP DATABASE IF EXISTS {database}")
         ch.close()
+
+
+@pytest.fixture
+def store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
+    """A ClickHouseStore on a fresh database with the gpuledger schema created."""
+    with fresh_store(chdb_dsn) as ch:
+        yield ch
+
+
+@pytest.fixture
+def second_store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
+    """Another fresh database beside `store`, e.g. for a replay to compare with a live run."""
+    with fresh_store(chdb_dsn) as ch:
+        yield ch

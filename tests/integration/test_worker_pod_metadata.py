@@ -4,8 +4,7 @@ over a compacted pods topic (only the latest event per pod left) giving the live
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -71,18 +70,6 @@ async def publish_inputs(bootstrap: str, pods: list[CloudEvent[PodInfo]]) -> Non
     await publish(bootstrap, PODS_TOPIC, pods, lambda ev: ev.data.uid)
     await publish(bootstrap, GPU_SAMPLES_TOPIC, gpu_samples(), lambda ev: ev.data.device_uuid)
     await publish(bootstrap, TOKENS_TOPIC, token_events(), lambda ev: ev.data.pod_uid)
-
-
-@pytest.fixture
-def second_store(chdb_dsn: str) -> Iterator[ClickHouseStore]:
-    database = f"t_{uuid.uuid4().hex[:12]}"
-    ch = ClickHouseStore(chdb_dsn, database=database)
-    ch.create_schema()
-    try:
-        yield ch
-    finally:
-        ch.command(f"DROP DATABASE IF EXISTS {database}")
-        ch.close()
 
 
 async def test_first_metadata_dated_after_the_window_gives_its_labels(
