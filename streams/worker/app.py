@@ -43,7 +43,7 @@ from streams.worker.http import HttpEndpoint
 from streams.worker.intake import DeadLetterLog, Intake
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
-from streams.worker.sinks import FIRST_BACKOFF_S, MAX_BACKOFF_S, UNHEALTHY_AFTER, Sinks
+from streams.worker.sinks import UNHEALTHY_AFTER, Backoff, Sinks
 from streams.worker.tables import PodsTable, load_dead_letter_keys
 
 log = logging.getLogger("gpuledger.worker")
@@ -223,7 +223,7 @@ class Worker:
         """The tables, before anything is consumed. A ClickHouse not reachable yet (a worker
         started or restarted during an outage) is waited for with the sinks' backoff, as they
         would wait; a permanent error ends the run. False if stopped while waiting."""
-        backoff = FIRST_BACKOFF_S
+        backoff = Backoff(self.stopping)
         while True:
             try:
                 await asyncio.to_thread(self.store.create_schema)
@@ -231,12 +231,11 @@ class Worker:
             except StoreError as exc:
                 if not exc.retriable:
                     raise
-                log.warning("ClickHouse unreachable at start, retrying in %.1f s: %s", backoff, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
-            if self.stopping.is_set():
+                log.warning(
+                    "ClickHouse unreachable at start, retrying in %.1f s: %s", backoff.delay_s, exc
+                )
+            if not await backoff.wait():
                 return False
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _seal_loop(self) -> None:
         """Roll up whole hours that no correction can reach any more (see streams.rollups)."""

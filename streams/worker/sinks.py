@@ -24,6 +24,7 @@ The order in which the runner uses the sinks, and why it makes the output exactl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -59,6 +60,23 @@ MAX_SPLITS = 64  # halvings per batch: past them a part ClickHouse refuses is de
 UNHEALTHY_AFTER = 5  # consecutive failures of a sink before /healthz says unhealthy
 # Refused by the broker for that message alone: sent again, it is refused again.
 REFUSED_BY_BROKER = (MessageSizeTooLargeError, RecordTooLargeError)
+
+
+class Backoff:
+    """The delays between attempts: 0.2 s, doubling to 30 s."""
+
+    def __init__(self, stopping: asyncio.Event) -> None:
+        self.stopping = stopping
+        self.delay_s = FIRST_BACKOFF_S
+
+    async def wait(self) -> bool:
+        """Sleep the current delay and lengthen the next; False (at once) if stopping is set."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=self.delay_s)
+        if self.stopping.is_set():
+            return False
+        self.delay_s = min(self.delay_s * 2, MAX_BACKOFF_S)
+        return True
 
 
 def is_retriable(exc: BaseException) -> bool:
@@ -297,7 +315,7 @@ class Sinks:
     ) -> bool:
         """Run `attempt` until it succeeds (True) or stopping interrupts the backoff (False);
         without `patient`, once. A permanent failure is raised at once."""
-        backoff = FIRST_BACKOFF_S
+        backoff = Backoff(self.stopping)
         while True:
             started = time.perf_counter()
             try:
@@ -311,13 +329,9 @@ class Sinks:
                 if not patient:
                     log.warning("%s write failed: %s", sink, exc)
                     return False
-                log.warning("%s write failed, retrying in %.1f s: %s", sink, backoff, exc)
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), timeout=backoff)
+                log.warning("%s write failed, retrying in %.1f s: %s", sink, backoff.delay_s, exc)
+                if not await backoff.wait():
                     return False
-                except TimeoutError:
-                    pass
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             self._wrote(sink, time.perf_counter() - started)
             return True
