@@ -6,14 +6,31 @@ hooks. Names are part of the contract (alerts and dashboards use them).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class BufferMetrics:
-    """The bounded send buffer shared by every producer, prefixed by the producer's name."""
+    """The bounded send buffer shared by every producer, prefixed by the producer's name.
 
-    def __init__(self, registry: CollectorRegistry, prefix: str, cluster: str, node: str) -> None:
+    `wall_clock_s` (Unix seconds) dates the oldest buffered event at each scrape: its age grows
+    while the buffer stands still, so a value set at the last change would understate it.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        prefix: str,
+        cluster: str,
+        node: str,
+        *,
+        wall_clock_s: Callable[[], float] = time.time,
+    ) -> None:
         labels = ("cluster", "node")
+        self._wall_clock_s = wall_clock_s
+        self._oldest_event_time_s: float | None = None
         self._size = Gauge(
             f"{prefix}_buffer_events",
             "Events waiting in the local buffer for the broker",
@@ -44,9 +61,26 @@ class BufferMetrics:
             labels,
             registry=registry,
         ).labels(cluster, node)
+        Gauge(
+            f"{prefix}_buffer_oldest_age_seconds",
+            "Age (now minus event time) of the oldest event not yet acknowledged by the broker; "
+            "0 when there is none",
+            labels,
+            registry=registry,
+        ).labels(cluster, node).set_function(self._oldest_age_s)
 
     def buffer_size(self, events: int) -> None:
         self._size.set(events)
+
+    def oldest_event(self, event_time_ms: int | None) -> None:
+        """Event time of the oldest buffered event, None when the buffer is empty."""
+        self._oldest_event_time_s = None if event_time_ms is None else event_time_ms / 1000
+
+    def _oldest_age_s(self) -> float:
+        oldest_s = self._oldest_event_time_s
+        if oldest_s is None:
+            return 0.0
+        return max(0.0, self._wall_clock_s() - oldest_s)  # an event dated ahead is not old
 
     def dropped(self, events: int) -> None:
         self._dropped.inc(events)

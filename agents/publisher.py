@@ -5,7 +5,8 @@ The buffer is what makes a broker outage of minutes lose nothing: producers appe
 waiting on the broker; the sender takes batches, and puts a batch back at the head when the broker
 does not acknowledge it, so events go out in order once it is back. Only when the buffer is full
 are the oldest events dropped (and counted). A re-sent event keeps its id, so a batch sent twice
-changes nothing downstream.
+changes nothing downstream. The buffer reports the event time of its oldest event, so an outage
+can be caught before what it holds gets older than the worker's late horizon (runtime/horizon.py).
 """
 
 from __future__ import annotations
@@ -24,23 +25,34 @@ from aiokafka.errors import KafkaError
 
 from agents.metrics import BufferMetrics
 from runtime.errors import BrokerError
+from runtime.horizon import AGENT_BUFFER_EVENTS
 from runtime.kafka import KafkaSettings, TopicSpec, ensure_topics, make_producer
 from schemas.events import CloudEvent, encode_event
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUFFER_MAX_EVENTS = 100_000
+DEFAULT_BUFFER_MAX_EVENTS = AGENT_BUFFER_EVENTS  # runtime/horizon.py sizes the late horizon from it
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
+    """One encoded event; `event_time_ms` is its CloudEvent time, kept so the buffer can tell
+    how old its oldest event is without decoding `value`."""
+
     topic: str
     key: bytes
     value: bytes
+    event_time_ms: int
 
 
 class EventBuffer:
-    """A FIFO of encoded events bounded by count; overflow drops the oldest."""
+    """A FIFO of encoded events bounded by count; overflow drops the oldest.
+
+    The sender has one batch out at a time: from `take` until `acknowledge` or `put_back` its
+    events still count as buffered for the oldest event time, since Kafka does not hold them yet.
+    Each producer enqueues in event-time order, so the oldest event is the head (or the batch
+    out, taken from the head).
+    """
 
     def __init__(self, max_events: int, metrics: BufferMetrics | None = None) -> None:
         if max_events < 1:
@@ -49,6 +61,7 @@ class EventBuffer:
         self.metrics = metrics
         self.dropped = 0
         self._items: deque[Outgoing] = deque()
+        self._out_oldest_ms: int | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -60,13 +73,29 @@ class EventBuffer:
     def take(self, max_items: int) -> list[Outgoing]:
         count = min(max_items, len(self._items))
         batch = [self._items.popleft() for _ in range(count)]
+        if batch and self._out_oldest_ms is None:
+            self._out_oldest_ms = batch[0].event_time_ms
         self._report()
         return batch
 
+    def acknowledge(self) -> None:
+        """The batch out is in Kafka: the oldest event is now the head's."""
+        self._out_oldest_ms = None
+        self._report()
+
     def put_back(self, batch: Sequence[Outgoing]) -> None:
         """Return an unacknowledged batch to the head, in its original order."""
+        self._out_oldest_ms = None
         self._items.extendleft(reversed(batch))
         self._enforce_bound()
+
+    def oldest_event_time_ms(self) -> int | None:
+        """Event time of the oldest event not yet acknowledged by Kafka; None when there is none."""
+        times = [t for t in (self._out_oldest_ms, self._head_time_ms()) if t is not None]
+        return min(times) if times else None
+
+    def _head_time_ms(self) -> int | None:
+        return self._items[0].event_time_ms if self._items else None
 
     def _enforce_bound(self) -> None:
         overflow = len(self._items) - self.max_events
@@ -81,6 +110,7 @@ class EventBuffer:
     def _report(self) -> None:
         if self.metrics is not None:
             self.metrics.buffer_size(len(self._items))
+            self.metrics.oldest_event(self.oldest_event_time_ms())
 
 
 class Publisher(Protocol):
@@ -155,7 +185,7 @@ class KafkaPublisher:
         self._task = asyncio.create_task(self._run(), name="gpuledger-publisher")
 
     def publish(self, topic: str, key: str, event: CloudEvent[Any]) -> None:
-        self.buffer.put([Outgoing(topic, key.encode(), encode_event(event))])
+        self.buffer.put([Outgoing(topic, key.encode(), encode_event(event), event.time_ms)])
         self._wakeup.set()
 
     def check(self) -> None:
@@ -220,6 +250,7 @@ class KafkaPublisher:
                 await self._pause(backoff_s)
                 backoff_s = min(backoff_s * 2, self.retry_max_s)
                 continue
+            self.buffer.acknowledge()
             self.metrics.published(len(batch), time.time())
 
     async def _connect(self) -> None:

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from deploy_tools import REPO, require
 
+from runtime.horizon import LATE_HORIZON_S
+
 PROM = REPO / "deploy" / "prometheus"
 RULES = PROM / "rules" / "gpuledger-alerts.yml"
 TESTS = PROM / "tests" / "gpuledger-alerts.test.yml"
@@ -34,6 +36,7 @@ KNOWN_METRICS = {
     "gpuledger_clock_skew_events_total",
     "gpuledger_agent_last_sample_timestamp_seconds",
     "gpuledger_agent_samples_total",
+    "gpuledger_agent_buffer_oldest_age_seconds",
 }
 REQUIRED_ALERTS = {
     "GpuledgerIdleGpuBurnHigh",
@@ -41,6 +44,8 @@ REQUIRED_ALERTS = {
     "GpuledgerAgentSilent",
     "GpuledgerConsumerLagGrowing",
     "GpuledgerDeadLetters",
+    "GpuledgerEventsTooLate",
+    "GpuledgerAgentBufferNearLateHorizon",
     "GpuledgerClockSkew",
 }
 
@@ -79,6 +84,25 @@ def test_every_required_alert_exists_and_uses_known_metrics() -> None:
     assert idle["for"] == "15m"
 
 
+def test_too_late_alerts_speak_of_the_workers_late_horizon() -> None:
+    rules = {str(r["alert"]): r for r in _rules()}
+    near = re.search(r">\s*(\d+)\s*$", str(rules["GpuledgerAgentBufferNearLateHorizon"]["expr"]))
+    assert near is not None
+    assert 0 < int(near.group(1)) < LATE_HORIZON_S
+    horizon = (
+        f"late horizon ({LATE_HORIZON_S // 3600} h by default, worker option --late-horizon-s)"
+    )
+    for name in (
+        "GpuledgerAgentBufferNearLateHorizon",
+        "GpuledgerEventsTooLate",
+        "GpuledgerClockSkew",
+    ):
+        annotations = rules[name]["annotations"]
+        description = " ".join(str(annotations["description"]).split())  # type: ignore[index]
+        assert horizon in description, name
+        assert "retention" not in description, name
+
+
 def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
     doc = yaml.safe_load(TESTS.read_text())
     fired: set[str] = set()
@@ -105,6 +129,12 @@ def test_promtool_unit_tests_pass() -> None:
         ("GpuledgerAgentSilent", "> 300", "> 900"),
         ("GpuledgerConsumerLagGrowing", "> 0\n", ">= 0\n"),
         ("GpuledgerDeadLetters", "[10m]", "[1m]"),
+        ("GpuledgerDeadLetters", '{reason!="too_late"}', ""),
+        ("GpuledgerEventsTooLate", '{reason="too_late"}', ""),
+        ("GpuledgerEventsTooLate", "[10m]", "[1m]"),
+        ("GpuledgerAgentBufferNearLateHorizon", "> 10800", "> 14400"),
+        ("GpuledgerAgentBufferNearLateHorizon", "> 10800", "> 3600"),
+        ("GpuledgerAgentBufferNearLateHorizon", "for: 5m", "for: 15m"),
         ("GpuledgerSinkFailing", "for: 5m", "for: 30m"),
         ("GpuledgerClockSkew", "> 60", "> 7200"),
         (

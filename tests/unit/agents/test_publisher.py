@@ -16,14 +16,34 @@ from agents.publisher import DryRunPublisher, EventBuffer, KafkaPublisher, Outgo
 from runtime.kafka import KafkaSettings
 from schemas.events import PodInfo, make_event
 
+LABELS = {"cluster": "c", "node": "n"}
+
 
 def _items(n: int, start: int = 0) -> list[Outgoing]:
-    return [Outgoing("t", str(i).encode(), str(i).encode()) for i in range(start, start + n)]
+    """Event i is dated i seconds after the epoch."""
+    return [
+        Outgoing("t", str(i).encode(), str(i).encode(), event_time_ms=i * 1000)
+        for i in range(start, start + n)
+    ]
 
 
-def _metrics() -> tuple[BufferMetrics, CollectorRegistry]:
+class FakeClock:
+    def __init__(self, now_s: float) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def _metrics(clock: FakeClock | None = None) -> tuple[BufferMetrics, CollectorRegistry]:
     registry = CollectorRegistry()
-    return BufferMetrics(registry, "gpuledger_agent", "c", "n"), registry
+    wall_clock_s = clock if clock is not None else FakeClock(0.0)
+    metrics = BufferMetrics(registry, "gpuledger_agent", "c", "n", wall_clock_s=wall_clock_s)
+    return metrics, registry
+
+
+def _oldest_age_s(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("gpuledger_agent_buffer_oldest_age_seconds", LABELS)
 
 
 def test_buffer_drops_oldest_beyond_its_bound_and_counts_them() -> None:
@@ -35,6 +55,51 @@ def test_buffer_drops_oldest_beyond_its_bound_and_counts_them() -> None:
     labels = {"cluster": "c", "node": "n"}
     assert registry.get_sample_value("gpuledger_agent_buffer_dropped_total", labels) == 3
     assert registry.get_sample_value("gpuledger_agent_buffer_events", labels) == 0
+
+
+def test_oldest_age_is_zero_while_nothing_is_buffered() -> None:
+    clock = FakeClock(1_000.0)
+    metrics, registry = _metrics(clock)
+    assert _oldest_age_s(registry) == 0
+    buffer = EventBuffer(10, metrics)
+    buffer.put(_items(2))
+    buffer.take(10)
+    buffer.acknowledge()
+    assert buffer.oldest_event_time_ms() is None
+    assert _oldest_age_s(registry) == 0
+
+
+def test_oldest_age_is_now_minus_the_head_event_time_and_grows_while_waiting() -> None:
+    clock = FakeClock(100.0)
+    metrics, registry = _metrics(clock)
+    buffer = EventBuffer(10, metrics)
+    buffer.put(_items(3, start=40))  # events at 40 s, 41 s, 42 s
+    assert _oldest_age_s(registry) == 60
+    clock.now_s = 3_700.0  # the broker stays away; nothing is put or taken
+    assert _oldest_age_s(registry) == 3_660
+
+
+def test_oldest_age_counts_the_batch_out_until_acknowledged_then_the_next_oldest() -> None:
+    clock = FakeClock(100.0)
+    metrics, registry = _metrics(clock)
+    buffer = EventBuffer(10, metrics)
+    buffer.put(_items(5, start=10))  # 10 s .. 14 s
+    batch = buffer.take(2)
+    assert len(buffer) == 3
+    assert _oldest_age_s(registry) == 90  # 10 s is out but not in Kafka yet
+    buffer.put_back(batch)
+    assert _oldest_age_s(registry) == 90
+    buffer.take(2)
+    buffer.acknowledge()
+    assert _oldest_age_s(registry) == 88  # next oldest: 12 s
+
+
+def test_oldest_age_follows_overflow_drops() -> None:
+    clock = FakeClock(100.0)
+    metrics, registry = _metrics(clock)
+    buffer = EventBuffer(3, metrics)
+    buffer.put(_items(5))  # 0 s and 1 s dropped
+    assert _oldest_age_s(registry) == 98
 
 
 def test_put_back_keeps_order_ahead_of_newer_events() -> None:
@@ -76,7 +141,8 @@ def _event(i: int) -> Any:
 
 async def test_outage_loses_nothing_and_keeps_order() -> None:
     world: dict[str, Any] = {"down": True, "sent": []}
-    metrics, registry = _metrics()
+    clock = FakeClock(61.0)
+    metrics, registry = _metrics(clock)
     publisher = KafkaPublisher(
         KafkaSettings(),
         [],
@@ -89,6 +155,7 @@ async def test_outage_loses_nothing_and_keeps_order() -> None:
         publisher.publish("gpuledger.pods", f"uid-{i}", _event(i))
         await asyncio.sleep(0.002)
     assert world["sent"] == []
+    assert _oldest_age_s(registry) == 60  # the first event, dated 1 s, waits
     world["down"] = False
     for i in range(50, 60):
         publisher.publish("gpuledger.pods", f"uid-{i}", _event(i))
@@ -99,6 +166,7 @@ async def test_outage_loses_nothing_and_keeps_order() -> None:
     await publisher.stop()
     ids = [orjson.loads(v)["id"] for v in world["sent"]]
     assert ids == [f"uid-{i}:1" for i in range(60)]
+    assert _oldest_age_s(registry) == 0
     assert (
         registry.get_sample_value(
             "gpuledger_agent_publish_errors_total", {"cluster": "c", "node": "n"}
