@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import orjson
 from aiokafka import ConsumerRecord
 
+from runtime.horizon import LATE_HORIZON_S
 from schemas.events import (
     DEAD_LETTER_TOPIC,
     Decoded,
@@ -40,17 +41,72 @@ def moment(time_ms: int | None) -> str:
         return f"{time_ms} ms since 1970 (not a date)"
 
 
-@dataclass
-class DeadLetterLog:
-    """Keys already in the dead-letter topic, so a replay does not write a record twice."""
+DEAD_LETTER_HORIZON_S = LATE_HORIZON_S + 3600
+DEAD_LETTER_MAX_KEYS = 1_000_000
 
-    seen: set[bytes] = field(default_factory=set)
+
+class DeadLetterLog:
+    """Keys of the dead letters written lately, so a replay does not write a record twice.
+
+    A replay reaches back no further than the committed offsets, which trail event time by at
+    most the late horizon: a letter written more than `horizon_s` ago (default the late horizon
+    plus an hour) is for a record no replay reads again, so its key is forgotten. At most
+    `max_keys` are kept: beyond that the oldest noted is forgotten and counted in `evicted`
+    (should its record be replayed after all, its letter is written a second time). Keys are
+    forgotten in the order they were noted, so each lasts at most `horizon_s` after that.
+    """
+
+    __slots__ = ("_written", "clock", "evicted", "horizon_s", "max_keys")
+
+    def __init__(
+        self,
+        horizon_s: float = DEAD_LETTER_HORIZON_S,
+        max_keys: int = DEAD_LETTER_MAX_KEYS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, not {max_keys}")
+        self.horizon_s = horizon_s
+        self.max_keys = max_keys
+        self.clock = clock
+        self._written: dict[bytes, float] = {}  # key -> when its letter was written, as noted
+        self.evicted = 0  # keys forgotten because of `max_keys`
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._written
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def remember(self, key: bytes, written_s: float, now_s: float | None = None) -> bool:
+        """Note a letter already in the topic, written at `written_s`; False (not kept) when
+        that is longer ago than the horizon."""
+        now = self.clock() if now_s is None else now_s
+        self.expire(now)
+        if written_s < now - self.horizon_s:
+            return False
+        previous = self._written.pop(key, None)
+        self._written[key] = written_s if previous is None else max(previous, written_s)
+        if len(self._written) > self.max_keys:
+            del self._written[next(iter(self._written))]
+            self.evicted += 1
+        return True
+
+    def expire(self, now_s: float) -> None:
+        """Forget the keys noted first whose letters are older than the horizon."""
+        written, oldest_s = self._written, now_s - self.horizon_s
+        while written:
+            key, written_s = next(iter(written.items()))
+            if written_s >= oldest_s:
+                return
+            del written[key]
 
     def add(self, outbox: Outbox, msg: ConsumerRecord, reason: str, detail: str) -> bool:
         key = dead_letter_key(msg.topic, msg.partition, msg.offset)
-        if key in self.seen:
+        if key in self._written:
             return False
-        self.seen.add(key)
+        now = self.clock()
+        self.remember(key, now, now)
         outbox.messages.append(
             dead_letter_message(
                 msg.topic,
@@ -60,7 +116,7 @@ class DeadLetterLog:
                 msg.value,
                 reason,
                 detail,
-                time.time(),
+                now,
             )
         )
         return True
@@ -79,12 +135,11 @@ class DeadLetterLog:
         bytes stay in the input topic); keyed by the window too, so a replay writes it once."""
         topic, number = partition
         key = dead_letter_key(topic, number, first) + b"|window|" + window.encode()
-        if key in self.seen:
+        if key in self._written:
             return False
-        self.seen.add(key)
-        _, _, body, _ = dead_letter_message(
-            topic, number, first, None, None, reason, detail, time.time()
-        )
+        now = self.clock()
+        self.remember(key, now, now)
+        _, _, body, _ = dead_letter_message(topic, number, first, None, None, reason, detail, now)
         doc = orjson.loads(body)
         doc["last_offset"] = last
         doc["window"] = window

@@ -1,7 +1,8 @@
-"""Topics every worker reads whole, outside any consumer group, as a global table would be.
+"""Topics every worker reads outside any consumer group, as a global table would be.
 
 The compacted pods topic is read from the start before the stages begin, then followed; the
-dead-letter topic's keys are read once at start-up, so a replay does not write a letter twice.
+dead-letter topic's recent keys are read once at start-up, so a replay does not write a letter
+twice.
 """
 
 from __future__ import annotations
@@ -67,25 +68,46 @@ class PodsTable:
 
 
 async def load_dead_letter_keys(
-    settings: KafkaSettings, partitions: int, dead_letters: DeadLetterLog
-) -> None:
-    """Every key already in the dead-letter topic, into `dead_letters`."""
+    settings: KafkaSettings,
+    partitions: int,
+    dead_letters: DeadLetterLog,
+    *,
+    topic: str = DEAD_LETTER_TOPIC,
+    now_s: float | None = None,
+) -> int:
+    """The keys of the dead letters written within `dead_letters.horizon_s` of `now_s`, into
+    `dead_letters`; returns how many records were read.
+
+    Each partition is read from its first record stamped at or after that time (Kafka's
+    offsets for times); where it has none, every record there is older, and none is read.
+    Records stamped earlier than that further on (a producer's clock) are read, not kept.
+    """
+    now = dead_letters.clock() if now_s is None else now_s
+    since_ms = max(0, int((now - dead_letters.horizon_s) * 1000))
     consumer = all_partitions_consumer(settings)
     await consumer.start()
+    read = 0
     try:
-        tps = [TopicPartition(DEAD_LETTER_TOPIC, p) for p in range(partitions)]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         end = await consumer.end_offsets(tps)
+        starts = await consumer.offsets_for_times({tp: since_ms for tp in tps})
+        for tp in tps:
+            found = starts.get(tp)
+            consumer.seek(tp, end[tp] if found is None else found.offset)
         while True:
             positions = [await consumer.position(tp) for tp in tps]
             if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
                 break
             batch = await consumer.getmany(timeout_ms=500, max_records=10000)
             for records in batch.values():
-                dead_letters.seen.update(m.key for m in records if m.key)
+                read += len(records)
+                for msg in records:
+                    if msg.key:
+                        dead_letters.remember(msg.key, msg.timestamp / 1000, now)
     finally:
         await _stop(consumer)
+    return read
 
 
 async def _stop(consumer: AIOKafkaConsumer) -> None:
