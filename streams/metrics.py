@@ -3,12 +3,16 @@
 Business code calls the named hooks; it never touches prometheus-client directly. Names follow
 Prometheus conventions: `gpuledger_` prefix, `_total` counters, base units, `_usd` money.
 Series labelled by input partition are removed when the partition is revoked, so a worker
-exposes only the partitions it owns.
+exposes only the partitions it owns. Series labelled by what the input names (device, GPU model,
+event source, team) are bounded: `prune(now_s)` removes those not updated for `series_ttl_s`,
+and no family holds more than `max_series` (the least recently updated go first; the team
+rates fold the smallest into `__other__`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -23,11 +27,24 @@ M = TypeVar("M", bound=MetricWrapperBase)
 MAX_SOURCES = 2000
 OTHER_SOURCE = "__other__"
 CLOCK_SERIES_TTL_S = 900.0  # a source silent this long loses its clock-offset series
+SERIES_TTL_S = 3600.0  # the default retention: a device, model or source silent this long
+MAX_SERIES = 50_000  # per label family
 
 
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        series_ttl_s: float = SERIES_TTL_S,
+        max_series: int = MAX_SERIES,
+    ) -> None:
+        if max_series < 2:
+            raise ValueError(f"max_series must be at least 2, not {max_series}")
         self.registry = registry
+        self.series_ttl_s = series_ttl_s
+        self.max_series = max_series
+        self.series_evicted = 0  # series removed because their family was full
         self._events = Counter(
             "gpuledger_events_total", "Input events decoded and used", ["topic"], registry=registry
         )
@@ -121,11 +138,15 @@ class WorkerMetrics:
             registry=registry,
         )
         self._sources: set[str] = set()
-        self._offset_seen: dict[str, float] = {}  # source label -> wall time of its last value
+        # When each series named by the input was last updated (wall time), oldest first.
+        self._offsets = _Recency()  # (source,)
+        self._skews = _Recency()  # (topic, source)
+        self._models = _Recency()  # (gpu_model,)
+        self._devices = _Recency()  # (device_uuid,): its cost-rate and idle series
         self._next_sweep_s = 0.0
         self._latest: dict[str, tuple[int, list[CostRow]]] = {}
         self._window_s = 60
-        self._idle_series: set[tuple[str, str, str]] = set()
+        self._idle_series: dict[str, tuple[str, str, str]] = {}  # device -> its idle labels
         self._team_series: set[tuple[str, str]] = set()
         self._untagged_series: set[str] = set()
         # Label children, cached: `labels()` costs microseconds, and some hooks run per event.
@@ -138,6 +159,38 @@ class WorkerMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child  # type: ignore[return-value]
+
+    def _remove(self, metric: MetricWrapperBase, labels: tuple[str, ...]) -> None:
+        self._children.pop((id(metric), labels), None)
+        metric.remove(*labels)
+
+    def _touch(
+        self, recency: _Recency, labels: tuple[str, ...], now_s: float
+    ) -> list[tuple[str, ...]]:
+        """Note `labels` updated now; the series to remove to keep the family's cap."""
+        evicted = recency.touch(labels, now_s, self.max_series)
+        self.series_evicted += len(evicted)
+        return evicted
+
+    # ------------------------------------------------------------------ bounds
+
+    def prune(self, now_s: float) -> None:
+        """Remove the series of devices, GPU models and sources not updated for
+        `series_ttl_s` (clock offsets: CLOCK_SERIES_TTL_S, where shorter); a source left
+        with no series gives up its place among the MAX_SOURCES."""
+        before_s = now_s - self.series_ttl_s
+        stale = [device for (device,) in self._devices.stale(before_s)]
+        if stale:
+            self._forget_devices(stale)
+            self._refresh_rates()
+        for labels in self._models.stale(before_s):
+            self._remove(self._unknown_model, labels)
+        for labels in self._skews.stale(before_s):
+            self._remove(self._clock_skew, labels)
+        for labels in self._offsets.stale(now_s - min(CLOCK_SERIES_TTL_S, self.series_ttl_s)):
+            self._remove(self._clock_offset, labels)
+        live = {source for (source,) in self._offsets} | {source for _, source in self._skews}
+        self._sources &= live
 
     # ------------------------------------------------------------------ input
 
@@ -158,9 +211,12 @@ class WorkerMetrics:
     def dead_lettered(self, topic: str, reason: str) -> None:
         self._dead_letters.labels(topic, reason).inc()
 
-    def unknown_gpu_model(self, gpu_model: str) -> None:
+    def unknown_gpu_model(self, gpu_model: str, now_s: float | None = None) -> None:
         """A sample priced at the price book's default."""
-        self._unknown_model.labels(gpu_model).inc()
+        now = time.time() if now_s is None else now_s
+        for labels in self._touch(self._models, (gpu_model,), now):
+            self._remove(self._unknown_model, labels)
+        self._child(self._unknown_model, gpu_model).inc()
 
     def _source(self, source: str) -> str:
         """The label for an event source: its own for the first MAX_SOURCES, then shared."""
@@ -175,20 +231,21 @@ class WorkerMetrics:
         """`source`'s latest event time minus its Kafka record timestamp. Series of sources
         silent for CLOCK_SERIES_TTL_S are removed (checked at most once a minute)."""
         label = self._source(source)
+        for labels in self._touch(self._offsets, (label,), now_s):
+            self._remove(self._clock_offset, labels)
         self._child(self._clock_offset, label).set(seconds)
-        self._offset_seen[label] = now_s
         if now_s >= self._next_sweep_s:
             self._next_sweep_s = now_s + 60.0
-            for stale in [
-                s for s, t in self._offset_seen.items() if now_s - t > CLOCK_SERIES_TTL_S
-            ]:
-                del self._offset_seen[stale]
-                self._children.pop((id(self._clock_offset), (stale,)), None)
-                self._clock_offset.remove(stale)
+            for labels in self._offsets.stale(now_s - CLOCK_SERIES_TTL_S):
+                self._remove(self._clock_offset, labels)
 
-    def clock_skewed(self, topic: str, source: str) -> None:
+    def clock_skewed(self, topic: str, source: str, now_s: float | None = None) -> None:
         """An event of `source` dead-lettered as `clock_skew`."""
-        self._child(self._clock_skew, topic, self._source(source)).inc()
+        now = time.time() if now_s is None else now_s
+        key = (topic, self._source(source))
+        for labels in self._touch(self._skews, key, now):
+            self._remove(self._clock_skew, labels)
+        self._child(self._clock_skew, *key).inc()
 
     # ------------------------------------------------------------------ partitions
 
@@ -224,7 +281,9 @@ class WorkerMetrics:
         fresh: dict[str, list[CostRow]] = {}
         for row in rows:
             fresh.setdefault(row.device_uuid, []).append(row)
+        full: list[str] = []
         for device, device_rows in fresh.items():
+            full.extend(labels[0] for labels in self._touch(self._devices, (device,), now_s))
             start = device_rows[0].window_start_ms
             previous = self._latest.get(device)
             if previous is not None and previous[0] > start:
@@ -232,19 +291,25 @@ class WorkerMetrics:
             if previous is None or previous[0] < start:
                 self._emit_lag.observe(max(0.0, now_s - device_rows[0].window_end_ms / 1000))
             self._latest[device] = (start, device_rows)
+        self._forget_devices(full)
         self._window_s = window_s
         self._refresh_rates()
 
     def devices_revoked(self, devices: Iterable[str]) -> None:
         """Forget the cost-rate series of devices whose partitions this worker no longer owns
         (their new owner reports them), so two workers never expose the same device."""
-        for device in devices:
-            if self._latest.pop(device, None) is None:
-                continue
-            for labels in [k for k in self._idle_series if k[2] == device]:
-                self._idle_series.discard(labels)
-                self._idle_burn.remove(*labels)
+        gone = list(devices)
+        for device in gone:
+            self._devices.discard((device,))
+        self._forget_devices(gone)
         self._refresh_rates()
+
+    def _forget_devices(self, devices: Iterable[str]) -> None:
+        for device in devices:
+            self._latest.pop(device, None)
+            labels = self._idle_series.pop(device, None)
+            if labels is not None:
+                self._idle_burn.remove(*labels)
 
     def _refresh_rates(self) -> None:
         """Set the rate gauges from each owned device's latest window; a team or cluster no
@@ -262,8 +327,14 @@ class WorkerMetrics:
                     untagged[row.cluster] += rate
                 if row.kind == KIND_IDLE:
                     labels = (row.cluster, row.node, row.device_uuid)
-                    self._idle_series.add(labels)
+                    previous = self._idle_series.get(row.device_uuid)
+                    if previous != labels:
+                        if previous is not None:
+                            self._idle_burn.remove(*previous)
+                        self._idle_series[row.device_uuid] = labels
                     self._idle_burn.labels(*labels).set(float(row.idle_cost_usd) * per_hour)
+        if len(team_rates) > self.max_series:
+            team_rates = _fold_smallest(team_rates, self.max_series)
         for (cluster, team), rate in team_rates.items():
             self._cost_rate.labels(cluster, team).set(rate)
         for cluster, rate in untagged.items():
@@ -274,3 +345,57 @@ class WorkerMetrics:
             self._untagged_rate.remove(cluster)
         self._team_series = set(team_rates)
         self._untagged_series = set(untagged)
+
+
+OTHER_TEAM = "__other__"
+
+
+def _fold_smallest(
+    team_rates: dict[tuple[str, str], float], max_series: int
+) -> dict[tuple[str, str], float]:
+    """The `max_series - 1` largest team rates, and the rest summed per cluster as `__other__`
+    (where there are many clusters, one `__other__` each)."""
+    ranked = sorted(team_rates.items(), key=lambda item: item[1], reverse=True)
+    kept = dict(ranked[: max_series - 1])
+    for (cluster, _), rate in ranked[max_series - 1 :]:
+        kept[(cluster, OTHER_TEAM)] = kept.get((cluster, OTHER_TEAM), 0.0) + rate
+    return kept
+
+
+class _Recency:
+    """When each series of one label family was last updated, least recently first."""
+
+    __slots__ = ("_updated",)
+
+    def __init__(self) -> None:
+        self._updated: dict[tuple[str, ...], float] = {}
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        return iter(self._updated)
+
+    def touch(
+        self, labels: tuple[str, ...], now_s: float, max_series: int
+    ) -> list[tuple[str, ...]]:
+        """Note `labels` updated at `now_s`; the least recently updated others beyond
+        `max_series`, forgotten here, for their series to be removed."""
+        updated, evicted = self._updated, []
+        if updated.pop(labels, None) is None:
+            while len(updated) >= max_series:
+                evicted.append(next(iter(updated)))
+                del updated[evicted[-1]]
+        updated[labels] = now_s
+        return evicted
+
+    def stale(self, before_s: float) -> list[tuple[str, ...]]:
+        """Forget, and return, the labels last updated before `before_s`."""
+        updated, gone = self._updated, []
+        for labels, updated_s in updated.items():
+            if updated_s >= before_s:
+                break
+            gone.append(labels)
+        for labels in gone:
+            del updated[labels]
+        return gone
+
+    def discard(self, labels: tuple[str, ...]) -> None:
+        self._updated.pop(labels, None)
