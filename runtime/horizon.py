@@ -11,3 +11,6 @@ from __future__ import annotations
 
 AGENT_BUFFER_EVENTS = 100_000
 LATE_HORIZON_S = 4 * 3600
+# The pods topic keeps every pod event for 7 days (min.compaction.lag.ms, runtime.kafka): a
+# window corrected later could read metadata its first emission did not see.
+MAX_LATE_HORIZON_S = 7 * 24 * 3600

@@ -9,10 +9,12 @@ window, the rows add up to the sample costs exactly.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from functools import partial
+from typing import Protocol
 
 from schemas.events import GpuSample, PodInfo, ProcessSample
 from streams.labels import LabelSettings, resolve_owner
@@ -125,6 +127,7 @@ class Pricer:
     __slots__ = ("_known", "book")
 
     MAX_INTERVALS = 10_000  # remembered costs per price
+    MAX_PRICES = 10_000  # remembered prices: models and classes come from the input
 
     def __init__(self, book: PriceBook) -> None:
         self.book = book
@@ -139,6 +142,8 @@ class Pricer:
             quote, valid_from, valid_until = self.book.quote_span(
                 sample.gpu_model, pricing, time_ms
             )
+            if known is None and len(self._known) >= self.MAX_PRICES:
+                self._known.clear()
             known = self._known[key] = _Known(_device_price(quote, sample), valid_from, valid_until)
         interval_s = sample.interval_s
         cost = known.costs.get(interval_s)
@@ -188,11 +193,47 @@ def sample_cost_fusd(price: DevicePrice, interval_s: float) -> int:
     return int(sample_cost_usd(price.price_per_hour_usd, interval_s).scaleb(15))
 
 
+class DeviceDescription(Protocol):
+    """What a row says of its device: a `GpuSample`, or `DeviceAttributes` once packed."""
+
+    @property
+    def cluster(self) -> str: ...
+    @property
+    def node(self) -> str: ...
+    @property
+    def device_uuid(self) -> str: ...
+    @property
+    def gpu_uuid(self) -> str: ...
+    @property
+    def gpu_model(self) -> str: ...
+    @property
+    def mig_profile(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceAttributes:
+    cluster: str
+    node: str
+    device_uuid: str
+    gpu_uuid: str
+    gpu_model: str
+    mig_profile: str | None
+
+
+def id_digest(event_id: str) -> int:
+    """A stable 64-bit digest of an event id: what a packed window keeps to refuse a duplicate
+    (8 bytes instead of the id; two distinct ids of one (window, device) share a digest with
+    probability about n^2 / 2^65)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest())
+
+
 class DeviceWindow:
     """Sums of the sample parts of one (window, device); the result is order independent.
 
     `owners` maps each owner to its totals, indexed by COST..MEM_BYTE_SECONDS. The first
-    sample (by event time, then id) supplies the rows' device attributes and price."""
+    sample (by event time, then id) supplies the rows' device attributes and price. Sample ids
+    are kept as strings while the window is live; a window restored from its packed form
+    (streams.window_state) knows its earlier samples by `known_digests` (`id_digest`)."""
 
     __slots__ = (
         "cost_fusd",
@@ -201,6 +242,8 @@ class DeviceWindow:
         "first_sample",
         "idle_fusd",
         "interval_ns",
+        "known_count",
+        "known_digests",
         "mem_byte_seconds",
         "owners",
         "sample_ids",
@@ -211,6 +254,8 @@ class DeviceWindow:
     def __init__(self, window_start_ms: int) -> None:
         self.window_start_ms = window_start_ms
         self.sample_ids: set[str] = set()
+        self.known_digests: frozenset[int] = frozenset()
+        self.known_count = 0  # samples behind `known_digests` (digests may repeat)
         self.cost_fusd = 0
         self.idle_fusd = 0
         self.interval_ns = 0
@@ -218,7 +263,7 @@ class DeviceWindow:
         self.mem_byte_seconds = 0
         self.owners: dict[str, list[int]] = {}
         self.first_key: tuple[int, str] | None = None
-        self.first_sample: GpuSample | None = None
+        self.first_sample: DeviceDescription | None = None
         self.first_price: DevicePrice | None = None
 
     def add_sample(
@@ -232,7 +277,9 @@ class DeviceWindow:
     ) -> bool:
         """Steps 3-6 for one sample of `cost` femto-USD (`Pricer.price`): split it among its
         owners and fold the parts in; False (and no change) for a duplicate event id."""
-        if event_id in self.sample_ids:
+        if event_id in self.sample_ids or (
+            self.known_digests and id_digest(event_id) in self.known_digests
+        ):
             return False
         interval_ns = round(sample.interval_s * NANOS_PER_SECOND)
         grouped, idle = owner_parts(sample, cost, interval_ns, settings)
@@ -278,7 +325,7 @@ class DeviceWindow:
 
     @property
     def sample_count(self) -> int:
-        return len(self.sample_ids)
+        return len(self.sample_ids) + self.known_count
 
 
 Folder = Callable[[DeviceWindow, str, int, GpuSample, DevicePrice, int], bool]

@@ -122,7 +122,26 @@ class TokenCostRow:
         return f"{self.window_start_ms}|{self.pod_uid}|{self.model}"
 
 
-Row = CostRow | TokenRow | TokenCostRow
+@dataclass(frozen=True, slots=True)
+class WindowStateRow:
+    """A closed window's checkpoint (design §5): what a restart or a late correction restores
+    it from. `stage` is "device" (unit: device uuid) or "pod" (unit: pod uid); `state` is the
+    packed window (streams.worker.packing); the highest version per key is the latest."""
+
+    TABLE: ClassVar[str] = "window_state"
+
+    stage: str
+    window_start_ms: int
+    unit: str
+    version: int
+    state: bytes
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}|{self.window_start_ms}|{self.unit}"
+
+
+Row = CostRow | TokenRow | TokenCostRow | WindowStateRow
 
 
 def column_names(row_type: type[Row]) -> list[str]:
@@ -152,6 +171,8 @@ def as_json(row: Row) -> dict[str, Any]:
             out[name[:-3]] = _time_text(value)
         elif isinstance(value, Decimal):
             out[name] = format(value, "f")
+        elif isinstance(value, bytes):
+            out[name] = value.hex()
         else:
             out[name] = value
     return out

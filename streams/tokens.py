@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from schemas.events import CloudEvent, TokenDelta
-from streams.allocation import split_exact
+from streams.allocation import id_digest, split_exact
 from streams.rows import TokenCostRow, TokenRow
 
 _ZERO = Decimal(0)
@@ -22,7 +22,9 @@ SECONDS_QUANTUM = Decimal("1e-6")  # prefill and decode time, summed exactly
 
 
 class TokenWindow:
-    """Sums of the token deltas of one (window, pod uid, model); order independent."""
+    """Sums of the token deltas of one (window, pod uid, model); order independent. Delta ids
+    are strings while live; a restored window knows its earlier ones by `known_digests`
+    (streams.worker.packing)."""
 
     __slots__ = (
         "cached_tokens",
@@ -30,6 +32,8 @@ class TokenWindow:
         "decode_s",
         "delta_ids",
         "identity",
+        "known_count",
+        "known_digests",
         "prefill_s",
         "prompt_tokens",
         "requests",
@@ -37,6 +41,8 @@ class TokenWindow:
 
     def __init__(self) -> None:
         self.delta_ids: set[str] = set()
+        self.known_digests: frozenset[int] = frozenset()
+        self.known_count = 0
         self.identity: tuple[int, str, str, str, str] | None = None  # time, id, cluster, ns, pod
         self.prompt_tokens = 0
         self.completion_tokens = 0
@@ -46,7 +52,9 @@ class TokenWindow:
         self.decode_s = _ZERO
 
     def add(self, event: CloudEvent[TokenDelta]) -> bool:
-        if event.id in self.delta_ids:
+        if event.id in self.delta_ids or (
+            self.known_digests and id_digest(event.id) in self.known_digests
+        ):
             return False
         self.delta_ids.add(event.id)
         d = event.data
@@ -62,6 +70,11 @@ class TokenWindow:
         if self.identity is None or ident[:2] > self.identity[:2]:
             self.identity = ident
         return True
+
+    @property
+    def count(self) -> int:
+        """Deltas folded in: a version input."""
+        return len(self.delta_ids) + self.known_count
 
     @property
     def tokens(self) -> int:

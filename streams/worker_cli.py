@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from runtime.errors import GpuledgerError
+from runtime.horizon import LATE_HORIZON_S, MAX_LATE_HORIZON_S
 from runtime.kafka import add_kafka_options, kafka_settings_from
 from runtime.options import add_env_option, add_log_level_option
 from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
@@ -137,7 +138,19 @@ def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, st
         env="GPULEDGER_RETENTION_S",
         type=float,
         default=3600.0,
-        help="seconds a closed window is kept for late corrections (default 3600)",
+        help="seconds a closed window stays in memory, for corrections and late pod "
+        "metadata (default 3600)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--late-horizon-s",
+        env="GPULEDGER_LATE_HORIZON_S",
+        type=float,
+        default=float(LATE_HORIZON_S),
+        help="seconds after its end a window still takes samples, restored from its "
+        f"checkpoint; older ones are dead-lettered as too_late (default {LATE_HORIZON_S}: "
+        "what an agent's default buffer holds; never less than --retention-s)",
     )
     add_env_option(
         parser,
@@ -169,11 +182,14 @@ def stream_settings_from(args: argparse.Namespace) -> StreamSettings:
         raise GpuledgerError(str(exc)) from exc
     if args.max_clock_skew_s <= 0:
         raise GpuledgerError("--max-clock-skew-s must be positive")
+    if args.late_horizon_s > MAX_LATE_HORIZON_S:
+        raise GpuledgerError(f"--late-horizon-s must be at most {MAX_LATE_HORIZON_S} (7 days)")
     return StreamSettings(
         allocation,
         args.grace_s,
         args.idle_flush_s,
         args.retention_s,
+        late_horizon_s=args.late_horizon_s,
         max_clock_skew_s=args.max_clock_skew_s,
     )
 

@@ -33,6 +33,7 @@ from streams.metrics import WorkerMetrics
 from streams.pricing import PriceBook
 from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
+from streams.worker.checkpoints import Checkpoints
 from streams.worker.device_stage import DeviceStage, StreamSettings
 from streams.worker.handlers import (
     DeviceHandler,
@@ -135,6 +136,8 @@ class Worker:
         cfg = self.config
         if not await self._create_schema():
             return  # stopped while ClickHouse was still unreachable
+        checkpoints = Checkpoints(self.store, self.stopping)
+        await checkpoints.set_ttl(cfg.stream.late_horizon_ms / 1000)
         specs = [*default_topics(cfg.partitions), TopicSpec(cfg.internal_topic, cfg.partitions)]
         await ensure_topics(cfg.kafka, specs)
         producer = make_producer(cfg.kafka)
@@ -170,8 +173,9 @@ class Worker:
                 cfg.internal_topic,
                 sample_partitions=counts[GPU_SAMPLES_TOPIC],
                 internal_partitions=counts[cfg.internal_topic],
+                checkpoints=checkpoints,
             )
-            token_cost = TokenCostHandler(self.pod_stage, intake, cfg.internal_topic)
+            token_cost = TokenCostHandler(self.pod_stage, intake, cfg.internal_topic, checkpoints)
             self.runners = [
                 StageRunner(
                     name,
@@ -238,12 +242,15 @@ class Worker:
                 return False
 
     async def _seal_loop(self) -> None:
-        """Roll up whole hours that no correction can reach any more (see streams.rollups)."""
+        """Roll up whole hours that no correction can reach any more (see streams.rollups),
+        and forget the pod metadata no window that can still change reads."""
         stream = self.config.stream
-        margin_s = int(stream.retention_s + stream.allocation.window_s + stream.grace_s)
+        reach_ms = stream.late_horizon_ms + stream.window_ms + stream.grace_ms
+        margin_s = reach_ms // 1000 + 1
         while not self.stopping.is_set():
             watermark = self.devices.watermark.value(time.time())
             if watermark is not None:
+                self.pods.forget_before(watermark - reach_ms)
                 try:
                     await asyncio.to_thread(seal_hours, self.store, watermark, retention_s=margin_s)
                 except GpuledgerError as exc:

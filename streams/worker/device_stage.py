@@ -2,9 +2,16 @@
 
 Pure state machine, no I/O: its handler feeds it decoded samples with their offsets and pod
 events, and polls it for rows to write. Windows close on the event-time watermark (or when
-every input is idle), stay in memory for `retention_s` for corrections, then expire. Each
-emission carries a version that only grows with the inputs it saw, so re-emissions replace
-earlier rows and replays write the same rows again.
+every input is idle). Each emission carries a version that only grows with the inputs it saw,
+so re-emissions replace earlier rows and replays write the same rows again.
+
+A closed window is packed (streams.worker.packing) and its packed form is emitted with its rows
+as a checkpoint (`WindowStateRow`): from then on it holds no input offsets, so commits follow
+the open windows, and a restart replays about one window, not the retention. Packed windows
+stay in memory for `retention_s` (corrections, late pod metadata); a sample for a window that
+is not in memory but may have a checkpoint (older than the retention, or closed before a
+restart or rebalance) is held up until the handler restores it (`missing`, `restore`). Samples
+are too late only past `late_horizon_s`.
 """
 
 from __future__ import annotations
@@ -15,16 +22,19 @@ from decimal import Decimal
 
 import orjson
 
+from runtime.horizon import LATE_HORIZON_S
 from schemas.events import CloudEvent, GpuSample
 from streams.allocation import AllocationSettings, DeviceWindow, Pricer, sample_folder
 from streams.allocation import finalize_device_window as finalize
 from streams.labels import PodHistory
 from streams.pricing import PriceBook
-from streams.rows import KIND_USAGE, CostRow, check_window_times
+from streams.rows import KIND_USAGE, CostRow, WindowStateRow, check_window_times
 from streams.windows import window_of
+from streams.worker.packing import StateError, pack_device, unpack_device
 from streams.worker.watermark import HeldOffsets, Partition, Watermark
 
 META_BITS = 32
+STAGE = "device"  # the checkpoints' `stage`
 
 OK = "ok"
 DUPLICATE = "duplicate"
@@ -38,7 +48,10 @@ class StreamSettings:
     allocation: AllocationSettings = field(default_factory=AllocationSettings)
     grace_s: float = 10.0
     idle_flush_s: float = 30.0
-    retention_s: float = 3600.0
+    retention_s: float = 3600.0  # closed windows kept in memory (corrections, late metadata)
+    # How long after its end a window still takes samples, as corrections restored from its
+    # checkpoint where it left memory; older samples are `too_late` (design §5).
+    late_horizon_s: float = float(LATE_HORIZON_S)
     # An event stamped further ahead of the worker's clock than this (and of its record
     # timestamp, where that is the broker's) is dead-lettered as `clock_skew` (design §5).
     max_clock_skew_s: float = 300.0
@@ -54,6 +67,11 @@ class StreamSettings:
     @property
     def retention_ms(self) -> int:
         return int(self.retention_s * 1000)
+
+    @property
+    def late_horizon_ms(self) -> int:
+        """Never shorter than the retention: what memory holds is always accepted."""
+        return int(max(self.late_horizon_s, self.retention_s) * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +99,45 @@ class PodCostPartial:
         )
 
 
-class _Slot:
-    __slots__ = ("closed", "device_uuid", "dirty", "emitted_version", "held", "window")
+Key = tuple[int, str]  # (window start, device uuid)
+_NOTHING_HELD: dict[Partition, int] = {}  # shared by every checkpointed slot: never written
 
-    def __init__(self, window_start_ms: int, device_uuid: str) -> None:
-        self.window = DeviceWindow(window_start_ms)
+
+class _Slot:
+    """One (window, device): live (`window`) while open or being corrected, else `packed`."""
+
+    __slots__ = (
+        "closed",
+        "device_uuid",
+        "dirty",
+        "emitted_version",
+        "held",
+        "packed",
+        "sources",
+        "window",
+    )
+
+    def __init__(self, window_start_ms: int, device_uuid: str, source: Partition) -> None:
+        self.window: DeviceWindow | None = DeviceWindow(window_start_ms)
+        self.packed: bytes | None = None
         self.device_uuid = device_uuid
-        self.held: dict[Partition, int] = {}
+        self.held = _NOTHING_HELD  # input offsets since the last checkpoint
+        self.sources: tuple[Partition, ...] = (source,)  # the partitions that fed it
         self.closed = False
         self.dirty = False
         self.emitted_version = -1
+
+    def live(self) -> DeviceWindow:
+        window = self.window
+        if window is None:
+            assert self.packed is not None
+            window, _ = unpack_device(self.packed)
+            self.window, self.packed = window, None
+        return window
+
+    def fed_by(self, partition: Partition) -> None:
+        if partition not in self.sources:
+            self.sources = (*self.sources, partition)
 
 
 @dataclass
@@ -119,6 +166,7 @@ class Unemittable:
 class StageOutput:
     rows: list[CostRow] = field(default_factory=list)
     partials: list[PodCostPartial] = field(default_factory=list)
+    states: list[WindowStateRow] = field(default_factory=list)
     unemittable: list[Unemittable] = field(default_factory=list)
 
 
@@ -133,9 +181,15 @@ class DeviceStage:
         self.held = HeldOffsets()  # what a restart must replay: the commit positions
         self._open: dict[int, dict[str, _Slot]] = {}
         self._closed: dict[int, dict[str, _Slot]] = {}
-        self._by_pod: dict[str, set[tuple[int, str]]] = {}
-        self._dirty: set[tuple[int, str]] = set()
+        self._by_pod: dict[str, set[Key]] = {}
+        self._dirty: set[Key] = set()
         self._closed_until_ms: int | None = None
+        # Windows below this may have a checkpoint that memory does not hold: the last window
+        # of a previous run or owner (`raise_lookup_floor`), or one this stage let go of.
+        self._lookup_below: int | None = None
+        self._absent: set[Key] = set()  # looked up, no checkpoint: new (until the next poll)
+        # What the slots emitted by the last poll held, should the handler drop one (discard).
+        self._emitted_held: dict[Key, dict[Partition, int]] = {}
 
     # ------------------------------------------------------------------ input
 
@@ -169,7 +223,6 @@ class DeviceStage:
             return counts
         self.held.consumed(partition, offsets[-1])
         size = self.settings.window_ms
-        retention = self.settings.retention_ms
         fold = self.fold
         price_of = self.pricer.price
         hold = self.held.hold
@@ -178,6 +231,8 @@ class DeviceStage:
         # event that is refused never moves its partition's clock.
         max_time_ms = NO_TIME
         ok = late = 0
+        horizon = self.settings.late_horizon_ms
+        below = self._lookup_below
         for index, event in enumerate(events):
             time_ms = event.time_ms
             start = time_ms - time_ms % size
@@ -193,22 +248,34 @@ class DeviceStage:
                     if max_time_ms != NO_TIME:
                         self.watermark.observe(partition, max_time_ms, now_s)
                     watermark = self.watermark.value(now_s)
-                    if watermark is not None and start + size + retention <= watermark:
+                    if watermark is not None and start + size + horizon <= watermark:
                         counts.too_late.append(index)
                         continue
-                    slot = _Slot(start, device)
+                    if below is not None and start < below and (start, device) not in self._absent:
+                        raise RuntimeError(
+                            f"window {start} of {device} may have a checkpoint: "
+                            "restore it (missing, restore) before adding its samples"
+                        )
+                    slot = _Slot(start, device, partition)
                     if slots is None:
                         slots = open_[start] = {}
                     slots[device] = slot
+                elif slot.sources[0] != partition:
+                    slot.fed_by(partition)
             if time_ms > max_time_ms:
                 max_time_ms = time_ms
+            window = slot.window
+            if window is None:
+                window = slot.live()
             price, cost = price_of(sample, time_ms)
-            if not fold(slot.window, event.id, time_ms, sample, price, cost):
+            if not fold(window, event.id, time_ms, sample, price, cost):
                 counts.duplicates += 1
                 continue
             if not price.known_model:
                 counts.unknown_models.append(sample.gpu_model)
             # What a restart must replay: the earliest offset of each slot and window.
+            if slot.held is _NOTHING_HELD:
+                slot.held = {}
             hold(start, slot.held, partition, offsets[index])
             if slot.closed:
                 self._mark_dirty(start, slot)
@@ -219,6 +286,65 @@ class DeviceStage:
         if max_time_ms != NO_TIME:
             self.watermark.observe(partition, max_time_ms, now_s)
         return counts
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def raise_lookup_floor(self, end_ms: int | None) -> None:
+        """Windows starting before `end_ms` may have checkpoints written by an earlier run or
+        another owner (the end of the latest checkpointed window): `missing` reports theirs."""
+        if end_ms is not None and (self._lookup_below is None or end_ms > self._lookup_below):
+            self._lookup_below = end_ms
+
+    def missing(self, events: list[CloudEvent[GpuSample]], now_s: float) -> set[Key]:
+        """The (window, device) keys of these samples whose checkpoint must be looked up
+        before `add_samples`: not in memory, not too late, and below the lookup floor."""
+        below = self._lookup_below
+        if below is None:
+            return set()
+        size = self.settings.window_ms
+        watermark = self.watermark.value(now_s)
+        too_late = (
+            NO_TIME if watermark is None else watermark - size - self.settings.late_horizon_ms
+        )
+        keys: set[Key] = set()
+        for event in events:
+            time_ms = event.time_ms
+            start = time_ms - time_ms % size
+            if start >= below or start <= too_late:
+                continue
+            key = (start, event.data.device_uuid)
+            if key in keys or key in self._absent:
+                continue
+            if key[1] in self._open.get(start, ()) or key[1] in self._closed.get(start, ()):
+                continue
+            keys.add(key)
+        return keys
+
+    def restore(self, partition: Partition, keys: set[Key], found: dict[Key, bytes]) -> list[Key]:
+        """Install the checkpoints `found` for `keys` (fed by `partition`); the keys without
+        one are new windows. Returns the keys whose checkpoint did not decode: they are taken
+        as new, and the caller reports them."""
+        damaged = []
+        for key in keys:
+            start, device = key
+            blob = found.get(key)
+            if blob is None:
+                self._absent.add(key)
+                continue
+            try:
+                window, version = unpack_device(blob)
+            except StateError:
+                damaged.append(key)
+                self._absent.add(key)
+                continue
+            slot = _Slot(start, device, partition)
+            slot.window, slot.packed = None, blob
+            slot.closed = True
+            slot.emitted_version = version
+            self._closed.setdefault(start, {})[device] = slot
+            for owner in window.owners:
+                self._by_pod.setdefault(owner, set()).add(key)
+        return damaged
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed windows of this
@@ -239,13 +365,15 @@ class DeviceStage:
         self._dirty.add(key)
         # A correction can bring a pod the window did not have when it closed: that pod's
         # metadata must find the window too (on_pod_event).
-        for owner in slot.window.owners:
+        for owner in slot.live().owners:
             self._by_pod.setdefault(owner, set()).add(key)
 
     # ------------------------------------------------------------------ output
 
     def poll(self, now_s: float) -> StageOutput:
         out = StageOutput()
+        self._absent.clear()
+        self._emitted_held = {}
         watermark = self.watermark.value(now_s)
         if watermark is None:
             return out
@@ -259,7 +387,7 @@ class DeviceStage:
             for device, slot in slots.items():
                 slot.closed = True
                 closed[device] = slot
-                for owner in slot.window.owners:
+                for owner in slot.live().owners:
                     self._by_pod.setdefault(owner, set()).add((start, device))
                 self._emit(start, slot, out)
             self._closed_until_ms = max(self._closed_until_ms or 0, start + size)
@@ -276,23 +404,31 @@ class DeviceStage:
         self._dirty.clear()
         for failed in out.unemittable:
             self.discard(failed.window_start_ms, failed.unit)
+        # Every closed window was just checkpointed (or dropped): replaying its input would
+        # rebuild nothing the checkpoint does not hold, so only open windows hold offsets.
+        for start in self.held.windows():
+            if start not in self._open:
+                self.held.release(start)
         self._expire(watermark)
         return out
 
     def _emit(self, start: int, slot: _Slot, out: StageOutput) -> None:
-        """Add the slot's rows and pod-cost partials to `out`; a slot whose rows cannot be
-        formed goes to `out.unemittable` instead (`poll` drops it), and the stage goes on."""
+        """Add the slot's rows, pod-cost partials and checkpoint to `out`, and pack it; a slot
+        whose rows cannot be formed goes to `out.unemittable` instead (`poll` drops it), and
+        the stage goes on."""
         slot.dirty = False
+        window = slot.live()
         try:
             end = start + self.settings.window_ms
             check_window_times(start, end)
             as_of = end + self.settings.grace_ms
-            meta = self.pods.count_as_of(slot.window.owners, as_of)
-            version = (slot.window.sample_count << META_BITS) | meta
+            meta = self.pods.count_as_of(window.owners, as_of)
+            version = (window.sample_count << META_BITS) | meta
             if version == slot.emitted_version:
+                self._pack(slot, None)
                 return
             rows = finalize(
-                slot.window,
+                window,
                 lambda uid: self.pods.as_of(uid, as_of),
                 self.settings.allocation,
                 version,
@@ -303,18 +439,47 @@ class DeviceStage:
                     slot.device_uuid,
                     row.pod_uid,
                     row.cost_usd,
-                    slot.window.sample_count,
+                    window.sample_count,
                     version,
                 )
                 for row in rows
                 if row.kind == KIND_USAGE
             ]
+            packed = pack_device(window, version)
         except Exception as exc:  # one window's data, whatever it is, must not stop the stage
             out.unemittable.append(Unemittable(start, slot.device_uuid, dict(slot.held), repr(exc)))
             return
         slot.emitted_version = version
         out.rows += rows
         out.partials += partials
+        out.states.append(WindowStateRow(STAGE, start, slot.device_uuid, version, packed))
+        if slot.held:
+            self._emitted_held[(start, slot.device_uuid)] = slot.held
+        self._pack(slot, packed)
+
+    @staticmethod
+    def _pack(slot: _Slot, packed: bytes | None) -> None:
+        """Keep the emitted slot packed: `packed`, or its last checkpoint's form."""
+        window = slot.window
+        if window is None:
+            return
+        slot.packed = packed if packed is not None else pack_device(window, slot.emitted_version)
+        slot.window = None
+        slot.held = _NOTHING_HELD
+
+    def _owners(self, slot: _Slot) -> Iterable[str]:
+        if slot.window is not None:
+            return slot.window.owners
+        assert slot.packed is not None
+        return unpack_device(slot.packed)[0].owners
+
+    def _unindex(self, start: int, device: str, slot: _Slot) -> None:
+        for owner in self._owners(slot):
+            keys = self._by_pod.get(owner)
+            if keys is not None:
+                keys.discard((start, device))
+                if not keys:
+                    del self._by_pod[owner]
 
     def discard(self, start: int, device: str) -> dict[Partition, int]:
         """Drop the (window, device) `start`, `device` (its rows cannot be emitted): it holds
@@ -329,49 +494,42 @@ class DeviceStage:
                 break
         if slot is None:
             return {}
-        for owner in slot.window.owners:
-            keys = self._by_pod.get(owner)
-            if keys is not None:
-                keys.discard((start, device))
-                if not keys:
-                    del self._by_pod[owner]
+        self._unindex(start, device, slot)
         self._dirty.discard((start, device))
         units = [s.held for g in (self._open, self._closed) for s in g.get(start, {}).values()]
         self.held.rebuild(start, units)
-        return slot.held
+        return self._emitted_held.pop((start, device), slot.held)
 
     def _expire(self, watermark: int) -> None:
+        """Let go of the closed windows past the retention: their checkpoints stand for them
+        (a later sample restores one), so windows before them are looked up from now on."""
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms
-        for start in self.held.windows():
-            if start <= horizon and start not in self._open:
-                self.held.release(start)
-        for start in [s for s in self._closed if s <= horizon]:
+        expired = [s for s in self._closed if s <= horizon]
+        for start in expired:
             for device, slot in self._closed.pop(start).items():
-                for owner in slot.window.owners:
-                    keys = self._by_pod.get(owner)
-                    if keys is not None:
-                        keys.discard((start, device))
-                        if not keys:
-                            del self._by_pod[owner]
+                self._unindex(start, device, slot)
+        if expired:
+            self.raise_lookup_floor(max(expired) + self.settings.window_ms)
 
     # ------------------------------------------------------------------ partitions
 
     def revoke(self, partitions: Iterable[Partition]) -> set[str]:
         """Drop the state fed by partitions this worker no longer owns; returns the devices
-        whose windows were dropped."""
+        whose windows were dropped. Their checkpoints stay, for the next owner."""
         lost = set(partitions)
         dropped: set[str] = set()
         for group in (self._open, self._closed):
             for start in list(group):
                 slots = group[start]
-                for device in [d for d, s in slots.items() if not lost.isdisjoint(s.held)]:
+                for device in [d for d, s in slots.items() if not lost.isdisjoint(s.sources)]:
                     del slots[device]
                     dropped.add(device)
                 if not slots:
                     del group[start]
         self._by_pod = {
-            uid: {k for k in keys if k[1] in self._closed.get(k[0], {})}
+            uid: still
             for uid, keys in self._by_pod.items()
+            if (still := {k for k in keys if k[1] in self._closed.get(k[0], {})})
         }
         self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
         kept = [

@@ -20,24 +20,35 @@ from schemas.events import (
     POD_TYPE,
     TOKEN_COST_WINDOWS_TOPIC,
     TOKENS_TYPE,
+    CloudEvent,
+    GpuSample,
+    TokenDelta,
     decode_samples,
 )
 from streams.labels import PodHistory
 from streams.rows import CostRow, TokenCostRow
+from streams.windows import window_of
+from streams.worker.checkpoints import Checkpoints
 from streams.worker.clocks import ClockCheck
-from streams.worker.device_stage import DeviceStage, Unemittable
+from streams.worker.device_stage import STAGE as DEVICE_STAGE
+from streams.worker.device_stage import DeviceStage, PodCostPartial, Unemittable
 from streams.worker.intake import TOO_LATE_DETAIL, Intake
 from streams.worker.outbox import Message, Outbox, row_message
 from streams.worker.pod_stage import (
     MARKER_ALL_IDLE_MS,
     InvalidInternal,
+    Key,
+    Marker,
     PodStage,
     decode_internal,
     encode_marker,
 )
+from streams.worker.pod_stage import STAGE as POD_STAGE
 from streams.worker.watermark import Partition
 
 log = logging.getLogger("gpuledger.worker")
+
+_TokenInput = PodCostPartial | Marker | CloudEvent[TokenDelta]
 
 
 class DeviceHandler:
@@ -51,8 +62,11 @@ class DeviceHandler:
         *,
         sample_partitions: int,
         internal_partitions: int,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
         self.devices = devices
+        self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
+        self._frontier_due = checkpoints is not None
         self.intake = intake
         self.metrics = intake.metrics
         self.internal_topic = internal_topic
@@ -66,15 +80,20 @@ class DeviceHandler:
 
     def assigned(self, partitions: set[Partition]) -> None:
         self._owned = sorted(p for topic, p in partitions if topic == GPU_SAMPLES_TOPIC)
+        # New partitions may come with windows their last owner checkpointed.
+        self._frontier_due = self.checkpoints is not None
 
-    def handle(
+    async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
     ) -> None:
-        """Decode a batch of one partition, dead-letter what is unusable, fold in the rest."""
+        """Decode a batch of one partition, restore the closed windows it corrects that memory
+        does not hold, dead-letter what is unusable, fold in the rest."""
         if not records:
             return
         partition = (tp.topic, tp.partition)
         events, indices, others = decode_samples([msg.value for msg in records])
+        if not await self._restore(partition, events, now_s, outbox):
+            return  # stopped while ClickHouse was unreachable: nothing of the batch consumed
         for index, decoded in others.items():
             self.intake.reject_decoded(records[index], decoded, outbox)
         self.devices.skip(partition, records[-1].offset)
@@ -91,6 +110,40 @@ class DeviceHandler:
             self.intake.reject(kept[index], outbox, "too_late", TOO_LATE_DETAIL)
         for model in counts.unknown_models:
             self.metrics.unknown_gpu_model(model)
+
+    async def _restore(
+        self,
+        partition: Partition,
+        events: list[CloudEvent[GpuSample]],
+        now_s: float,
+        outbox: Outbox,
+    ) -> bool:
+        checkpoints = self.checkpoints
+        if checkpoints is None:
+            return True
+        if self._frontier_due:
+            latest = await checkpoints.frontier_ms(DEVICE_STAGE)
+            if self.stopping():
+                return False
+            if latest is not None:
+                self.devices.raise_lookup_floor(latest + self.devices.settings.window_ms)
+            self._frontier_due = False
+        keys = self.devices.missing(events, now_s)
+        if not keys:
+            return True
+        found = await checkpoints.load(DEVICE_STAGE, keys, outbox)
+        if found is None:
+            return False
+        for start, device in self.devices.restore(partition, keys, found):
+            log.error(
+                "the checkpoint of window %d of device %s does not decode: taken as a new window",
+                start,
+                device,
+            )
+        return True
+
+    def stopping(self) -> bool:
+        return self.checkpoints is not None and self.checkpoints.stopping.is_set()
 
     def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         if drain:
@@ -123,6 +176,11 @@ class DeviceHandler:
             outbox.rows.append(row)
             outbox.messages.append(message)
         outbox.messages += [message for _, message in partials]
+        outbox.add_states(
+            [s for s in out.states if (s.window_start_ms, s.unit) not in broken]
+            if broken
+            else out.states
+        )
         for window in failed:
             self.intake.reject_window(outbox, window, self.devices.held, "device")
         if rows:
@@ -164,40 +222,99 @@ class TokenCostHandler:
     """Stage two's `Stage`: token deltas and pod-cost partials in; token and cost-per-token
     rows out."""
 
-    def __init__(self, stage: PodStage, intake: Intake, internal_topic: str) -> None:
+    def __init__(
+        self,
+        stage: PodStage,
+        intake: Intake,
+        internal_topic: str,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
         self.stage = stage
         self.intake = intake
         self.internal_topic = internal_topic
+        self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
+        self._frontier_due = checkpoints is not None
         self.clock = ClockCheck(intake, stage.settings.max_clock_skew_s)
 
     def assigned(self, partitions: set[Partition]) -> None:
-        pass  # co-partitioned inputs: what the records say is all this stage needs
+        # Co-partitioned inputs: what the records say is all this stage needs, but new
+        # partitions may come with windows their last owner checkpointed.
+        self._frontier_due = self.checkpoints is not None
 
-    def handle(
+    async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
     ) -> None:
-        for msg in records:
-            self.handle_one(msg, now_s, outbox)
+        """Decode the batch, restore the closed windows it corrects that memory does not hold,
+        then feed the stage record by record."""
+        items = [self._decode(msg, now_s, outbox) for msg in records]
+        if self.checkpoints is not None:
+            keys = set()
+            for item in items:
+                if isinstance(item, PodCostPartial):
+                    keys.add((item.window_start_ms, item.pod_uid))
+                elif item is not None and not isinstance(item, Marker):
+                    start = window_of(item.time_ms, self.stage.settings.allocation.window_s)
+                    keys.add((start, item.data.pod_uid))
+            if not await self._restore((tp.topic, tp.partition), keys, outbox):
+                return  # stopped while ClickHouse was unreachable: nothing of the batch consumed
+        for msg, item in zip(records, items, strict=True):
+            self._apply(msg, item, now_s, outbox)
 
     def handle_one(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> None:
-        tp = (msg.topic, msg.partition)
+        """One record, where nothing needs restoring (no checkpoints)."""
+        self._apply(msg, self._decode(msg, now_s, outbox), now_s, outbox)
+
+    def _decode(self, msg: ConsumerRecord, now_s: float, outbox: Outbox) -> _TokenInput | None:
+        """The record's content, or None for one dead-lettered (unusable, or a bad clock)."""
         if msg.topic == self.internal_topic:
             try:
-                message = decode_internal(msg.value)
+                return decode_internal(msg.value)
             except InvalidInternal as exc:
                 # Only stage one writes here; anything else is still data, not a crash.
                 detail = f"not a pod-cost message: {exc}"
                 self.intake.reject(msg, outbox, "invalid_internal", detail)
-                self.stage.skip(tp, msg.offset)
-                return
-            self.stage.add_internal(tp, msg.offset, message, now_s)
-            return
+                return None
         decoded = self.intake.decode(msg, TOKENS_TYPE, outbox)
         if decoded is None or not self.clock.check(msg, decoded.event, now_s, outbox):
+            return None
+        event: CloudEvent[TokenDelta] = decoded.event
+        return event
+
+    def _apply(
+        self, msg: ConsumerRecord, item: _TokenInput | None, now_s: float, outbox: Outbox
+    ) -> None:
+        tp = (msg.topic, msg.partition)
+        if item is None:
             self.stage.skip(tp, msg.offset)
-            return
-        status = self.stage.add_tokens(tp, msg.offset, decoded.event, now_s)
-        self.intake.count(status, msg, outbox)
+        elif isinstance(item, PodCostPartial | Marker):
+            self.stage.add_internal(tp, msg.offset, item, now_s)
+        else:
+            status = self.stage.add_tokens(tp, msg.offset, item, now_s)
+            self.intake.count(status, msg, outbox)
+
+    async def _restore(self, partition: Partition, keys: set[Key], outbox: Outbox) -> bool:
+        checkpoints = self.checkpoints
+        assert checkpoints is not None
+        if self._frontier_due:
+            latest = await checkpoints.frontier_ms(POD_STAGE)
+            if checkpoints.stopping.is_set():
+                return False
+            if latest is not None:
+                self.stage.raise_lookup_floor(latest + self.stage.settings.window_ms)
+            self._frontier_due = False
+        missing = self.stage.missing(keys)
+        if not missing:
+            return True
+        found = await checkpoints.load(POD_STAGE, missing, outbox)
+        if found is None:
+            return False
+        for start, pod_uid in self.stage.restore(partition, missing, found):
+            log.error(
+                "the checkpoint of window %d of pod %s does not decode: taken as a new window",
+                start,
+                pod_uid,
+            )
+        return True
 
     def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         if drain:
@@ -225,6 +342,11 @@ class TokenCostHandler:
         for row, message in rows:
             outbox.rows.append(row)
             outbox.messages.append(message)
+        outbox.add_states(
+            [s for s in out.states if (s.window_start_ms, s.unit) not in broken]
+            if broken
+            else out.states
+        )
         for window in failed:
             self.intake.reject_window(outbox, window, self.stage.held, "pod")
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from schemas.events import DEAD_LETTER_TOPIC, format_time
-from streams.rows import Row, as_json
+from streams.rows import Row, WindowStateRow, as_json
 
 CLICKHOUSE = "clickhouse"
 KAFKA = "kafka"
@@ -30,19 +30,28 @@ class Outbox:
     # (topic, key, value, route): route is a partition number, or the bytes whose hash picks
     # the partition as Kafka's default partitioner would (murmur2)
     messages: list[tuple[str, bytes, bytes, int | bytes]] = field(default_factory=list)
+    # The checkpoints among `rows`, by (stage, window start, unit): the latest state of a
+    # window that ClickHouse may not have yet (a stage restoring a window looks here first).
+    states: dict[tuple[str, int, str], bytes] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.messages)
 
+    def add_states(self, states: list[WindowStateRow]) -> None:
+        self.rows += states
+        for row in states:
+            self.states[(row.stage, row.window_start_ms, row.unit)] = row.state
+
     def take(self) -> Outbox:
-        taken = Outbox(self.rows, self.messages)
-        self.rows, self.messages = [], []
+        taken = Outbox(self.rows, self.messages, self.states)
+        self.rows, self.messages, self.states = [], [], {}
         return taken
 
     def restore(self, taken: Outbox) -> None:
         """Put back what `take` took (it was not written), before what was added since."""
         self.rows[:0] = taken.rows
         self.messages[:0] = taken.messages
+        self.states = {**taken.states, **self.states}
 
 
 Message = tuple[str, bytes, bytes, int | bytes]

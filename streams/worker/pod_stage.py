@@ -4,6 +4,10 @@ Its inputs are the tokens topic and the internal pod-costs topic, both keyed by 
 co-partitioned. Stage one broadcasts a marker per sample partition to every internal partition
 once its windows up to some end are emitted; a (window, pod) closes when every sample partition
 has passed its end and the token watermark has passed its end plus grace.
+
+As in stage one, a closed (window, pod) is packed and checkpointed with its rows
+(`WindowStateRow`, stage "pod"), holds no offsets from then on, stays in memory for the
+retention, and is restored from its checkpoint for input up to the late horizon.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from streams.rows import (
     ROW_TIME_MIN_MS,
     TokenCostRow,
     TokenRow,
+    WindowStateRow,
     check_window_times,
 )
 from streams.tokens import PodOwner, TokenWindow, token_cost_rows
@@ -37,7 +42,12 @@ from streams.worker.device_stage import (
     StreamSettings,
     Unemittable,
 )
+from streams.worker.packing import StateError, pack_pod, unpack_pod
 from streams.worker.watermark import HeldOffsets, Partition, Watermark
+
+STAGE = "pod"  # the checkpoints' `stage`
+Key = tuple[int, str]  # (window start, pod uid)
+_NOTHING_HELD: dict[Partition, int] = {}  # shared by every checkpointed slot: never written
 
 # The end of a marker from a sample partition that has no data at all ("do not wait for me").
 # Stage two does not take it for a time: it only stops that partition holding the others back.
@@ -121,21 +131,67 @@ def decode_internal(raw: bytes | None) -> PodCostPartial | Marker:
 
 
 class _PodSlot:
-    __slots__ = ("closed", "dirty", "emitted", "held", "partials", "tokens")
+    """One (window, pod): live while open or being corrected, else `packed`."""
 
-    def __init__(self) -> None:
+    __slots__ = (
+        "closed",
+        "dirty",
+        "emitted",
+        "held",
+        "packed",
+        "partials",
+        "sources",
+        "tokens",
+        "version",
+    )
+
+    def __init__(self, source: Partition) -> None:
         self.tokens: dict[str, TokenWindow] = {}
         self.partials: dict[str, PodCostPartial] = {}
-        self.held: dict[Partition, int] = {}
+        self.held = _NOTHING_HELD  # input offsets since the last checkpoint
+        self.sources: tuple[Partition, ...] = (source,)
         self.closed = False
         self.dirty = False
         self.emitted: dict[str, int] = {}  # row key -> version emitted
+        self.packed: bytes | None = None
+        self.version = -1  # of the last checkpoint
+
+    def live(self, start: int, pod_uid: str) -> _PodSlot:
+        packed = self.packed
+        if packed is not None:
+            self.version, partials, self.tokens, self.emitted = unpack_pod(packed)
+            self.partials = {
+                device: PodCostPartial(start, device, pod_uid, Decimal(cost), samples, version)
+                for device, cost, samples, version in partials
+            }
+            self.packed = None
+        return self
+
+    def pack(self, version: int) -> bytes:
+        packed = pack_pod(
+            version,
+            [
+                (p.device_uuid, format(p.cost_usd, "f"), p.samples, p.version)
+                for p in self.partials.values()
+            ],
+            self.tokens,
+            self.emitted,
+        )
+        self.packed, self.version = packed, version
+        self.tokens, self.partials, self.emitted = {}, {}, {}
+        self.held = _NOTHING_HELD
+        return packed
+
+    def fed_by(self, partition: Partition) -> None:
+        if partition not in self.sources:
+            self.sources = (*self.sources, partition)
 
 
 @dataclass
 class PodOutput:
     token_rows: list[TokenRow] = field(default_factory=list)
     cost_rows: list[TokenCostRow] = field(default_factory=list)
+    states: list[WindowStateRow] = field(default_factory=list)
     unemittable: list[Unemittable] = field(default_factory=list)
 
 
@@ -148,7 +204,7 @@ class PodStage:
         self._markers: dict[int, int] = {}  # sample partition -> highest window end reported
         self._idle_sources: set[int] = set()  # sample partitions whose last marker said "idle"
         self._source_partitions = 0
-        self._horizon_floor: int | None = None  # the horizon never goes back
+        self._end_floor: int | None = None  # the reported end never goes back
         self._slots: dict[tuple[int, str], _PodSlot] = {}
         # Indexes by window start, so that a poll or commit costs windows, not slots (a pod
         # slot lives for the retention: thousands of pods x dozens of windows).
@@ -156,22 +212,41 @@ class PodStage:
         self._open: dict[int, set[str]] = {}  # slots not closed yet
         self._dirty: set[tuple[int, str]] = set()
         self._last_input_s = 0.0
+        self._lookup_below: int | None = None  # as in stage one (DeviceStage)
+        self._absent: set[Key] = set()
+        self._emitted_held: dict[Key, dict[Partition, int]] = {}  # as in DeviceStage
 
     # ------------------------------------------------------------------ input
 
     def skip(self, partition: Partition, offset: int) -> None:
         self.held.consumed(partition, offset)
 
-    def _slot_for(self, start: int, pod_uid: str) -> _PodSlot | None:
-        slot = self._slots.get((start, pod_uid))
+    def _slot_for(self, start: int, pod_uid: str, partition: Partition) -> _PodSlot | None:
+        key = (start, pod_uid)
+        slot = self._slots.get(key)
         if slot is None:
-            horizon = self._horizon()
+            horizon = self._too_late_until()
             if horizon is not None and start <= horizon:
                 return None
-            slot = self._slots[(start, pod_uid)] = _PodSlot()
+            below = self._lookup_below
+            if below is not None and start < below and key not in self._absent:
+                raise RuntimeError(
+                    f"window {start} of pod {pod_uid} may have a checkpoint: "
+                    "restore it (missing, restore) before adding its input"
+                )
+            slot = self._slots[key] = _PodSlot(partition)
             self._pods_by_start.setdefault(start, set()).add(pod_uid)
             self._open.setdefault(start, set()).add(pod_uid)
+        else:
+            slot.live(start, pod_uid)
+            if slot.sources[0] != partition:
+                slot.fed_by(partition)
         return slot
+
+    def _hold(self, start: int, slot: _PodSlot, partition: Partition, offset: int) -> None:
+        if slot.held is _NOTHING_HELD:
+            slot.held = {}
+        self.held.hold(start, slot.held, partition, offset)
 
     def add_tokens(
         self, partition: Partition, offset: int, event: CloudEvent[TokenDelta], now_s: float
@@ -179,14 +254,14 @@ class PodStage:
         self.held.consumed(partition, offset)
         self._last_input_s = now_s
         start = window_of(event.time_ms, self.settings.allocation.window_s)
-        slot = self._slot_for(start, event.data.pod_uid)
+        slot = self._slot_for(start, event.data.pod_uid, partition)
         if slot is None:
             return TOO_LATE  # refused: it does not move its partition's clock
         self.token_watermark.observe(partition, event.time_ms, now_s)
         window = slot.tokens.setdefault(event.data.model, TokenWindow())
         if not window.add(event):
             return DUPLICATE
-        self.held.hold(start, slot.held, partition, offset)
+        self._hold(start, slot, partition, offset)
         return self._touched(start, event.data.pod_uid, slot)
 
     def add_internal(
@@ -203,14 +278,14 @@ class PodStage:
                 self._markers[source] = max(self._markers.get(source, 0), message.end_ms)
             self._source_partitions = max(self._source_partitions, message.source_partitions)
             return OK
-        slot = self._slot_for(message.window_start_ms, message.pod_uid)
+        slot = self._slot_for(message.window_start_ms, message.pod_uid, partition)
         if slot is None:
             return TOO_LATE
         current = slot.partials.get(message.device_uuid)
         if current is not None and current.version >= message.version:
             return DUPLICATE
         slot.partials[message.device_uuid] = message
-        self.held.hold(message.window_start_ms, slot.held, partition, offset)
+        self._hold(message.window_start_ms, slot, partition, offset)
         return self._touched(message.window_start_ms, message.pod_uid, slot)
 
     def _touched(self, start: int, pod_uid: str, slot: _PodSlot) -> str:
@@ -219,6 +294,50 @@ class PodStage:
             self._dirty.add((start, pod_uid))
             return LATE
         return OK
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def raise_lookup_floor(self, end_ms: int | None) -> None:
+        """As `DeviceStage.raise_lookup_floor`."""
+        if end_ms is not None and (self._lookup_below is None or end_ms > self._lookup_below):
+            self._lookup_below = end_ms
+
+    def missing(self, keys: Iterable[Key]) -> set[Key]:
+        """Of the (window, pod) keys some input is for, those whose checkpoint must be looked
+        up first: not in memory, not too late, below the lookup floor."""
+        below = self._lookup_below
+        if below is None:
+            return set()
+        too_late = self._too_late_until()
+        return {
+            key
+            for key in keys
+            if key[0] < below
+            and (too_late is None or key[0] > too_late)
+            and key not in self._slots
+            and key not in self._absent
+        }
+
+    def restore(self, partition: Partition, keys: set[Key], found: dict[Key, bytes]) -> list[Key]:
+        """As `DeviceStage.restore`: install the checkpoints found; returns the damaged."""
+        damaged = []
+        for key in keys:
+            blob = found.get(key)
+            if blob is not None:
+                try:
+                    unpack_pod(blob)
+                except StateError:
+                    damaged.append(key)
+                    blob = None
+            if blob is None:
+                self._absent.add(key)
+                continue
+            slot = self._slots[key] = _PodSlot(partition)
+            slot.packed = blob
+            slot.closed = True
+            slot.version = unpack_pod(blob)[0]
+            self._pods_by_start.setdefault(key[0], set()).add(key[1])
+        return damaged
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed (window, pod)
@@ -250,23 +369,30 @@ class PodStage:
             return None
         return min(ends) if ends else MARKER_ALL_IDLE_MS
 
-    def _horizon(self) -> int | None:
-        """Windows starting at or before this are expired: input for them is too late. From
-        the reported ends only (an idle marker is no time), and never going back."""
+    def _reported_end(self) -> int | None:
+        """How far every sample partition with data has emitted, as a watermark: from the
+        reported ends only (an idle marker is no time), and never going back."""
         ends = self._active_ends()
         if ends is None:
-            return self._horizon_floor
+            return self._end_floor
         if not ends:
             if not self._markers:
-                return self._horizon_floor
+                return self._end_floor
             ends = [max(self._markers.values())]  # all idle: as a watermark, the latest
-        horizon = min(ends) - self.settings.retention_ms - self.settings.window_ms
-        if self._horizon_floor is None or horizon > self._horizon_floor:
-            self._horizon_floor = horizon
-        return self._horizon_floor
+        if self._end_floor is None or min(ends) > self._end_floor:
+            self._end_floor = min(ends)
+        return self._end_floor
+
+    def _too_late_until(self) -> int | None:
+        """Windows starting at or before this are past the late horizon: input is too late."""
+        end = self._reported_end()
+        return (
+            None if end is None else end - self.settings.late_horizon_ms - self.settings.window_ms
+        )
 
     def poll(self, now_s: float) -> PodOutput:
         out = PodOutput()
+        self._emitted_held = {}
         cost_mark = self._cost_watermark()
         token_mark = self.token_watermark.value(now_s)
         idle = self._last_input_s > 0 and now_s - self._last_input_s >= self.settings.idle_flush_s
@@ -289,20 +415,38 @@ class PodStage:
         self._dirty.clear()
         for failed in out.unemittable:
             self.discard(failed.window_start_ms, failed.unit)
-        horizon = self._horizon()
-        if horizon is not None:
-            for start in [s for s in self._pods_by_start if s <= horizon]:
-                for pod_uid in self._pods_by_start.pop(start):
-                    del self._slots[(start, pod_uid)]
-                self._open.pop(start, None)
+        self._absent.clear()
+        # Every closed slot was just checkpointed (or dropped): only open windows hold offsets.
+        for start in self.held.windows():
+            if start not in self._open:
                 self.held.release(start)
+        self._expire()
         return out
+
+    def _expire(self) -> None:
+        """Let go of the closed slots past the retention (their checkpoints stand for them)."""
+        end = self._reported_end()
+        if end is None:
+            return
+        until = end - self.settings.retention_ms - self.settings.window_ms
+        expired = [start for start in self._pods_by_start if start <= until]
+        for start in expired:
+            uids = self._pods_by_start.pop(start)
+            still_open = self._open.get(start, set())
+            for pod_uid in uids - still_open:
+                del self._slots[(start, pod_uid)]
+                self._dirty.discard((start, pod_uid))
+            if still_open:  # not closed yet (its inputs stalled): kept until it closes
+                self._pods_by_start[start] = set(still_open)
+        if expired:
+            self.raise_lookup_floor(max(expired) + self.settings.window_ms)
 
     def _emit(self, key: tuple[int, str], slot: _PodSlot, out: PodOutput) -> None:
         """Add the slot's changed rows to `out`; a slot whose rows cannot be formed goes to
         `out.unemittable` instead (`poll` drops it), and the stage goes on."""
         slot.dirty = False
         start, pod_uid = key
+        slot.live(start, pod_uid)
         emitted = slot.emitted
         try:
             end = start + self.settings.window_ms
@@ -310,11 +454,11 @@ class PodStage:
             as_of = end + self.settings.grace_ms
             meta = self.pods.count_as_of([pod_uid], as_of)
             token_rows = {
-                model: window.row(start, end, pod_uid, model, len(window.delta_ids))
+                model: window.row(start, end, pod_uid, model, window.count)
                 for model, window in slot.tokens.items()
             }
             samples = sum(p.samples for p in slot.partials.values())
-            deltas = sum(len(w.delta_ids) for w in slot.tokens.values())
+            deltas = sum(w.count for w in slot.tokens.values())
             version = (samples << 40) | (deltas << 20) | meta
             cost = sum((p.cost_usd for p in slot.partials.values()), Decimal(0))
             owner = self._owner(pod_uid, as_of, slot)
@@ -330,6 +474,12 @@ class PodStage:
             if emitted.get("cpt|" + row.key) != version:
                 emitted["cpt|" + row.key] = version
                 out.cost_rows.append(row)
+        changed = version != slot.version
+        if slot.held:
+            self._emitted_held[key] = slot.held
+        packed = slot.pack(version)
+        if changed:
+            out.states.append(WindowStateRow(STAGE, start, pod_uid, version, packed))
 
     def discard(self, start: int, pod_uid: str) -> dict[Partition, int]:
         """Drop the (window, pod) `start`, `pod_uid` (its rows cannot be emitted): it holds no
@@ -346,7 +496,7 @@ class PodStage:
         self._dirty.discard((start, pod_uid))
         units = [self._slots[(start, uid)].held for uid in self._pods_by_start.get(start, ())]
         self.held.rebuild(start, units)
-        return slot.held
+        return self._emitted_held.pop((start, pod_uid), slot.held)
 
     def _owner(self, pod_uid: str, as_of: int, slot: _PodSlot) -> PodOwner:
         namespace, pod, team, product, cost_center = resolve_owner(
@@ -365,9 +515,10 @@ class PodStage:
     # ------------------------------------------------------------------ partitions
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
-        """Drop the state fed by partitions this worker no longer owns."""
+        """Drop the state fed by partitions this worker no longer owns (their checkpoints
+        stay, for the next owner)."""
         lost = set(partitions)
-        for key in [k for k, s in self._slots.items() if not lost.isdisjoint(s.held)]:
+        for key in [k for k, s in self._slots.items() if not lost.isdisjoint(s.sources)]:
             del self._slots[key]
         self._pods_by_start, self._open = {}, {}
         for (start, pod_uid), slot in self._slots.items():

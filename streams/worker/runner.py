@@ -37,10 +37,11 @@ class Stage(Protocol):
     def assigned(self, partitions: set[Partition]) -> None:
         """The consumer group gave this worker `partitions` (all it owns now)."""
 
-    def handle(
+    async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
     ) -> None:
-        """Use one partition's fetched records, in offset order; output goes to `outbox`."""
+        """Use one partition's fetched records, in offset order; output goes to `outbox`. It
+        may wait for the window checkpoints the records need (streams.worker.checkpoints)."""
 
     def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         """Emit what is due at `now_s` (with `drain`: every open window, at once)."""
@@ -82,8 +83,9 @@ async def write_then_commit(
     topic. Committing before step 2 completed could lose output (the offsets would move past
     input whose rows never arrived), and Kafka after ClickHouse means a row on a billing topic
     is already in the store. The committed offset is not the last one read but the earliest
-    that an open or retained window still needs (design §5): the state a restart loses is
-    rebuilt from the replay, corrections included.
+    that an open window, or a closed one not checkpointed since its last input, still needs
+    (design §5): the state a restart loses is rebuilt from the replay and the checkpoints,
+    which travel in the same batch as the rows they describe.
 
     If `stopping` interrupts a sink's retries (or, without `patient`, a transient failure
     ends the one attempt each sink makes), or the write is cancelled, nothing is committed and
@@ -181,7 +183,7 @@ class StageRunner:
                 async with self.lock:
                     now = time.time()
                     for tp, records in batch.items():
-                        self.stage.handle(tp, records, now, self.outbox)
+                        await self.stage.handle(tp, records, now, self.outbox)
                         self.records += len(records)
                         if records:
                             self._record_lag(tp, records[-1].offset + 1)

@@ -12,6 +12,7 @@ measured in the same run: the decode every Python consumer pays.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -113,7 +114,7 @@ def main() -> None:
         outbox = Outbox()
         for fetch in fetches:
             for tp, records in fetch.items():
-                handler.handle(tp, records, now_s, outbox)
+                asyncio.run(handler.handle(tp, records, now_s, outbox))
         return handler
 
     best: dict[str, float] = {}

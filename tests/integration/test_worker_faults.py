@@ -97,7 +97,7 @@ async def test_two_workers_produce_the_rows_of_one(
     assert_matches_core(store)
 
 
-async def test_late_events_correct_rows_within_retention_and_dead_letter_beyond(
+async def test_late_events_correct_rows_within_the_late_horizon_and_dead_letter_beyond(
     broker: str,  # noqa: F811
     store: ClickHouseStore,
 ) -> None:
@@ -105,16 +105,27 @@ async def test_late_events_correct_rows_within_retention_and_dead_letter_beyond(
     await run_worker(make_worker(broker, store))
     before = {r.key: r for r in stored(store)[0]}
 
+    # A restarted worker reads only what came after its commits: the late sample's closed
+    # window comes back from its checkpoint, the 3 h old one (past the 1 h retention, within
+    # the 4 h late horizon: a long agent outage) opens its window, the 5 h old one is too late.
     base = gpu_samples()[0]  # GPU-h100-a, first window
     late = make_event(base.data, event_id="late-1", source="agent/n1", time_ms=base.time_ms + 7)
-    too_old = make_event(
-        base.data, event_id="ancient-1", source="agent/n1", time_ms=T0 - 3 * 3600_000
+    outage = make_event(
+        base.data, event_id="buffered-1", source="agent/n1", time_ms=T0 - 3 * 3600_000
     )
-    await publish(broker, GPU_SAMPLES_TOPIC, [late, too_old], lambda ev: ev.data.device_uuid)
-    await run_worker(make_worker(broker, store))
+    too_old = make_event(
+        base.data, event_id="ancient-1", source="agent/n1", time_ms=T0 - 5 * 3600_000
+    )
+    await publish(
+        broker, GPU_SAMPLES_TOPIC, [late, outage, too_old], lambda ev: ev.data.device_uuid
+    )
+    restarted = make_worker(broker, store)
+    await run_worker(restarted)
+    assert restarted.devices.held.positions()  # it read ...
+    assert restarted.runners[0].records == 3  # ... the three new samples only
 
     cost, tokens, cpt = stored(store)
-    want = expected_rows([*gpu_samples(), late], pod_events(), token_events())
+    want = expected_rows([*gpu_samples(), late, outage], pod_events(), token_events())
     assert comparable(cost) == comparable(want[0])
     assert comparable(tokens) == comparable(want[1])
     assert comparable(cpt) == comparable(want[2])

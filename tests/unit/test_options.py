@@ -78,6 +78,7 @@ EXPECTED = {
     "GPULEDGER_PROC_ROOT": "--proc-root",
     "GPULEDGER_PRODUCT_LABEL": "--product-label",
     "GPULEDGER_RETENTION_S": "--retention-s",
+    "GPULEDGER_LATE_HORIZON_S": "--late-horizon-s",
     "GPULEDGER_MAX_CLOCK_SKEW_S": "--max-clock-skew-s",
     "GPULEDGER_UNHEALTHY_AFTER_FAILURES": "--unhealthy-after-failures",
     "GPULEDGER_SHARE_POLICY": "--share-policy",

@@ -3,6 +3,7 @@ worker's clock, a watermark that never goes back, and windows that cannot be emi
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from schemas.events import (
 from streams.labels import PodHistory
 from streams.metrics import OTHER_SOURCE, WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
+from streams.rows import CostRow, WindowStateRow
 from streams.worker.device_stage import OK, TOO_LATE, DeviceStage, StreamSettings
 from streams.worker.handlers import (
     DeviceHandler,
@@ -95,7 +97,7 @@ def letters(outbox: Outbox) -> list[dict[str, Any]]:
 
 def feed(devices: DeviceHandler, partition: Partition, records: list[ConsumerRecord]) -> Outbox:
     outbox = Outbox()
-    devices.handle(TopicPartition(*partition), records, NOW, outbox)
+    asyncio.run(devices.handle(TopicPartition(*partition), records, NOW, outbox))
     return outbox
 
 
@@ -120,7 +122,8 @@ def test_a_sample_no_clock_can_read_is_dead_lettered_and_the_rest_is_emitted(
     assert "event time" in letter["detail"] and "worker time" in letter["detail"]
     assert "record time" in letter["detail"]
     assert {row.window_start_ms for row in outbox.rows} == {T0, T0 + 60_000, T0 + 120_000}
-    assert devices.positions() == {P0: 1}  # nothing holds the bad record
+    # Every window closed and checkpointed: nothing holds any record, the bad one included.
+    assert devices.positions() == {P0: len(records)}
 
 
 def test_one_sample_from_2099_moves_no_clock_and_later_samples_are_billed() -> None:
@@ -158,7 +161,7 @@ def test_a_node_reset_to_1970_on_its_own_partition_does_not_hold_the_watermark_b
 
 
 def test_a_too_late_sample_does_not_drag_its_partitions_clock_down() -> None:
-    stage = handler(retention_s=300).devices
+    stage = handler(retention_s=300, late_horizon_s=300).devices
     good = samples_of(DEVICE_A)
     for i, ev in enumerate(good[:15]):
         assert stage.add_sample(P0, i, ev, NOW) == OK
@@ -271,7 +274,7 @@ def test_tokens_and_pods_from_a_bad_clock_are_dead_lettered() -> None:
 
 
 def test_a_too_late_token_does_not_start_its_partitions_clock() -> None:
-    pod_stage = PodStage(StreamSettings(retention_s=300), PodHistory())
+    pod_stage = PodStage(StreamSettings(retention_s=300, late_horizon_s=300), PodHistory())
     marker_end = T0 + 3 * 3600_000
     from streams.worker.pod_stage import decode_internal
 
@@ -349,10 +352,16 @@ def test_a_window_that_cannot_be_written_is_dead_lettered_and_the_others_are_emi
     assert (letter["reason"], letter["partition"], letter["offset"]) == ("unemittable", 1, 0)
     assert letter["last_offset"] == len(l40s) - 1
     assert "cannot encode" in letter["detail"]
-    assert {row.device_uuid for row in outbox.rows} == {ev.data.device_uuid for ev in others}
+    rows = [row for row in outbox.rows if isinstance(row, CostRow)]
+    assert {row.device_uuid for row in rows} == {ev.data.device_uuid for ev in others}
+    # No checkpoint for the dropped window either: it was never emitted.
+    assert {s.unit for s in outbox.rows if isinstance(s, WindowStateRow)} == {
+        ev.data.device_uuid for ev in others
+    }
     partials = [m for m in outbox.messages if m[0] == "internal" and m[1] != b"marker"]
     assert all(orjson.loads(m[2])["device_uuid"] != "GPU-l40s" for m in partials)
-    assert devices.positions() == {P0: 0, P1: len(l40s)}
+    # The others' windows are checkpointed, the broken one dead-lettered: nothing is held.
+    assert devices.positions() == {P0: len(others), P1: len(l40s)}
 
 
 def test_stage_two_dead_letters_a_window_it_cannot_form() -> None:
@@ -370,4 +379,4 @@ def test_stage_two_dead_letters_a_window_it_cannot_form() -> None:
     [letter] = letters(outbox)
     assert (letter["reason"], letter["topic"], letter["offset"]) == ("unemittable", TOKENS_TOPIC, 3)
     assert {row.window_start_ms for row in outbox.rows} == {T0}
-    assert tokens.positions() == {(TOKENS_TOPIC, 0): 4}
+    assert tokens.positions() == {(TOKENS_TOPIC, 0): 5}  # the good window is checkpointed

@@ -3,6 +3,7 @@ never a crash) and markers, the all-idle one included."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -16,7 +17,7 @@ from schemas.events import DEAD_LETTER_TOPIC, TOKENS_TOPIC, encode_event
 from streams.labels import PodHistory
 from streams.metrics import WorkerMetrics
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
-from streams.rows import TokenCostRow
+from streams.rows import TokenCostRow, WindowStateRow
 from streams.worker.device_stage import OK, TOO_LATE, DeviceStage, PodCostPartial, StreamSettings
 from streams.worker.handlers import DeviceHandler, TokenCostHandler
 from streams.worker.intake import DeadLetterLog, Intake
@@ -117,8 +118,12 @@ def test_a_wrongly_typed_internal_record_is_dead_lettered_and_the_stage_goes_on(
     [letter] = letters(outbox)
     assert (letter["reason"], letter["offset"]) == ("invalid_internal", 2)
     assert "not a pod-cost message" in letter["detail"]
-    assert [row.window_start_ms for row in outbox.rows] == []  # a partial without tokens
-    assert handler.positions() == {(INTERNAL, 0): 1}  # held by the partial's window only
+    billed = [row for row in outbox.rows if not isinstance(row, WindowStateRow)]
+    assert billed == []  # a partial without tokens
+    # ... whose window is checkpointed all the same, so nothing holds the input any more.
+    [state] = [row for row in outbox.rows if isinstance(row, WindowStateRow)]
+    assert (state.stage, state.window_start_ms) == ("pod", T0)
+    assert handler.positions() == {(INTERNAL, 0): 4}
 
 
 def test_the_all_idle_marker_lets_stage_two_move_on_without_poisoning_its_clock() -> None:
@@ -188,7 +193,7 @@ def test_stage_one_sends_the_idle_marker_once_idle_and_real_ends_after() -> None
         ConsumerRecord(tp.topic, 0, i, int(NOW * 1000), 0, b"k", v, None, 1, 1, ())
         for i, v in enumerate(values)
     ]
-    devices.handle(tp, records, NOW + 32, outbox)
+    asyncio.run(devices.handle(tp, records, NOW + 32, outbox))
     devices.poll(NOW + 32, False, outbox)
     markers = [decode_internal(m[2]) for m in outbox.messages if m[1] == b"marker"]
     assert markers[-1] == Marker(0, 1, T0 + 60_000)

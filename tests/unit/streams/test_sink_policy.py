@@ -394,7 +394,9 @@ class PausingConsumer(FakeConsumer):
 class RowStage(FakeStage):
     """The runner tests' stage, turning each record into a cost row only."""
 
-    def handle(self, tp: TopicPartition, records: list[Any], now_s: float, out: Outbox) -> None:
+    async def handle(
+        self, tp: TopicPartition, records: list[Any], now_s: float, out: Outbox
+    ) -> None:
         for msg in records:
             out.rows.append(cost_row(_month_start_ms(0) + msg.offset * 60_000))
             self.next[(tp.topic, tp.partition)] = msg.offset + 1

@@ -64,7 +64,9 @@ class FakeStage:
     def assigned(self, partitions: set[Partition]) -> None:
         self.log.append(("assigned", partitions))
 
-    def handle(self, tp: TopicPartition, records: list[Any], now_s: float, out: Outbox) -> None:
+    async def handle(
+        self, tp: TopicPartition, records: list[Any], now_s: float, out: Outbox
+    ) -> None:
         for msg in records:
             out.rows.append(msg.value)
             out.messages.append(("out", b"k", msg.value, 0))

@@ -57,7 +57,7 @@ def test_windows_close_only_when_the_watermark_passes_end_plus_grace() -> None:
 
 
 def test_duplicates_late_corrections_and_too_late() -> None:
-    devices, _ = stage(retention_s=300)
+    devices, _ = stage(retention_s=300, late_horizon_s=300)
     events = [ev for ev in gpu_samples() if ev.data.device_uuid == "GPU-h100-a"]
     for i, ev in enumerate(events):
         devices.add_sample(SAMPLES, i, ev, NOW)
@@ -75,14 +75,17 @@ def test_duplicates_late_corrections_and_too_late() -> None:
     assert devices.add_sample(SAMPLES, 101, ancient, NOW) == TOO_LATE
 
 
-def test_commit_position_holds_back_to_the_oldest_retained_window() -> None:
+def test_commit_position_holds_back_to_the_oldest_open_window() -> None:
     devices, _ = stage(retention_s=300)
     events = [ev for ev in gpu_samples() if ev.data.device_uuid == "GPU-h100-a"]
     for i, ev in enumerate(events):
         devices.add_sample(SAMPLES, 10 + i, ev, NOW)
-    devices.poll(NOW)
-    # Windows 1-2 closed but kept for corrections, window 3 open: offset 10 still needed.
-    assert devices.held.positions() == {SAMPLES: 10}
+    assert devices.held.positions() == {SAMPLES: 10}  # nothing closed yet
+    out = devices.poll(NOW)
+    # Windows 1-2 closed and checkpointed, window 3 open: its first sample is still needed.
+    assert {s.window_start_ms for s in out.states} == {T0, T0 + 60_000}
+    first_open = next(i for i, ev in enumerate(events) if ev.time_ms >= T0 + 120_000)
+    assert devices.held.positions() == {SAMPLES: 10 + first_open}
     devices.revoke({SAMPLES})
     assert devices.held.positions() == {}
     assert devices.open_windows == 0

@@ -1,0 +1,115 @@
+"""Reading closed windows' checkpoints back (design §5): the stages emit them with their rows
+(`WindowStateRow`, table `window_state`), the sinks write them, and this restores them when a
+sample or token delta arrives for a window no longer (or not yet) in memory.
+
+A checkpoint not yet written is still in the outbox: the write and the handling of input never
+overlap (streams.worker.runner), so the outbox and the table together hold every checkpoint
+emitted, and the outbox's is the newer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from runtime.errors import StoreError
+from streams.store import ClickHouseStore
+from streams.worker.outbox import Outbox
+from streams.worker.sinks import Backoff
+
+log = logging.getLogger("gpuledger.worker")
+
+T = TypeVar("T")
+Key = tuple[int, str]  # (window start ms, unit)
+UNITS_PER_QUERY = 2_000
+
+
+class Checkpoints:
+    def __init__(self, store: ClickHouseStore, stopping: asyncio.Event) -> None:
+        self.store = store
+        self.stopping = stopping
+        self.loaded = 0  # checkpoints restored from the table, for the benchmarks and tests
+
+    async def set_ttl(self, horizon_s: float) -> None:
+        """Keep checkpoints for the late horizon and an hour more after they were written
+        (whole hourly parts go)."""
+        ttl_s = int(horizon_s) + 3600
+        sql = (
+            f"ALTER TABLE {self.store.database}.window_state MODIFY TTL "
+            f"written + INTERVAL {ttl_s} SECOND "
+            "SETTINGS materialize_ttl_after_modify = 0"
+        )
+        await self._retrying(lambda: self.store.command(sql))
+
+    async def frontier_ms(self, stage: str) -> int | None:
+        """The start of the latest window of `stage` with a checkpoint, if any; None also when
+        stopped while ClickHouse was unreachable."""
+        sql = (
+            "SELECT toUnixTimestamp64Milli(maxOrNull(window_start)) "
+            f"FROM {self.store.database}.window_state WHERE stage = {{stage:String}}"
+        )
+        rows = await self._retrying(lambda: self.store.query_rows(sql, {"stage": stage}))
+        if not rows or rows[0][0] is None:
+            return None
+        return int(rows[0][0])
+
+    async def load(self, stage: str, keys: set[Key], outbox: Outbox) -> dict[Key, bytes] | None:
+        """The latest checkpoint of each of `keys` that has one (the outbox's first); None if
+        stopped while ClickHouse was unreachable."""
+        found: dict[Key, bytes] = {}
+        rest: list[Key] = []
+        for key in keys:
+            pending = outbox.states.get((stage, *key))
+            if pending is not None:
+                found[key] = pending
+            else:
+                rest.append(key)
+        rest.sort(key=lambda k: k[1])
+        for i in range(0, len(rest), UNITS_PER_QUERY):
+            chunk = rest[i : i + UNITS_PER_QUERY]
+            rows = await self._retrying(functools.partial(self._query, stage, chunk))
+            if rows is None:
+                return None
+            wanted = set(chunk)
+            for start, unit, state in rows:
+                key = (int(start), str(unit))
+                if key in wanted:
+                    found[key] = bytes.fromhex(state)
+                    self.loaded += 1
+        return found
+
+    def _query(self, stage: str, keys: list[Key]) -> list[tuple[Any, ...]]:
+        sql = (
+            "SELECT toUnixTimestamp64Milli(window_start), unit, hex(argMax(state, version)) "
+            f"FROM {self.store.database}.window_state "
+            "WHERE stage = {stage:String} AND unit IN {units:Array(String)} "
+            "AND toUnixTimestamp64Milli(window_start) IN {starts:Array(Int64)} "
+            "GROUP BY window_start, unit"
+        )
+        parameters = {
+            "stage": stage,
+            "units": sorted({unit for _, unit in keys}),
+            "starts": sorted({start for start, _ in keys}),
+        }
+        return self.store.query_rows(sql, parameters)
+
+    async def _retrying(self, call: Callable[[], T]) -> T | None:
+        """`call` in a thread, retried with the sinks' backoff while ClickHouse is unreachable
+        (None once stopping); a permanent error is raised."""
+        backoff = Backoff(self.stopping)
+        while True:
+            try:
+                return await asyncio.to_thread(call)
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning(
+                    "reading window checkpoints failed, retrying in %.1f s: %s",
+                    backoff.delay_s,
+                    exc,
+                )
+            if not await backoff.wait():
+                return None
