@@ -12,7 +12,7 @@ rates fold the smallest into `__other__`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -137,6 +137,27 @@ class WorkerMetrics:
             ["topic", "source"],
             registry=registry,
         )
+        self._state_entries = Gauge(
+            "gpuledger_worker_state_entries",
+            "Entries the worker holds in memory, per structure (closed windows, pod slots, pods, "
+            "dead-letter keys)",
+            ["structure"],
+            registry=registry,
+        )
+        self._state_evicted = Counter(
+            "gpuledger_worker_state_evicted_total",
+            "Entries dropped from a structure because it reached its configured size",
+            ["structure"],
+            registry=registry,
+        )
+        self._checkpoints_restored = Counter(
+            "gpuledger_checkpoints_restored_total",
+            "Closed windows restored from their checkpoint (after a restart, a rebalance, or "
+            "for a sample older than the retention)",
+            ["stage"],
+            registry=registry,
+        )
+        self._evicted_seen: dict[str, int] = {}
         self._sources: set[str] = set()
         # When each series named by the input was last updated (wall time), oldest first.
         self._offsets = _Recency()  # (source,)
@@ -294,6 +315,20 @@ class WorkerMetrics:
         self._forget_devices(full)
         self._window_s = window_s
         self._refresh_rates()
+
+    def worker_state(self, entries: Mapping[str, int], evicted: Mapping[str, int]) -> None:
+        """Sizes of the worker's in-memory structures, and how many entries each one's cap
+        has dropped since start (running totals; series evicted by this class included)."""
+        for structure, count in entries.items():
+            self._child(self._state_entries, structure).set(count)
+        for structure, total in {**evicted, "metric_series": self.series_evicted}.items():
+            delta = total - self._evicted_seen.get(structure, 0)
+            if delta > 0:
+                self._child(self._state_evicted, structure).inc(delta)
+            self._evicted_seen[structure] = total
+
+    def checkpoints_restored(self, stage: str, count: int) -> None:
+        self._child(self._checkpoints_restored, stage).inc(count)
 
     def devices_revoked(self, devices: Iterable[str]) -> None:
         """Forget the cost-rate series of devices whose partitions this worker no longer owns

@@ -16,10 +16,12 @@ from runtime.horizon import LATE_HORIZON_S, MAX_LATE_HORIZON_S
 from runtime.kafka import add_kafka_options, kafka_settings_from
 from runtime.options import add_env_option, add_log_level_option
 from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
-from streams.labels import LabelSettings
+from streams.labels import DEFAULT_MAX_PODS, LabelSettings
+from streams.metrics import MAX_SERIES
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.store import add_clickhouse_option, store_from_args
 from streams.worker.device_stage import StreamSettings
+from streams.worker.intake import DEAD_LETTER_MAX_KEYS
 
 
 def add_policy_options(
@@ -245,6 +247,36 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         default=5,
         help="failed writes of one sink in a row after which /healthz answers 503 (default 5)",
     )
+    add_env_option(
+        parser,
+        env,
+        "--max-pods",
+        env="GPULEDGER_MAX_PODS",
+        type=int,
+        default=DEFAULT_MAX_PODS,
+        help="pods whose metadata is kept at most, the least recent forgotten first "
+        f"(default {DEFAULT_MAX_PODS:,})",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--dead-letter-max-keys",
+        env="GPULEDGER_DEAD_LETTER_MAX_KEYS",
+        type=int,
+        default=DEAD_LETTER_MAX_KEYS,
+        help="dead-lettered inputs remembered at most, so that a replay does not letter them "
+        f"twice, the oldest forgotten first (default {DEAD_LETTER_MAX_KEYS:,})",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--max-metric-series",
+        env="GPULEDGER_MAX_METRIC_SERIES",
+        type=int,
+        default=MAX_SERIES,
+        help="series per metric labelled by input values (devices, models, sources) at most, "
+        f"the least recently updated removed first (default {MAX_SERIES:,})",
+    )
     parser.add_argument("--flush-interval-s", type=float, default=1.0)
     parser.add_argument(
         "--exit-when-idle",
@@ -266,6 +298,13 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         if args.unhealthy_after_failures < 1:
             raise GpuledgerError("--unhealthy-after-failures must be at least 1")
+        for flag, value, least in (
+            ("--max-pods", args.max_pods, 1),
+            ("--dead-letter-max-keys", args.dead_letter_max_keys, 1),
+            ("--max-metric-series", args.max_metric_series, 2),
+        ):
+            if value < least:
+                raise GpuledgerError(f"{flag} must be at least {least}")
         book = load_price_book(args.price_book)
         config = WorkerConfig(
             kafka=kafka_settings_from(args),
@@ -278,6 +317,9 @@ def run_worker(args: argparse.Namespace) -> int:
             http_host=args.http_host,
             http_port=args.metrics_port,
             exit_when_idle_s=args.exit_when_idle,
+            max_pods=args.max_pods,
+            dead_letter_max_keys=args.dead_letter_max_keys,
+            max_metric_series=args.max_metric_series,
         )
         worker = Worker(config, book, store=store_from_args(args))
         tune_garbage_collector()

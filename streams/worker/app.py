@@ -28,8 +28,8 @@ from runtime.kafka import (
     partition_counts,
 )
 from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
-from streams.labels import PodHistory
-from streams.metrics import WorkerMetrics
+from streams.labels import DEFAULT_MAX_PODS, PodHistory
+from streams.metrics import MAX_SERIES, WorkerMetrics
 from streams.pricing import PriceBook
 from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
@@ -41,7 +41,7 @@ from streams.worker.handlers import (
     TokenCostHandler,
 )
 from streams.worker.http import HttpEndpoint
-from streams.worker.intake import DeadLetterLog, Intake
+from streams.worker.intake import DEAD_LETTER_MAX_KEYS, DeadLetterLog, Intake
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
 from streams.worker.sinks import UNHEALTHY_AFTER, Backoff, Sinks
@@ -80,6 +80,10 @@ class WorkerConfig:
     http_port: int = 9108  # 0: no HTTP endpoint
     exit_when_idle_s: float | None = None  # bounded runs: drain and stop after this silence
     unhealthy_after_failures: int = UNHEALTHY_AFTER  # a sink's failures in a row: /healthz 503
+    # Size caps of the in-memory structures the input names (design §5, "Memory").
+    max_pods: int = DEFAULT_MAX_PODS
+    dead_letter_max_keys: int = DEAD_LETTER_MAX_KEYS
+    max_metric_series: int = MAX_SERIES
 
     @property
     def internal_topic(self) -> str:
@@ -106,11 +110,18 @@ class Worker:
         self.book = book
         self.store = store or ClickHouseStore(config.clickhouse_dsn)
         self.registry = registry or CollectorRegistry()
-        self.metrics = WorkerMetrics(self.registry)
-        self.pods = PodHistory()
+        self.metrics = WorkerMetrics(
+            self.registry,
+            series_ttl_s=config.stream.retention_s,
+            max_series=config.max_metric_series,
+        )
+        self.pods = PodHistory(max_pods=config.max_pods)
         self.devices = DeviceStage(book, config.stream, self.pods)
         self.pod_stage = PodStage(config.stream, self.pods)
-        self.dead_letters = DeadLetterLog()
+        self.dead_letters = DeadLetterLog(
+            horizon_s=config.stream.late_horizon_ms / 1000 + 3600,
+            max_keys=config.dead_letter_max_keys,
+        )
         self.stopping = asyncio.Event()
         self.runners: list[StageRunner] = []  # stage one's, stage two's: once pods are loaded
         self.sinks: Sinks | None = None
@@ -249,6 +260,7 @@ class Worker:
         margin_s = reach_ms // 1000 + 1
         while not self.stopping.is_set():
             watermark = self.devices.watermark.value(time.time())
+            self._report_state()
             if watermark is not None:
                 self.pods.forget_before(watermark - reach_ms)
                 try:
@@ -257,6 +269,23 @@ class Worker:
                     log.warning("sealing hourly rollups failed, retrying later: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=SEAL_EVERY_S)
+
+    def _report_state(self) -> None:
+        """Bound the metric series and report the sizes of the in-memory structures."""
+        now = time.time()
+        self.dead_letters.expire(now)
+        self.metrics.prune(now)
+        self.metrics.worker_state(
+            {
+                "open_windows": self.devices.open_windows,
+                "closed_windows": self.devices.closed_windows,
+                "pod_slots": self.pod_stage.slots,
+                "pods": len(self.pods),
+                "pod_events": self.pods.held_events,
+                "dead_letter_keys": len(self.dead_letters),
+            },
+            {"pods": self.pods.evicted, "dead_letter_keys": self.dead_letters.evicted},
+        )
 
     async def _exit_when_idle(self, idle_s: float) -> None:
         """For bounded runs (tests, demo): once no input arrived for `idle_s`, emit every

@@ -549,3 +549,8 @@ class DeviceStage:
     @property
     def open_windows(self) -> int:
         return sum(len(s) for s in self._open.values())
+
+    @property
+    def closed_windows(self) -> int:
+        """Closed (window, device) slots in memory (packed, or live while corrected)."""
+        return sum(len(s) for s in self._closed.values())

@@ -134,6 +134,7 @@ class DeviceHandler:
         found = await checkpoints.load(DEVICE_STAGE, keys, outbox)
         if found is None:
             return False
+        self.metrics.checkpoints_restored(DEVICE_STAGE, len(found))
         for start, device in self.devices.restore(partition, keys, found):
             log.error(
                 "the checkpoint of window %d of device %s does not decode: taken as a new window",
@@ -308,6 +309,7 @@ class TokenCostHandler:
         found = await checkpoints.load(POD_STAGE, missing, outbox)
         if found is None:
             return False
+        self.intake.metrics.checkpoints_restored(POD_STAGE, len(found))
         for start, pod_uid in self.stage.restore(partition, missing, found):
             log.error(
                 "the checkpoint of window %d of pod %s does not decode: taken as a new window",

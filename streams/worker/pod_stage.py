@@ -512,6 +512,11 @@ class PodStage:
                 break
         return PodOwner(cluster, namespace, pod, team, product, cost_center)
 
+    @property
+    def slots(self) -> int:
+        """(window, pod) slots in memory, open and closed."""
+        return len(self._slots)
+
     # ------------------------------------------------------------------ partitions
 
     def revoke(self, partitions: Iterable[Partition]) -> None:
