@@ -17,6 +17,7 @@ are too late only past `late_horizon_s`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from sys import intern
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -256,10 +257,11 @@ class DeviceStage:
                             f"window {start} of {device} may have a checkpoint: "
                             "restore it (missing, restore) before adding its samples"
                         )
-                    slot = _Slot(start, device, partition)
+                    # One string per device for all its windows (the decoded one is per sample).
+                    slot = _Slot(start, intern(device), partition)
                     if slots is None:
                         slots = open_[start] = {}
-                    slots[device] = slot
+                    slots[slot.device_uuid] = slot
                 elif slot.sources[0] != partition:
                     slot.fed_by(partition)
             if time_ms > max_time_ms:
@@ -337,11 +339,11 @@ class DeviceStage:
                 damaged.append(key)
                 self._absent.add(key)
                 continue
-            slot = _Slot(start, device, partition)
+            slot = _Slot(start, intern(device), partition)
             slot.window, slot.packed = None, blob
             slot.closed = True
             slot.emitted_version = version
-            self._closed.setdefault(start, {})[device] = slot
+            self._closed.setdefault(start, {})[slot.device_uuid] = slot
             for owner in window.owners:
                 self._by_pod.setdefault(owner, set()).add(key)
         return damaged
