@@ -118,21 +118,18 @@ def token_hourly_select(database: str, where: str) -> str:
 
 
 def _earliest_window_ms(store: ClickHouseStore, since_ms: int = 0) -> int | None:
-    """The earliest window start at or after `since_ms` in either base table, if any."""
+    """The earliest window start at or after `since_ms` in either base table, if any (an
+    empty table has no earliest window: its `min` would read as 1970)."""
     db = store.database
     since = f"window_start >= {ms_literal(since_ms)} AND window_start > 0"
     rows = store.query_rows(
-        f"SELECT least("
-        f"(SELECT toUnixTimestamp64Milli(min(window_start)) FROM {db}.gpu_cost_windows "
-        f"WHERE {since}), "
-        f"(SELECT toUnixTimestamp64Milli(min(window_start)) FROM {db}.cost_per_token_windows "
-        f"WHERE {since})), "
-        f"(SELECT count() FROM {db}.gpu_cost_windows WHERE {since}) + "
-        f"(SELECT count() FROM {db}.cost_per_token_windows WHERE {since})"
+        f"SELECT (SELECT toUnixTimestamp64Milli(minOrNull(window_start)) "
+        f"FROM {db}.gpu_cost_windows WHERE {since}), "
+        f"(SELECT toUnixTimestamp64Milli(minOrNull(window_start)) "
+        f"FROM {db}.cost_per_token_windows WHERE {since})"
     )
-    if not rows or int(rows[0][1]) == 0:
-        return None
-    return int(rows[0][0])
+    found = [int(value) for value in (rows[0] if rows else ()) if value is not None]
+    return min(found) if found else None
 
 
 def seal_hours(

@@ -98,6 +98,8 @@ class Table:
 @dataclass
 class CheckpointTable:
     states: dict[StateKey, WindowStateRow] = field(default_factory=dict)
+    # The replay floor each stage wrote with its latest durable write (its "floor@" marks).
+    floors: dict[str, int] = field(default_factory=dict)
 
     def write(self, states: Iterable[WindowStateRow]) -> None:
         for state in states:
@@ -132,6 +134,7 @@ class _Outbox:
     cost_rows: list[Any] = field(default_factory=list)  # stage two's cost-per-token rows
     states: list[WindowStateRow] = field(default_factory=list)
     pending: dict[StateKey, bytes] = field(default_factory=dict)
+    floor: int | None = None  # the stage's replay floor at the last poll
 
     def add_states(self, states: list[WindowStateRow]) -> None:
         self.states += states
@@ -152,6 +155,8 @@ class DeviceRun:
         frontier = checkpoints.frontier_ms("device")
         if frontier is not None:  # what the handler does at start and on assignment
             stage.raise_lookup_floor(frontier + stage.settings.window_ms)
+        self.floor = checkpoints.floors.get("device")
+        self.committed_floor: int | None = None
 
     def batch(
         self,
@@ -160,7 +165,9 @@ class DeviceRun:
         events: list[CloudEvent[GpuSample]],
         now_s: float,
     ) -> SampleCounts:
-        keys = self.stage.missing(events, now_s)
+        if self.floor is not None:
+            self.stage.set_replay_floor(partition, self.floor)
+        keys = self.stage.missing(partition, events, now_s)
         if keys:
             found = self.checkpoints.load("device", keys, self.outbox.pending)
             self.restored += len(found)
@@ -175,11 +182,18 @@ class DeviceRun:
         self.outbox.rows += out.rows
         self.outbox.add_states(out.states)
         self.partials += out.partials
+        floor = self.stage.replay_floor(now_s)
+        if floor is not None:
+            self.outbox.floor = floor
 
-    def write(self) -> dict[Partition, int]:
-        """The durable write, then the positions a commit would take."""
+    def write(self, *, committed: bool = True) -> dict[Partition, int]:
+        """The durable write, then the positions a commit would take (`committed`: the
+        commit happened too). The replay floor goes out one commit late, as the handler's."""
         self.table.write(self.outbox.rows)
         self.checkpoints.write(self.outbox.states)
+        _write_floor(self.checkpoints, "device", self.committed_floor)
+        if committed and self.outbox.floor is not None:
+            self.committed_floor = self.outbox.floor
         self.outbox = _Outbox()
         return self.stage.held.positions()
 
@@ -205,6 +219,8 @@ class PodRun:
         frontier = checkpoints.frontier_ms("pod")
         if frontier is not None:
             stage.raise_lookup_floor(frontier + stage.settings.window_ms)
+        self.floor = checkpoints.floors.get("pod")
+        self.committed_floor: int | None = None
 
     def batch(
         self, partition: Partition, offsets: list[int], items: Sequence[PodInput], now_s: float
@@ -216,7 +232,9 @@ class PodRun:
                 keys.add((item.window_start_ms, item.pod_uid))
             elif not isinstance(item, Marker):
                 keys.add((item.time_ms - item.time_ms % window_ms, item.data.pod_uid))
-        missing = self.stage.missing(keys)
+        if self.floor is not None:
+            self.stage.set_replay_floor(partition, self.floor)
+        missing = self.stage.missing(partition, keys)
         if missing:
             found = self.checkpoints.load("pod", missing, self.outbox.pending)
             assert self.stage.restore(partition, missing, found) == []
@@ -235,10 +253,21 @@ class PodRun:
         self.outbox.rows += out.token_rows
         self.outbox.cost_rows += out.cost_rows
         self.outbox.add_states(out.states)
+        floor = self.stage.replay_floor()
+        if floor is not None:
+            self.outbox.floor = floor
 
-    def write(self) -> dict[Partition, int]:
+    def write(self, *, committed: bool = True) -> dict[Partition, int]:
         self.token_table.write(self.outbox.rows)
         self.cost_table.write(self.outbox.cost_rows)
         self.checkpoints.write(self.outbox.states)
+        _write_floor(self.checkpoints, "pod", self.committed_floor)
+        if committed and self.outbox.floor is not None:
+            self.committed_floor = self.outbox.floor
         self.outbox = _Outbox()
         return self.stage.held.positions()
+
+
+def _write_floor(checkpoints: CheckpointTable, stage: str, floor: int | None) -> None:
+    if floor is not None:
+        checkpoints.floors[stage] = max(checkpoints.floors.get(stage, floor), floor)

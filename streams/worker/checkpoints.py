@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from runtime.errors import StoreError
+from streams.rows import WindowStateRow
 from streams.store import ClickHouseStore
 from streams.worker.outbox import Outbox
 from streams.worker.sinks import Backoff
@@ -25,6 +26,12 @@ log = logging.getLogger("gpuledger.worker")
 T = TypeVar("T")
 Key = tuple[int, str]  # (window start ms, unit)
 UNITS_PER_QUERY = 2_000
+
+
+def mark_rows(stage: str, marks: dict[int, int]) -> list[WindowStateRow]:
+    """Per-partition marks a stage keeps beside its checkpoints (the highest value wins): a
+    stage's replay floor ("floor@<stage>"), a position in the pods topic ("pods@<stage>")."""
+    return [WindowStateRow(stage, 0, str(p), value, b"") for p, value in sorted(marks.items())]
 
 
 class Checkpoints:
@@ -55,6 +62,17 @@ class Checkpoints:
         if not rows or rows[0][0] is None:
             return None
         return int(rows[0][0])
+
+    async def marks(self, stage: str) -> dict[int, int] | None:
+        """The latest mark of `stage` per partition (`mark_rows`); None if stopped."""
+        sql = (
+            "SELECT unit, max(version) "
+            f"FROM {self.store.database}.window_state WHERE stage = {{stage:String}} GROUP BY unit"
+        )
+        rows = await self._retrying(lambda: self.store.query_rows(sql, {"stage": stage}))
+        if rows is None:
+            return None
+        return {int(unit): int(version) for unit, version in rows if str(unit).isdigit()}
 
     async def load(self, stage: str, keys: set[Key], outbox: Outbox) -> dict[Key, bytes] | None:
         """The latest checkpoint of each of `keys` that has one (the outbox's first); None if

@@ -17,9 +17,9 @@ are too late only past `late_horizon_s`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from sys import intern
 from dataclasses import dataclass, field
 from decimal import Decimal
+from sys import intern
 
 import orjson
 
@@ -189,6 +189,8 @@ class DeviceStage:
         # of a previous run or owner (`raise_lookup_floor`), or one this stage let go of.
         self._lookup_below: int | None = None
         self._absent: set[Key] = set()  # looked up, no checkpoint: new (until the next poll)
+        self._opened_at: dict[int, int | None] = {}  # open window -> watermark when it opened
+        self._replay_floors: dict[Partition, int] = {}
         # What the slots emitted by the last poll held, should the handler drop one (discard).
         self._emitted_held: dict[Key, dict[Partition, int]] = {}
 
@@ -248,7 +250,7 @@ class DeviceStage:
                     # Only a new (window, device) can be too late (rare: once per window).
                     if max_time_ms != NO_TIME:
                         self.watermark.observe(partition, max_time_ms, now_s)
-                    watermark = self.watermark.value(now_s)
+                    watermark = self._watermark_at_least(partition, now_s)
                     if watermark is not None and start + size + horizon <= watermark:
                         counts.too_late.append(index)
                         continue
@@ -261,6 +263,7 @@ class DeviceStage:
                     slot = _Slot(start, intern(device), partition)
                     if slots is None:
                         slots = open_[start] = {}
+                        self._opened_at[start] = watermark
                     slots[slot.device_uuid] = slot
                 elif slot.sources[0] != partition:
                     slot.fed_by(partition)
@@ -297,14 +300,39 @@ class DeviceStage:
         if end_ms is not None and (self._lookup_below is None or end_ms > self._lookup_below):
             self._lookup_below = end_ms
 
-    def missing(self, events: list[CloudEvent[GpuSample]], now_s: float) -> set[Key]:
+    def _watermark_at_least(self, partition: Partition, now_s: float) -> int | None:
+        """The watermark, or, where higher, the partition's replay floor: after a restart a
+        record is judged too late against no less than the watermark it first met."""
+        watermark = self.watermark.value(now_s)
+        floor = self._replay_floors.get(partition)
+        if floor is None:
+            return watermark
+        return floor if watermark is None or watermark < floor else watermark
+
+    def set_replay_floor(self, partition: Partition, floor_ms: int) -> None:
+        """What `replay_floor` was when the committed position of `partition` was written."""
+        self._replay_floors[partition] = floor_ms
+
+    def replay_floor(self, now_s: float) -> int | None:
+        """A watermark no record after the commit positions met less of: the watermark when
+        the oldest open window opened (its first record is the earliest a restart replays),
+        or the watermark itself with nothing open."""
+        opened = [self._opened_at.get(start) for start in self._open]
+        if self._open:
+            known = [value for value in opened if value is not None]
+            return min(known) if len(known) == len(opened) else None
+        return self.watermark.value(now_s)
+
+    def missing(
+        self, partition: Partition, events: list[CloudEvent[GpuSample]], now_s: float
+    ) -> set[Key]:
         """The (window, device) keys of these samples whose checkpoint must be looked up
         before `add_samples`: not in memory, not too late, and below the lookup floor."""
         below = self._lookup_below
         if below is None:
             return set()
         size = self.settings.window_ms
-        watermark = self.watermark.value(now_s)
+        watermark = self._watermark_at_least(partition, now_s)
         too_late = (
             NO_TIME if watermark is None else watermark - size - self.settings.late_horizon_ms
         )
@@ -411,6 +439,8 @@ class DeviceStage:
         for start in self.held.windows():
             if start not in self._open:
                 self.held.release(start)
+        for start in [s for s in self._opened_at if s not in self._open]:
+            del self._opened_at[start]
         self._expire(watermark)
         return out
 

@@ -28,7 +28,7 @@ from schemas.events import (
 from streams.labels import PodHistory
 from streams.rows import CostRow, TokenCostRow
 from streams.windows import window_of
-from streams.worker.checkpoints import Checkpoints
+from streams.worker.checkpoints import Checkpoints, mark_rows
 from streams.worker.clocks import ClockCheck
 from streams.worker.device_stage import STAGE as DEVICE_STAGE
 from streams.worker.device_stage import DeviceStage, PodCostPartial, Unemittable
@@ -49,6 +49,8 @@ from streams.worker.watermark import Partition
 log = logging.getLogger("gpuledger.worker")
 
 _TokenInput = PodCostPartial | Marker | CloudEvent[TokenDelta]
+DEVICE_FLOOR = "floor@device"  # replay floors (DeviceStage.replay_floor), per partition
+POD_FLOOR = "floor@pod"
 
 
 class DeviceHandler:
@@ -77,11 +79,15 @@ class DeviceHandler:
         self._owned: list[int] = []  # sample partitions this worker owns
         self._markers_sent: dict[int, int] = {}
         self._idle_since_s: float | None = None
+        self._floor_at_poll: int | None = None  # the stage's replay floor at the last poll
+        self._floor_committed: int | None = None  # ... at the last commit
+        self._floor_written: int | None = None
 
     def assigned(self, partitions: set[Partition]) -> None:
         self._owned = sorted(p for topic, p in partitions if topic == GPU_SAMPLES_TOPIC)
         # New partitions may come with windows their last owner checkpointed.
         self._frontier_due = self.checkpoints is not None
+        self._floor_written = None
 
     async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
@@ -123,12 +129,16 @@ class DeviceHandler:
             return True
         if self._frontier_due:
             latest = await checkpoints.frontier_ms(DEVICE_STAGE)
-            if self.stopping():
+            floors = await checkpoints.marks(DEVICE_FLOOR)
+            if floors is None or self.stopping():
                 return False
             if latest is not None:
                 self.devices.raise_lookup_floor(latest + self.devices.settings.window_ms)
+            for p in self._owned:
+                if p in floors:
+                    self.devices.set_replay_floor((GPU_SAMPLES_TOPIC, p), floors[p])
             self._frontier_due = False
-        keys = self.devices.missing(events, now_s)
+        keys = self.devices.missing(partition, events, now_s)
         if not keys:
             return True
         found = await checkpoints.load(DEVICE_STAGE, keys, outbox)
@@ -184,6 +194,14 @@ class DeviceHandler:
         )
         for window in failed:
             self.intake.reject_window(outbox, window, self.devices.held, "device")
+        if self.checkpoints is not None:
+            # The floor goes out one commit late: a write whose commit is lost must not
+            # leave a floor above what the records after the commit in force first met.
+            self._floor_at_poll = self.devices.replay_floor(now_s)
+            floor = self._floor_committed
+            if floor is not None and floor != self._floor_written:
+                outbox.rows += mark_rows(DEVICE_FLOOR, dict.fromkeys(self._owned, floor))
+                self._floor_written = floor
         if rows:
             self.metrics.rows_emitted([row for row, _ in rows], self.window_s, time.time())
         self.metrics.windows_open(self.devices.open_windows)
@@ -191,6 +209,9 @@ class DeviceHandler:
 
     def positions(self) -> dict[Partition, int]:
         return self.devices.held.positions()
+
+    def committed(self) -> None:
+        self._floor_committed = self._floor_at_poll
 
     def revoke(self, partitions: set[Partition]) -> None:
         self.intake.metrics.devices_revoked(self.devices.revoke(partitions))
@@ -235,12 +256,18 @@ class TokenCostHandler:
         self.internal_topic = internal_topic
         self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
         self._frontier_due = checkpoints is not None
+        self._owned: set[Partition] = set()
+        self._floor_at_poll: int | None = None
+        self._floor_committed: int | None = None
+        self._floor_written: int | None = None
         self.clock = ClockCheck(intake, stage.settings.max_clock_skew_s)
 
     def assigned(self, partitions: set[Partition]) -> None:
         # Co-partitioned inputs: what the records say is all this stage needs, but new
         # partitions may come with windows their last owner checkpointed.
         self._frontier_due = self.checkpoints is not None
+        self._owned = partitions
+        self._floor_written = None
 
     async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
@@ -298,12 +325,16 @@ class TokenCostHandler:
         assert checkpoints is not None
         if self._frontier_due:
             latest = await checkpoints.frontier_ms(POD_STAGE)
-            if checkpoints.stopping.is_set():
+            floors = await checkpoints.marks(POD_FLOOR)
+            if floors is None or checkpoints.stopping.is_set():
                 return False
             if latest is not None:
                 self.stage.raise_lookup_floor(latest + self.stage.settings.window_ms)
+            for owned in self._owned:  # tokens and pod costs: co-partitioned, one floor
+                if owned[1] in floors:
+                    self.stage.set_replay_floor(owned, floors[owned[1]])
             self._frontier_due = False
-        missing = self.stage.missing(keys)
+        missing = self.stage.missing(partition, keys)
         if not missing:
             return True
         found = await checkpoints.load(POD_STAGE, missing, outbox)
@@ -351,9 +382,19 @@ class TokenCostHandler:
         )
         for window in failed:
             self.intake.reject_window(outbox, window, self.stage.held, "pod")
+        if self.checkpoints is not None:
+            self._floor_at_poll = self.stage.replay_floor()  # as in stage one: a commit late
+            floor = self._floor_committed
+            if floor is not None and floor != self._floor_written:
+                numbers = {p for _, p in self._owned}
+                outbox.rows += mark_rows(POD_FLOOR, dict.fromkeys(numbers, floor))
+                self._floor_written = floor
 
     def positions(self) -> dict[Partition, int]:
         return self.stage.held.positions()
+
+    def committed(self) -> None:
+        self._floor_committed = self._floor_at_poll
 
     def revoke(self, partitions: set[Partition]) -> None:
         self.stage.revoke(partitions)

@@ -172,6 +172,8 @@ def unpack_pod(raw: bytes) -> PodParts:
     try:
         state = _POD_DECODER.decode(raw)
         tokens = {model: unpack_tokens(packed) for model, packed in state.tokens}
+        for _, cost, _, _ in state.partials:
+            Decimal(cost)  # a partial that will not restore must fail here, as damage
     except (msgspec.MsgspecError, ArithmeticError, ValueError) as exc:
         raise StateError(f"pod window state does not decode: {exc}") from None
     return state.version, list(state.partials), tokens, dict(state.emitted)

@@ -215,6 +215,8 @@ class PodStage:
         self._lookup_below: int | None = None  # as in stage one (DeviceStage)
         self._absent: set[Key] = set()
         self._emitted_held: dict[Key, dict[Partition, int]] = {}  # as in DeviceStage
+        self._opened_at: dict[int, int | None] = {}  # open window -> reported end at opening
+        self._replay_floors: dict[Partition, int] = {}
 
     # ------------------------------------------------------------------ input
 
@@ -225,7 +227,7 @@ class PodStage:
         key = (start, pod_uid)
         slot = self._slots.get(key)
         if slot is None:
-            horizon = self._too_late_until()
+            horizon = self._too_late_until(partition)
             if horizon is not None and start <= horizon:
                 return None
             below = self._lookup_below
@@ -236,7 +238,10 @@ class PodStage:
                 )
             slot = self._slots[key] = _PodSlot(partition)
             self._pods_by_start.setdefault(start, set()).add(pod_uid)
-            self._open.setdefault(start, set()).add(pod_uid)
+            if start not in self._open:
+                self._open[start] = set()
+                self._opened_at[start] = self._reported_end()
+            self._open[start].add(pod_uid)
         else:
             slot.live(start, pod_uid)
             if slot.sources[0] != partition:
@@ -302,13 +307,26 @@ class PodStage:
         if end_ms is not None and (self._lookup_below is None or end_ms > self._lookup_below):
             self._lookup_below = end_ms
 
-    def missing(self, keys: Iterable[Key]) -> set[Key]:
+    def set_replay_floor(self, partition: Partition, floor_ms: int) -> None:
+        """As `DeviceStage.set_replay_floor` (a reported end here)."""
+        self._replay_floors[partition] = floor_ms
+
+    def replay_floor(self) -> int | None:
+        """As `DeviceStage.replay_floor`: the reported end when the oldest open window
+        opened, or the reported end itself with nothing open."""
+        if self._open:
+            opened = [self._opened_at.get(start) for start in self._open]
+            known = [value for value in opened if value is not None]
+            return min(known) if len(known) == len(opened) else None
+        return self._reported_end()
+
+    def missing(self, partition: Partition, keys: Iterable[Key]) -> set[Key]:
         """Of the (window, pod) keys some input is for, those whose checkpoint must be looked
         up first: not in memory, not too late, below the lookup floor."""
         below = self._lookup_below
         if below is None:
             return set()
-        too_late = self._too_late_until()
+        too_late = self._too_late_until(partition)
         return {
             key
             for key in keys
@@ -383,12 +401,16 @@ class PodStage:
             self._end_floor = min(ends)
         return self._end_floor
 
-    def _too_late_until(self) -> int | None:
-        """Windows starting at or before this are past the late horizon: input is too late."""
+    def _too_late_until(self, partition: Partition | None = None) -> int | None:
+        """Windows starting at or before this are past the late horizon: input is too late.
+        After a restart, no earlier than for the partition's replay floor (as in stage one)."""
         end = self._reported_end()
-        return (
-            None if end is None else end - self.settings.late_horizon_ms - self.settings.window_ms
-        )
+        floor = self._replay_floors.get(partition) if partition is not None else None
+        if floor is not None:
+            end = floor if end is None or end < floor else end
+        if end is None:
+            return None
+        return end - self.settings.late_horizon_ms - self.settings.window_ms
 
     def poll(self, now_s: float) -> PodOutput:
         out = PodOutput()
@@ -420,6 +442,8 @@ class PodStage:
         for start in self.held.windows():
             if start not in self._open:
                 self.held.release(start)
+        for start in [s for s in self._opened_at if s not in self._open]:
+            del self._opened_at[start]
         self._expire()
         return out
 

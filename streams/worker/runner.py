@@ -20,6 +20,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from runtime.kafka import KafkaSettings
 from streams.metrics import WorkerMetrics
+from streams.rows import Row, WindowStateRow
 from streams.worker.outbox import Outbox
 from streams.worker.sinks import Sinks
 from streams.worker.watermark import Partition
@@ -49,6 +50,9 @@ class Stage(Protocol):
     def positions(self) -> dict[Partition, int]:
         """The offset to commit per partition: the earliest one a restart must replay."""
 
+    def committed(self) -> None:
+        """The positions last read were committed."""
+
     def revoke(self, partitions: set[Partition]) -> None:
         """Drop the state fed by `partitions`: another worker owns them now."""
 
@@ -71,21 +75,25 @@ async def write_then_commit(
     2. Produce the messages (billing topics, the internal pod-costs topic, dead letters) and
        wait until Kafka acknowledged every one (one the broker refuses for its size is
        replaced by a dead letter).
-    3. Only then commit the input offsets `commit` reads from the stage.
+    3. Insert the checkpoints of the windows those rows and messages came from (design §5),
+       last: a checkpoint says its window's output is durable, and a restart that finds one
+       refuses the window's inputs as duplicates instead of emitting it again.
+    4. Only then commit the input offsets `commit` reads from the stage.
 
-    A crash, a kill or a lost partition anywhere before step 3 leaves the offsets where they
+    A crash, a kill or a lost partition anywhere before step 4 leaves the offsets where they
     were, and the input is read again from there. The stages are deterministic and a row's
     version only grows with the inputs it saw, so the replay rebuilds the same windows and
     writes the same keys with the same versions (higher ones where input arrived since):
     ClickHouse keeps one row per key (the highest version) and a billing consumer keeps the
     highest version per key, so a row written twice counts once; a dead letter's key is its
     source (topic, partition, offset), and the worker skips keys already in the dead-letter
-    topic. Committing before step 2 completed could lose output (the offsets would move past
-    input whose rows never arrived), and Kafka after ClickHouse means a row on a billing topic
+    topic. Committing, or checkpointing, before step 2 completed could lose output (the
+    offsets would move past input whose rows never arrived, or a restart would take the
+    window's inputs for duplicates), and Kafka after ClickHouse means a row on a billing topic
     is already in the store. The committed offset is not the last one read but the earliest
     that an open window, or a closed one not checkpointed since its last input, still needs
     (design §5): the state a restart loses is rebuilt from the replay and the checkpoints,
-    which travel in the same batch as the rows they describe.
+    which travel in the same batch as the output they describe.
 
     If `stopping` interrupts a sink's retries (or, without `patient`, a transient failure
     ends the one attempt each sink makes), or the write is cancelled, nothing is committed and
@@ -94,13 +102,19 @@ async def write_then_commit(
     that is not committed (read whole again at every start).
     """
     batch = pending.take()
+    rows: list[Row] = [row for row in batch.rows if not isinstance(row, WindowStateRow)]
+    states: list[Row] = [row for row in batch.rows if isinstance(row, WindowStateRow)]
     try:
         durable = (
-            not batch.rows
-            or await sinks.insert(batch.rows, label, patient=patient, on_retry=on_retry)
-        ) and (
-            not batch.messages
-            or await sinks.produce(batch.messages, patient=patient, on_retry=on_retry)
+            (not rows or await sinks.insert(rows, label, patient=patient, on_retry=on_retry))
+            and (
+                not batch.messages
+                or await sinks.produce(batch.messages, patient=patient, on_retry=on_retry)
+            )
+            and (
+                not states
+                or await sinks.insert(states, f"{label}:state", patient=patient, on_retry=on_retry)
+            )
         )
     except BaseException:
         pending.restore(batch)
@@ -303,6 +317,8 @@ class StageRunner:
             await self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
             log.info("%s: commit deferred (%s); the next flush retries", self.name, exc)
+            return
+        self.stage.committed()
 
     def _record_lag(self, tp: TopicPartition, next_offset: int) -> None:
         highwater = self.consumer.highwater(tp)

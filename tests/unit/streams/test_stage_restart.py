@@ -284,7 +284,7 @@ def test_a_restart_from_the_committed_positions_gives_the_rows_of_a_run_without_
     for n, batch in enumerate(schedule[:crash_after]):
         first.feed(batch, 1_000.0 + n)  # checks the positions against the open windows
         if n in durable:
-            positions = first.run.write()
+            positions = first.run.write(committed=n not in uncommitted)
             if n not in uncommitted:
                 committed = positions
                 read_at_commit = {p: read[-1][0] + 1 for p, read in first.read.items()}
@@ -466,7 +466,7 @@ def run_pod_stage(
     for n, (partition, offsets, items) in enumerate(pod_batches(inputs, {}, size)):
         driver.feed(partition, offsets, items, n)
         if n in durable:
-            positions = driver.run.write()
+            positions = driver.run.write(committed=n not in uncommitted)
             if n not in uncommitted:  # else the crash came between the write and the commit
                 committed = positions
         if n == crash_after:
@@ -531,6 +531,9 @@ def test_a_sample_past_the_late_horizon_is_too_late_after_a_restart_too() -> Non
     live.poll(1_000.0 + SETTINGS.idle_flush_s + 1)  # every input idle: every window closes
     committed = live.write()
     assert committed == {partition: FIRST_OFFSET + len(regular)}  # nothing left to replay
+    # The next flush (a second later) writes the replay floor of that commit.
+    live.poll(1_000.0 + SETTINGS.idle_flush_s + 2)
+    live.write()
     restarted = DeviceRun(DeviceStage(BOOK, SETTINGS, pods), Table(), checkpoints)
     restarted.table.write(live_table.rows.values())
     before = dict(live_table.rows)

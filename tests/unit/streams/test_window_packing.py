@@ -386,7 +386,7 @@ def test_a_pod_checkpoint_that_unpacks_can_be_corrected() -> None:
     stage = PodStage(settings_, PodHistory())
     stage.raise_lookup_floor(T0 + 60_000)
     key = (T0, "pod-a")
-    assert stage.missing([key]) == {key}
+    assert stage.missing(("gpuledger.tokens", 0), [key]) == {key}
     damaged_keys = stage.restore(("gpuledger.tokens", 0), {key}, {key: damaged})
     if damaged_keys == [key]:
         return  # reported as damaged and taken as a new window: fine

@@ -78,6 +78,9 @@ class FakeStage:
     def positions(self) -> dict[Partition, int]:
         return dict(self.next)
 
+    def committed(self) -> None:
+        self.log.append(("committed", set(self.next)))
+
     def revoke(self, partitions: set[Partition]) -> None:
         self.log.append(("revoke", partitions))
         for p in partitions:
@@ -153,9 +156,9 @@ async def test_a_revoke_flushes_then_drops_the_state_and_the_partition_series() 
     stopping.set()
     await task
     steps = [step[0] for step in log]
-    assert steps == ["assigned", "insert", "produce", "commit", "revoke"]
+    assert steps == ["assigned", "insert", "produce", "commit", "committed", "revoke"]
     assert log[3][1] == {tp0: 6, tp1: 10}  # committed before the state went
-    assert log[4][1] == {(TOPIC, 0)}
+    assert log[5][1] == {(TOPIC, 0)}
     assert registry.get_sample_value(LAG, {"topic": TOPIC, "partition": "0"}) is None
     assert registry.get_sample_value(LAG, {"topic": TOPIC, "partition": "1"}) == 90
     assert 'partition="0"' not in _exposed(registry)
