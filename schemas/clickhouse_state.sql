@@ -13,6 +13,8 @@ CREATE TABLE IF NOT EXISTS {db}.window_state
     unit         String,
     version      UInt64,
     state        String CODEC(ZSTD(1)),
+    source       Int32,
+    owners       Array(String),
     written      DateTime('UTC') DEFAULT now()
 )
 ENGINE = ReplacingMergeTree(version)

@@ -85,6 +85,9 @@ class PodHistory:
         """Pods known."""
         return len(self._pods)
 
+    def knows(self, uid: str) -> bool:
+        return uid in self._pods
+
     @property
     def held_events(self) -> int:
         """Events held (with their ids) over every pod."""

@@ -135,6 +135,8 @@ class WindowStateRow:
     unit: str
     version: int
     state: bytes
+    source: int = -1  # the input partition that fed the window (-1: a mark, not a window)
+    owners: tuple[str, ...] = ()  # the pod uids its rows name: found again by pod
 
     @property
     def key(self) -> str:

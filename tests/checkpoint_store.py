@@ -176,6 +176,25 @@ class DeviceRun:
         self.poll(now_s)
         return counts
 
+    def recheck(self, partition: Partition, changed: set[str]) -> None:
+        """As `DeviceHandler._recheck` at start: restore the retained windows of `partition`
+        naming a pod in `changed` and re-emit those whose metadata changed."""
+        frontier = self.checkpoints.frontier_ms("device")
+        if frontier is None:
+            return
+        settings = self.stage.settings
+        since = frontier - settings.retention_ms - settings.window_ms
+        found = {
+            (start, unit): row.state
+            for (stage, start, unit), row in self.checkpoints.states.items()
+            if stage == "device"
+            and start >= since
+            and row.source == partition[1]
+            and changed & set(row.owners)
+        }
+        self.stage.restore(partition, set(found), found)
+        self.stage.recheck(found)
+
     def poll(self, now_s: float) -> None:
         out = self.stage.poll(now_s)
         assert out.unemittable == []

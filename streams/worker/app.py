@@ -127,6 +127,7 @@ class Worker:
         self.sinks: Sinks | None = None
         self.http: HttpEndpoint | None = None
         self._owner_file: Path | None = None
+        self._pods_table: PodsTable | None = None
 
     @property
     def open_windows(self) -> int:
@@ -185,8 +186,12 @@ class Worker:
                 sample_partitions=counts[GPU_SAMPLES_TOPIC],
                 internal_partitions=counts[cfg.internal_topic],
                 checkpoints=checkpoints,
+                pods=pods,
             )
-            token_cost = TokenCostHandler(self.pod_stage, intake, cfg.internal_topic, checkpoints)
+            token_cost = TokenCostHandler(
+                self.pod_stage, intake, cfg.internal_topic, checkpoints, pods
+            )
+            self._pods_table = pods
             self.runners = [
                 StageRunner(
                     name,
@@ -273,6 +278,8 @@ class Worker:
     def _report_state(self) -> None:
         """Bound the metric series and report the sizes of the in-memory structures."""
         now = time.time()
+        if self._pods_table is not None:
+            self._pods_table.forget(self.pods.knows)
         self.dead_letters.expire(now)
         self.metrics.prune(now)
         self.metrics.worker_state(

@@ -28,10 +28,11 @@ Key = tuple[int, str]  # (window start ms, unit)
 UNITS_PER_QUERY = 2_000
 
 
-def mark_rows(stage: str, marks: dict[int, int]) -> list[WindowStateRow]:
-    """Per-partition marks a stage keeps beside its checkpoints (the highest value wins): a
-    stage's replay floor ("floor@<stage>"), a position in the pods topic ("pods@<stage>")."""
-    return [WindowStateRow(stage, 0, str(p), value, b"") for p, value in sorted(marks.items())]
+def mark_rows(stage: str, marks: dict[str, int]) -> list[WindowStateRow]:
+    """Marks a stage keeps beside its checkpoints, the highest value per unit winning: its
+    replay floor per input partition ("floor@<stage>", unit "p"), how far it had read the
+    pods topic ("pods@<stage>", unit "p/q": input partition p, pods partition q)."""
+    return [WindowStateRow(stage, 0, unit, value, b"") for unit, value in sorted(marks.items())]
 
 
 class Checkpoints:
@@ -63,8 +64,8 @@ class Checkpoints:
             return None
         return int(rows[0][0])
 
-    async def marks(self, stage: str) -> dict[int, int] | None:
-        """The latest mark of `stage` per partition (`mark_rows`); None if stopped."""
+    async def marks(self, stage: str) -> dict[str, int] | None:
+        """The latest mark of `stage` per unit (`mark_rows`); None if stopped."""
         sql = (
             "SELECT unit, max(version) "
             f"FROM {self.store.database}.window_state WHERE stage = {{stage:String}} GROUP BY unit"
@@ -72,7 +73,43 @@ class Checkpoints:
         rows = await self._retrying(lambda: self.store.query_rows(sql, {"stage": stage}))
         if rows is None:
             return None
-        return {int(unit): int(version) for unit, version in rows if str(unit).isdigit()}
+        return {str(unit): int(version) for unit, version in rows}
+
+    async def load_touching(
+        self, stage: str, since_ms: int, sources: set[int], uids: set[str]
+    ) -> dict[Key, tuple[int, bytes]] | None:
+        """The latest checkpoint, with its source partition, of each window of `stage` from
+        `since_ms` on, fed by `sources`, whose rows name one of `uids`; None if stopped."""
+        found: dict[Key, tuple[int, bytes]] = {}
+        if not sources or not uids:
+            return found
+        names = sorted(uids)
+        for i in range(0, len(names), UNITS_PER_QUERY):
+            call = functools.partial(
+                self._query_touching, stage, since_ms, sources, names[i : i + UNITS_PER_QUERY]
+            )
+            rows = await self._retrying(call)
+            if rows is None:
+                return None
+            for start, unit, source, state in rows:
+                found[(int(start), str(unit))] = (int(source), bytes.fromhex(state))
+        self.loaded += len(found)
+        return found
+
+    def _query_touching(
+        self, stage: str, since_ms: int, sources: set[int], uids: list[str]
+    ) -> list[tuple[Any, ...]]:
+        sql = (
+            "SELECT toUnixTimestamp64Milli(window_start), unit, argMax(source, version), "
+            "hex(argMax(state, version)) "
+            f"FROM {self.store.database}.window_state "
+            "WHERE stage = {stage:String} "
+            "AND window_start >= fromUnixTimestamp64Milli({since:Int64}) "
+            "AND source IN {sources:Array(Int32)} AND hasAny(owners, {uids:Array(String)}) "
+            "GROUP BY window_start, unit"
+        )
+        parameters = {"stage": stage, "since": since_ms, "sources": sorted(sources), "uids": uids}
+        return self.store.query_rows(sql, parameters)
 
     async def load(self, stage: str, keys: set[Key], outbox: Outbox) -> dict[Key, bytes] | None:
         """The latest checkpoint of each of `keys` that has one (the outbox's first); None if

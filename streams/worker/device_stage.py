@@ -357,6 +357,8 @@ class DeviceStage:
         damaged = []
         for key in keys:
             start, device = key
+            if device in self._open.get(start, ()) or device in self._closed.get(start, ()):
+                continue  # memory is newer than any checkpoint
             blob = found.get(key)
             if blob is None:
                 self._absent.add(key)
@@ -375,6 +377,14 @@ class DeviceStage:
             for owner in window.owners:
                 self._by_pod.setdefault(owner, set()).add(key)
         return damaged
+
+    def recheck(self, keys: Iterable[Key]) -> None:
+        """Re-emit these closed windows (restored from their checkpoints) if the pod metadata
+        they read changed since: pod events that came while no worker held them."""
+        for start, device in keys:
+            slot = self._closed.get(start, {}).get(device)
+            if slot is not None:
+                self._mark_dirty(start, slot)
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed windows of this
@@ -406,6 +416,10 @@ class DeviceStage:
         self._emitted_held = {}
         watermark = self.watermark.value(now_s)
         if watermark is None:
+            # No input yet: nothing closes, but windows restored for pod changes re-emit.
+            self._emit_dirty(out)
+            for failed in out.unemittable:
+                self.discard(failed.window_start_ms, failed.unit)
             return out
         flush_all = self.watermark.all_idle(now_s)
         size, grace = self.settings.window_ms, self.settings.grace_ms
@@ -427,11 +441,7 @@ class DeviceStage:
             if self._open.keys() and min(self._open) < boundary:
                 boundary = min(self._open)
             self._closed_until_ms = max(self._closed_until_ms or 0, boundary)
-        for start, device in sorted(self._dirty):
-            dirty = self._closed.get(start, {}).get(device)
-            if dirty is not None and dirty.dirty:
-                self._emit(start, dirty, out)
-        self._dirty.clear()
+        self._emit_dirty(out)
         for failed in out.unemittable:
             self.discard(failed.window_start_ms, failed.unit)
         # Every closed window was just checkpointed (or dropped): replaying its input would
@@ -443,6 +453,13 @@ class DeviceStage:
             del self._opened_at[start]
         self._expire(watermark)
         return out
+
+    def _emit_dirty(self, out: StageOutput) -> None:
+        for start, device in sorted(self._dirty):
+            dirty = self._closed.get(start, {}).get(device)
+            if dirty is not None and dirty.dirty:
+                self._emit(start, dirty, out)
+        self._dirty.clear()
 
     def _emit(self, start: int, slot: _Slot, out: StageOutput) -> None:
         """Add the slot's rows, pod-cost partials and checkpoint to `out`, and pack it; a slot
@@ -484,7 +501,17 @@ class DeviceStage:
         slot.emitted_version = version
         out.rows += rows
         out.partials += partials
-        out.states.append(WindowStateRow(STAGE, start, slot.device_uuid, version, packed))
+        out.states.append(
+            WindowStateRow(
+                STAGE,
+                start,
+                slot.device_uuid,
+                version,
+                packed,
+                slot.sources[0][1],
+                tuple(window.owners),
+            )
+        )
         if slot.held:
             self._emitted_held[(start, slot.device_uuid)] = slot.held
         self._pack(slot, packed)

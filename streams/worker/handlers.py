@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 
@@ -48,9 +49,36 @@ from streams.worker.watermark import Partition
 
 log = logging.getLogger("gpuledger.worker")
 
+
+class PodTracker(Protocol):
+    """How far the pods topic has been used, and which pods changed since a position
+    (streams.worker.tables.PodsTable)."""
+
+    handled: dict[int, int]
+
+    def changed_since(self, positions: dict[int, int]) -> set[str]: ...
+
+
+def pods_marks(source: int, handled: dict[int, int]) -> dict[str, int]:
+    return {f"{source}/{q}": offset for q, offset in handled.items()}
+
+
+def changed_pods(tracker: PodTracker, marks: dict[str, int], source: int) -> set[str]:
+    """The pods with events the windows of input partition `source` have not seen: those
+    after the pods position its owner wrote with its last checkpoints."""
+    positions = {}
+    for unit, offset in marks.items():
+        p, _, q = unit.partition("/")
+        if p == str(source) and q.isdigit():
+            positions[int(q)] = offset
+    return tracker.changed_since(positions)
+
+
 _TokenInput = PodCostPartial | Marker | CloudEvent[TokenDelta]
 DEVICE_FLOOR = "floor@device"  # replay floors (DeviceStage.replay_floor), per partition
 POD_FLOOR = "floor@pod"
+DEVICE_PODS = "pods@device"  # pods-topic positions behind each partition's checkpoints
+POD_PODS = "pods@pod"
 
 
 class DeviceHandler:
@@ -65,8 +93,11 @@ class DeviceHandler:
         sample_partitions: int,
         internal_partitions: int,
         checkpoints: Checkpoints | None = None,
+        pods: PodTracker | None = None,
     ) -> None:
         self.devices = devices
+        self.pods = pods
+        self._pods_written: dict[int, int] = {}
         self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
         self._frontier_due = checkpoints is not None
         self.intake = intake
@@ -127,17 +158,8 @@ class DeviceHandler:
         checkpoints = self.checkpoints
         if checkpoints is None:
             return True
-        if self._frontier_due:
-            latest = await checkpoints.frontier_ms(DEVICE_STAGE)
-            floors = await checkpoints.marks(DEVICE_FLOOR)
-            if floors is None or self.stopping():
-                return False
-            if latest is not None:
-                self.devices.raise_lookup_floor(latest + self.devices.settings.window_ms)
-            for p in self._owned:
-                if p in floors:
-                    self.devices.set_replay_floor((GPU_SAMPLES_TOPIC, p), floors[p])
-            self._frontier_due = False
+        if self._frontier_due and not await self._assigned(checkpoints):
+            return False
         keys = self.devices.missing(partition, events, now_s)
         if not keys:
             return True
@@ -151,6 +173,53 @@ class DeviceHandler:
                 start,
                 device,
             )
+        return True
+
+    async def prepare(self) -> None:
+        if self.checkpoints is not None and self._frontier_due:
+            await self._assigned(self.checkpoints)
+
+    async def _assigned(self, checkpoints: Checkpoints) -> bool:
+        """What the windows of newly owned partitions need from their checkpoints: the lookup
+        floor, the replay floors, the windows pod events changed (False if stopped)."""
+        latest = await checkpoints.frontier_ms(DEVICE_STAGE)
+        floors = await checkpoints.marks(DEVICE_FLOOR)
+        if floors is None or self.stopping():
+            return False
+        if latest is not None:
+            self.devices.raise_lookup_floor(latest + self.devices.settings.window_ms)
+        for p in self._owned:
+            if str(p) in floors:
+                self.devices.set_replay_floor((GPU_SAMPLES_TOPIC, p), floors[str(p)])
+        if latest is not None and not await self._recheck(checkpoints, latest):
+            return False
+        self._frontier_due = False
+        return True
+
+    async def _recheck(self, checkpoints: Checkpoints, latest_ms: int) -> bool:
+        """Restore the retained windows of the owned partitions whose pods changed while no
+        worker held them, and re-emit those whose metadata changed (False if stopped)."""
+        if self.pods is None:
+            return True
+        marks = await checkpoints.marks(DEVICE_PODS)
+        if marks is None:
+            return False
+        settings = self.devices.settings
+        since = latest_ms - settings.retention_ms - settings.window_ms
+        keys: set[tuple[int, str]] = set()
+        for source in self._owned:
+            uids = changed_pods(self.pods, marks, source)
+            found = await checkpoints.load_touching(DEVICE_STAGE, since, {source}, uids)
+            if found is None:
+                return False
+            wanted = set(found)
+            partition = (GPU_SAMPLES_TOPIC, source)
+            self.devices.restore(partition, wanted, {k: blob for k, (_, blob) in found.items()})
+            keys |= wanted
+        self.metrics.checkpoints_restored(DEVICE_STAGE, len(keys))
+        if keys:
+            log.info("stage one: %d closed windows restored to apply pod changes", len(keys))
+        self.devices.recheck(keys)
         return True
 
     def stopping(self) -> bool:
@@ -200,8 +269,13 @@ class DeviceHandler:
             self._floor_at_poll = self.devices.replay_floor(now_s)
             floor = self._floor_committed
             if floor is not None and floor != self._floor_written:
-                outbox.rows += mark_rows(DEVICE_FLOOR, dict.fromkeys(self._owned, floor))
+                outbox.rows += mark_rows(DEVICE_FLOOR, {str(p): floor for p in self._owned})
                 self._floor_written = floor
+            # Pod events up to here are in every retained window emitted by now.
+            if self.pods is not None and self.pods.handled != self._pods_written:
+                self._pods_written = dict(self.pods.handled)
+                for p in self._owned:
+                    outbox.rows += mark_rows(DEVICE_PODS, pods_marks(p, self._pods_written))
         if rows:
             self.metrics.rows_emitted([row for row, _ in rows], self.window_s, time.time())
         self.metrics.windows_open(self.devices.open_windows)
@@ -250,8 +324,11 @@ class TokenCostHandler:
         intake: Intake,
         internal_topic: str,
         checkpoints: Checkpoints | None = None,
+        pods: PodTracker | None = None,
     ) -> None:
         self.stage = stage
+        self.pods = pods
+        self._pods_written: dict[int, int] = {}
         self.intake = intake
         self.internal_topic = internal_topic
         self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
@@ -320,20 +397,53 @@ class TokenCostHandler:
             status = self.stage.add_tokens(tp, msg.offset, item, now_s)
             self.intake.count(status, msg, outbox)
 
+    async def prepare(self) -> None:
+        if self.checkpoints is not None and self._frontier_due:
+            await self._assigned(self.checkpoints)
+
+    async def _assigned(self, checkpoints: Checkpoints) -> bool:
+        """As `DeviceHandler._assigned`."""
+        latest = await checkpoints.frontier_ms(POD_STAGE)
+        floors = await checkpoints.marks(POD_FLOOR)
+        if floors is None or checkpoints.stopping.is_set():
+            return False
+        if latest is not None:
+            self.stage.raise_lookup_floor(latest + self.stage.settings.window_ms)
+        for owned in self._owned:  # tokens and pod costs: co-partitioned, one floor
+            if str(owned[1]) in floors:
+                self.stage.set_replay_floor(owned, floors[str(owned[1])])
+        if latest is not None and not await self._recheck(checkpoints, latest):
+            return False
+        self._frontier_due = False
+        return True
+
+    async def _recheck(self, checkpoints: Checkpoints, latest_ms: int) -> bool:
+        """As `DeviceHandler._recheck`, for the (window, pod) slots of stage two."""
+        if self.pods is None:
+            return True
+        marks = await checkpoints.marks(POD_PODS)
+        if marks is None:
+            return False
+        settings = self.stage.settings
+        since = latest_ms - settings.retention_ms - settings.window_ms
+        keys: set[Key] = set()
+        for source in sorted({p for _, p in self._owned}):
+            uids = changed_pods(self.pods, marks, source)
+            found = await checkpoints.load_touching(POD_STAGE, since, {source}, uids)
+            if found is None:
+                return False
+            partition = (self.internal_topic, source)
+            self.stage.restore(partition, set(found), {k: blob for k, (_, blob) in found.items()})
+            keys |= set(found)
+        self.intake.metrics.checkpoints_restored(POD_STAGE, len(keys))
+        self.stage.recheck(keys)
+        return True
+
     async def _restore(self, partition: Partition, keys: set[Key], outbox: Outbox) -> bool:
         checkpoints = self.checkpoints
         assert checkpoints is not None
-        if self._frontier_due:
-            latest = await checkpoints.frontier_ms(POD_STAGE)
-            floors = await checkpoints.marks(POD_FLOOR)
-            if floors is None or checkpoints.stopping.is_set():
-                return False
-            if latest is not None:
-                self.stage.raise_lookup_floor(latest + self.stage.settings.window_ms)
-            for owned in self._owned:  # tokens and pod costs: co-partitioned, one floor
-                if owned[1] in floors:
-                    self.stage.set_replay_floor(owned, floors[owned[1]])
-            self._frontier_due = False
+        if self._frontier_due and not await self._assigned(checkpoints):
+            return False
         missing = self.stage.missing(partition, keys)
         if not missing:
             return True
@@ -384,11 +494,15 @@ class TokenCostHandler:
             self.intake.reject_window(outbox, window, self.stage.held, "pod")
         if self.checkpoints is not None:
             self._floor_at_poll = self.stage.replay_floor()  # as in stage one: a commit late
+            numbers = {p for _, p in self._owned}
             floor = self._floor_committed
             if floor is not None and floor != self._floor_written:
-                numbers = {p for _, p in self._owned}
-                outbox.rows += mark_rows(POD_FLOOR, dict.fromkeys(numbers, floor))
+                outbox.rows += mark_rows(POD_FLOOR, {str(p): floor for p in numbers})
                 self._floor_written = floor
+            if self.pods is not None and self.pods.handled != self._pods_written:
+                self._pods_written = dict(self.pods.handled)
+                for p in numbers:
+                    outbox.rows += mark_rows(POD_PODS, pods_marks(p, self._pods_written))
 
     def positions(self) -> dict[Partition, int]:
         return self.stage.held.positions()
@@ -412,14 +526,17 @@ class PodHandler:
         self.intake = intake
         self.clock = ClockCheck(intake, devices.settings.max_clock_skew_s, offsets=False)
 
-    def handle(self, msg: ConsumerRecord, outbox: Outbox) -> None:
+    def handle(self, msg: ConsumerRecord, outbox: Outbox) -> str | None:
+        """Use one pod event; returns its pod's uid when it was added to the history."""
         decoded = self.intake.decode(msg, POD_TYPE, outbox)
         if decoded is None or not self.clock.check(msg, decoded.event, time.time(), outbox):
-            return
+            return None
         event = decoded.event
         if not self.pods.add(event.id, event.time_ms, event.data):
             self.intake.metrics.events_duplicate(msg.topic)
-            return
+            return None
         self.intake.metrics.events_used(msg.topic)
         self.devices.on_pod_event(event.data.uid, event.time_ms)
         self.pod_stage.on_pod_event(event.data.uid, event.time_ms)
+        uid: str = event.data.uid
+        return uid

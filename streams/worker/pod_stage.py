@@ -340,6 +340,8 @@ class PodStage:
         """As `DeviceStage.restore`: install the checkpoints found; returns the damaged."""
         damaged = []
         for key in keys:
+            if key in self._slots:
+                continue  # memory is newer than any checkpoint
             blob = found.get(key)
             if blob is not None:
                 try:
@@ -356,6 +358,14 @@ class PodStage:
             slot.version = unpack_pod(blob)[0]
             self._pods_by_start.setdefault(key[0], set()).add(key[1])
         return damaged
+
+    def recheck(self, keys: Iterable[Key]) -> None:
+        """As `DeviceStage.recheck`."""
+        for key in keys:
+            slot = self._slots.get(key)
+            if slot is not None and slot.closed:
+                slot.dirty = True
+                self._dirty.add(key)
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed (window, pod)
@@ -503,7 +513,11 @@ class PodStage:
             self._emitted_held[key] = slot.held
         packed = slot.pack(version)
         if changed:
-            out.states.append(WindowStateRow(STAGE, start, pod_uid, version, packed))
+            out.states.append(
+                WindowStateRow(
+                    STAGE, start, pod_uid, version, packed, slot.sources[0][1], (pod_uid,)
+                )
+            )
 
     def discard(self, start: int, pod_uid: str) -> dict[Partition, int]:
         """Drop the (window, pod) `start`, `pod_uid` (its rows cannot be emitted): it holds no

@@ -38,6 +38,10 @@ class Stage(Protocol):
     def assigned(self, partitions: set[Partition]) -> None:
         """The consumer group gave this worker `partitions` (all it owns now)."""
 
+    async def prepare(self) -> None:
+        """Before each batch, records or none: what an assignment left to do (restoring the
+        windows that pod events changed while nobody held them)."""
+
     async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
     ) -> None:
@@ -195,6 +199,7 @@ class StageRunner:
             # its commit: the positions it commits must not pass output it does not hold.
             async with self.writing:
                 async with self.lock:
+                    await self.stage.prepare()
                     now = time.time()
                     for tp, records in batch.items():
                         await self.stage.handle(tp, records, now, self.outbox)

@@ -8,6 +8,7 @@ twice.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -33,6 +34,21 @@ class PodsTable:
         self.sinks = sinks
         self.outbox = Outbox()
         self._started = False
+        self.handled: dict[int, int] = {}  # next offset per partition, its events all used
+        self._latest: dict[str, tuple[int, int]] = {}  # uid -> (partition, offset) of its last
+
+    def changed_since(self, positions: dict[int, int]) -> set[str]:
+        """Pods with an event at or after `positions` (per partition; 0 where absent): those
+        whose metadata may have changed since a stage last wrote its checkpoints."""
+        return {
+            uid
+            for uid, (partition, offset) in self._latest.items()
+            if offset >= positions.get(partition, 0)
+        }
+
+    def forget(self, known: Callable[[str], bool]) -> None:
+        """Drop the pods the history no longer knows (it is bounded; this follows it)."""
+        self._latest = {uid: at for uid, at in self._latest.items() if known(uid)}
 
     async def catch_up(self, stopping: asyncio.Event) -> bool:
         """Read from the start to the end the topic had when this began: True once there,
@@ -62,7 +78,10 @@ class PodsTable:
         batch = await self.consumer.getmany(timeout_ms=200, max_records=FETCH_MAX_RECORDS)
         for records in batch.values():
             for msg in records:
-                self.handler.handle(msg, self.outbox)
+                uid = self.handler.handle(msg, self.outbox)
+                if uid is not None:
+                    self._latest[uid] = (msg.partition, msg.offset)
+                self.handled[msg.partition] = msg.offset + 1
         if len(self.outbox) and not await write_then_commit(self.outbox, self.sinks, "pods", None):
             self.outbox = Outbox()  # stopping: the next start reads the topic again
 

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from clickhouse_connect.driver.exceptions import OperationalError
@@ -29,6 +30,7 @@ from test_worker_e2e import (
     stored,
 )
 from worker_scenario import (
+    PODS,
     T0,
     comparable,
     expected_rows,
@@ -43,6 +45,7 @@ from gpuledger.embedded_broker import free_port
 from schemas.events import (
     DEAD_LETTER_TOPIC,
     GPU_SAMPLES_TOPIC,
+    PODS_TOPIC,
     TOKEN_COST_WINDOWS_TOPIC,
     make_event,
 )
@@ -135,6 +138,38 @@ async def test_late_events_correct_rows_within_the_late_horizon_and_dead_letter_
     assert corrected and all(r.version > before[r.key].version for r in corrected)
     letters = [orjson.loads(v) for _, v in await read_topic(broker, DEAD_LETTER_TOPIC)]
     assert [(d["reason"], d["topic"]) for d in letters] == [("too_late", GPU_SAMPLES_TOPIC)]
+
+
+async def test_a_relabel_that_arrives_while_the_worker_is_down_corrects_its_closed_windows(
+    broker: str,  # noqa: F811
+    store: ClickHouseStore,
+) -> None:
+    """Every window was closed, checkpointed and committed; then, with no worker running, the
+    pod watcher publishes a relabel dated in the first window. The restarted worker reads no
+    sample again (its commits are past them), yet re-emits every retained window that reads
+    the new labels, with both stages: the pods it saw change since the pods position written
+    with the last checkpoints name the windows to restore."""
+    await publish_scenario(broker)
+    await run_worker(make_worker(broker, store))
+    before = {r.key: r for r in stored(store)[0]}
+    assert {r.team for r in before.values() if r.pod_uid == "uid-search"} == {"search"}
+
+    moved = msgspec.structs.replace(PODS["uid-search"], labels={"team": "ranking", "product": "s"})
+    relabel = make_event(moved, event_id="pod:uid-search:2", source="pods", time_ms=T0 + 30_000)
+    await publish(broker, PODS_TOPIC, [relabel], lambda ev: ev.data.uid)
+    restarted = make_worker(broker, store)
+    await run_worker(restarted)
+    assert restarted.runners[0].records == 0  # no sample read again
+
+    cost, tokens, cpt = stored(store)
+    want = expected_rows(gpu_samples(), [*pod_events(), relabel], token_events())
+    assert comparable(cost) == comparable(want[0])
+    assert comparable(tokens) == comparable(want[1])
+    assert comparable(cpt) == comparable(want[2])
+    search = [r for r in cost if r.pod_uid == "uid-search"]
+    assert search and {r.team for r in search} == {"ranking"}
+    assert all(r.version > before[r.key].version for r in search)
+    assert {r.team for r in cpt if r.pod_uid == "uid-search"} == {"ranking"}
 
 
 async def test_a_loop_that_dies_stops_the_worker_with_its_error(

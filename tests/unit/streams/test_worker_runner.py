@@ -81,6 +81,9 @@ class FakeStage:
     def committed(self) -> None:
         self.log.append(("committed", set(self.next)))
 
+    async def prepare(self) -> None:
+        pass
+
     def revoke(self, partitions: set[Partition]) -> None:
         self.log.append(("revoke", partitions))
         for p in partitions:
