@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from sys import intern
+from typing import Any
 
 import orjson
 
@@ -105,7 +106,8 @@ _NOTHING_HELD: dict[Partition, int] = {}  # shared by every checkpointed slot: n
 
 
 class _Slot:
-    """One (window, device): live (`window`) while open or being corrected, else `packed`."""
+    """One (window, device) while open or being corrected. Once emitted, a closed one is kept
+    as its packed bytes alone (`DeviceStage._closed`), and revived when input comes for it."""
 
     __slots__ = (
         "closed",
@@ -113,28 +115,18 @@ class _Slot:
         "dirty",
         "emitted_version",
         "held",
-        "packed",
         "sources",
         "window",
     )
 
     def __init__(self, window_start_ms: int, device_uuid: str, source: Partition) -> None:
-        self.window: DeviceWindow | None = DeviceWindow(window_start_ms)
-        self.packed: bytes | None = None
+        self.window = DeviceWindow(window_start_ms)
         self.device_uuid = device_uuid
         self.held = _NOTHING_HELD  # input offsets since the last checkpoint
         self.sources: tuple[Partition, ...] = (source,)  # the partitions that fed it
         self.closed = False
         self.dirty = False
         self.emitted_version = -1
-
-    def live(self) -> DeviceWindow:
-        window = self.window
-        if window is None:
-            assert self.packed is not None
-            window, _ = unpack_device(self.packed)
-            self.window, self.packed = window, None
-        return window
 
     def fed_by(self, partition: Partition) -> None:
         if partition not in self.sources:
@@ -181,8 +173,12 @@ class DeviceStage:
         self.watermark = Watermark(settings.idle_flush_s)
         self.held = HeldOffsets()  # what a restart must replay: the commit positions
         self._open: dict[int, dict[str, _Slot]] = {}
-        self._closed: dict[int, dict[str, _Slot]] = {}
-        self._by_pod: dict[str, set[Key]] = {}
+        # Closed windows: packed bytes, or a revived `_Slot` until it is emitted again.
+        self._closed: dict[int, dict[str, _Slot | bytes]] = {}
+        # pod uid -> device -> the latest retained window of that device naming the pod
+        self._by_pod: dict[str, dict[str, int]] = {}
+        # device -> (the partition its samples came from, its latest retained window)
+        self._devices: dict[str, tuple[Partition, int]] = {}
         self._dirty: set[Key] = set()
         self._closed_until_ms: int | None = None
         # Windows below this may have a checkpoint that memory does not hold: the last window
@@ -245,8 +241,8 @@ class DeviceStage:
             slot = slots.get(device) if slots is not None else None
             if slot is None:
                 closed = closed_.get(start)
-                slot = closed.get(device) if closed is not None else None
-                if slot is None:
+                entry = closed.get(device) if closed is not None else None
+                if entry is None:
                     # Only a new (window, device) can be too late (rare: once per window).
                     if max_time_ms != NO_TIME:
                         self.watermark.observe(partition, max_time_ms, now_s)
@@ -265,13 +261,15 @@ class DeviceStage:
                         slots = open_[start] = {}
                         self._opened_at[start] = watermark
                     slots[slot.device_uuid] = slot
-                elif slot.sources[0] != partition:
-                    slot.fed_by(partition)
+                elif isinstance(entry, bytes):
+                    slot = self._revive(start, device, entry, partition)
+                else:
+                    slot = entry
+                    if slot.sources[0] != partition:
+                        slot.fed_by(partition)
             if time_ms > max_time_ms:
                 max_time_ms = time_ms
             window = slot.window
-            if window is None:
-                window = slot.live()
             price, cost = price_of(sample, time_ms)
             if not fold(window, event.id, time_ms, sample, price, cost):
                 counts.duplicates += 1
@@ -364,40 +362,77 @@ class DeviceStage:
                 self._absent.add(key)
                 continue
             try:
-                window, version = unpack_device(blob)
+                window, _ = unpack_device(blob)
             except StateError:
                 damaged.append(key)
                 self._absent.add(key)
                 continue
-            slot = _Slot(start, intern(device), partition)
-            slot.window, slot.packed = None, blob
-            slot.closed = True
-            slot.emitted_version = version
-            self._closed.setdefault(start, {})[slot.device_uuid] = slot
-            for owner in window.owners:
-                self._by_pod.setdefault(owner, set()).add(key)
+            device = intern(device)
+            self._closed.setdefault(start, {})[device] = blob
+            self._index(start, device, window.owners, partition)
         return damaged
+
+    def _revive(self, start: int, device: str, packed: bytes, partition: Partition) -> _Slot:
+        """The closed window `packed` as a live slot, in its place, to take a correction."""
+        slot = _Slot(start, device, partition)
+        slot.window, slot.emitted_version = unpack_device(packed)
+        slot.closed = True
+        self._closed[start][device] = slot
+        return slot
+
+    def _index(
+        self, start: int, device: str, owners: Iterable[str], partition: Partition | None
+    ) -> None:
+        """Note that window `start` of `device` names `owners` (for `on_pod_event`)."""
+        for owner in owners:
+            devices = self._by_pod.get(owner)
+            if devices is None:
+                devices = self._by_pod[owner] = {}
+            if devices.get(device, start - 1) < start:
+                devices[device] = start
+        known = self._devices.get(device)
+        if known is None or known[1] < start or partition is not None:
+            source = partition if partition is not None else known[0] if known else ("", -1)
+            self._devices[device] = (source, max(start, known[1]) if known else start)
 
     def recheck(self, keys: Iterable[Key]) -> None:
         """Re-emit these closed windows (restored from their checkpoints) if the pod metadata
         they read changed since: pod events that came while no worker held them."""
         for start, device in keys:
-            slot = self._closed.get(start, {}).get(device)
-            if slot is not None:
-                self._mark_dirty(start, slot)
+            entry = self._closed.get(start, {}).get(device)
+            if entry is not None:
+                self._mark_dirty(start, self._live(start, device, entry))
+
+    def _live(self, start: int, device: str, entry: _Slot | bytes) -> _Slot:
+        if isinstance(entry, _Slot):
+            return entry
+        known = self._devices.get(device)
+        return self._revive(start, device, entry, known[0] if known else ("", -1))
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed windows of this
         pod whose owner it can change are re-emitted, those that can see it (time <= end +
         grace) and, where it is the pod's earliest event, those before it (first-known
         metadata, design §3 step 6)."""
-        keys = self._by_pod.get(uid)
-        if not keys:
+        devices = self._by_pod.get(uid)
+        if not devices:
             return
         reach = self.settings.window_ms + self.settings.grace_ms
         can_change = self.pods.can_change
-        for start, device in [k for k in keys if can_change(uid, time_ms, k[0] + reach)]:
-            self._mark_dirty(start, self._closed[start][device])
+        for start, slots in self._closed.items():
+            if not can_change(uid, time_ms, start + reach):
+                continue
+            for device in devices:
+                entry = slots.get(device)
+                if entry is None:
+                    continue
+                owners = (
+                    entry.window.owners
+                    if isinstance(entry, _Slot)
+                    else unpack_device(entry)[0].owners
+                )
+                if uid in owners:
+                    self._mark_dirty(start, self._live(start, device, entry))
 
     def _mark_dirty(self, start: int, slot: _Slot) -> None:
         slot.dirty = True
@@ -405,8 +440,7 @@ class DeviceStage:
         self._dirty.add(key)
         # A correction can bring a pod the window did not have when it closed: that pod's
         # metadata must find the window too (on_pod_event).
-        for owner in slot.live().owners:
-            self._by_pod.setdefault(owner, set()).add(key)
+        self._index(start, slot.device_uuid, slot.window.owners, None)
 
     # ------------------------------------------------------------------ output
 
@@ -431,8 +465,7 @@ class DeviceStage:
             for device, slot in slots.items():
                 slot.closed = True
                 closed[device] = slot
-                for owner in slot.live().owners:
-                    self._by_pod.setdefault(owner, set()).add((start, device))
+                self._index(start, device, slot.window.owners, slot.sources[0])
                 self._emit(start, slot, out)
             self._closed_until_ms = max(self._closed_until_ms or 0, start + size)
         if not flush_all:
@@ -457,7 +490,7 @@ class DeviceStage:
     def _emit_dirty(self, out: StageOutput) -> None:
         for start, device in sorted(self._dirty):
             dirty = self._closed.get(start, {}).get(device)
-            if dirty is not None and dirty.dirty:
+            if isinstance(dirty, _Slot) and dirty.dirty:
                 self._emit(start, dirty, out)
         self._dirty.clear()
 
@@ -466,7 +499,7 @@ class DeviceStage:
         whose rows cannot be formed goes to `out.unemittable` instead (`poll` drops it), and
         the stage goes on."""
         slot.dirty = False
-        window = slot.live()
+        window = slot.window
         try:
             end = start + self.settings.window_ms
             check_window_times(start, end)
@@ -516,48 +549,35 @@ class DeviceStage:
             self._emitted_held[(start, slot.device_uuid)] = slot.held
         self._pack(slot, packed)
 
-    @staticmethod
-    def _pack(slot: _Slot, packed: bytes | None) -> None:
-        """Keep the emitted slot packed: `packed`, or its last checkpoint's form."""
-        window = slot.window
-        if window is None:
-            return
-        slot.packed = packed if packed is not None else pack_device(window, slot.emitted_version)
-        slot.window = None
-        slot.held = _NOTHING_HELD
-
-    def _owners(self, slot: _Slot) -> Iterable[str]:
-        if slot.window is not None:
-            return slot.window.owners
-        assert slot.packed is not None
-        return unpack_device(slot.packed)[0].owners
-
-    def _unindex(self, start: int, device: str, slot: _Slot) -> None:
-        for owner in self._owners(slot):
-            keys = self._by_pod.get(owner)
-            if keys is not None:
-                keys.discard((start, device))
-                if not keys:
-                    del self._by_pod[owner]
+    def _pack(self, slot: _Slot, packed: bytes | None) -> None:
+        """Keep the emitted slot as its packed bytes: `packed`, or its last checkpoint's."""
+        if packed is None:
+            packed = pack_device(slot.window, slot.emitted_version)
+        self._closed[slot.window.window_start_ms][slot.device_uuid] = packed
 
     def discard(self, start: int, device: str) -> dict[Partition, int]:
         """Drop the (window, device) `start`, `device` (its rows cannot be emitted): it holds
         no offsets any more, so commits move past its inputs. Returns what it held."""
-        slot = None
+        entry: _Slot | bytes | None = None
         for group in (self._open, self._closed):
-            slots = group.get(start)
+            slots: dict[str, Any] | None = group.get(start)
             if slots is not None and device in slots:
-                slot = slots.pop(device)
+                entry = slots.pop(device)
                 if not slots:
                     del group[start]
                 break
-        if slot is None:
+        if entry is None:
             return {}
-        self._unindex(start, device, slot)
         self._dirty.discard((start, device))
-        units = [s.held for g in (self._open, self._closed) for s in g.get(start, {}).values()]
+        units = [
+            s.held
+            for g in (self._open, self._closed)
+            for s in g.get(start, {}).values()
+            if isinstance(s, _Slot)
+        ]
         self.held.rebuild(start, units)
-        return self._emitted_held.pop((start, device), slot.held)
+        held = entry.held if isinstance(entry, _Slot) else {}
+        return self._emitted_held.pop((start, device), held)
 
     def _expire(self, watermark: int) -> None:
         """Let go of the closed windows past the retention: their checkpoints stand for them
@@ -565,10 +585,18 @@ class DeviceStage:
         horizon = watermark - self.settings.retention_ms - self.settings.window_ms
         expired = [s for s in self._closed if s <= horizon]
         for start in expired:
-            for device, slot in self._closed.pop(start).items():
-                self._unindex(start, device, slot)
+            del self._closed[start]
         if expired:
             self.raise_lookup_floor(max(expired) + self.settings.window_ms)
+            # The pod and device indexes forget what only expired windows named.
+            for uid in list(self._by_pod):
+                devices = self._by_pod[uid]
+                for device in [d for d, latest in devices.items() if latest <= horizon]:
+                    del devices[device]
+                if not devices:
+                    del self._by_pod[uid]
+            for device in [d for d, (_, latest) in self._devices.items() if latest <= horizon]:
+                del self._devices[device]
 
     # ------------------------------------------------------------------ partitions
 
@@ -577,25 +605,36 @@ class DeviceStage:
         whose windows were dropped. Their checkpoints stay, for the next owner."""
         lost = set(partitions)
         dropped: set[str] = set()
+
+        def fed_by_lost(device: str, entry: _Slot | bytes) -> bool:
+            if isinstance(entry, _Slot):
+                return not lost.isdisjoint(entry.sources)
+            known = self._devices.get(device)
+            return known is not None and known[0] in lost
+
         for group in (self._open, self._closed):
             for start in list(group):
-                slots = group[start]
-                for device in [d for d, s in slots.items() if not lost.isdisjoint(s.sources)]:
+                slots: dict[str, Any] = group[start]
+                for device in [d for d, e in slots.items() if fed_by_lost(d, e)]:
                     del slots[device]
                     dropped.add(device)
                 if not slots:
                     del group[start]
-        self._by_pod = {
-            uid: still
-            for uid, keys in self._by_pod.items()
-            if (still := {k for k in keys if k[1] in self._closed.get(k[0], {})})
-        }
+        for uid in list(self._by_pod):
+            devices = self._by_pod[uid]
+            for device in dropped & devices.keys():
+                del devices[device]
+            if not devices:
+                del self._by_pod[uid]
+        for device in dropped:
+            self._devices.pop(device, None)
         self._dirty = {k for k in self._dirty if k[1] in self._closed.get(k[0], {})}
         kept = [
             (start, slot.held)
             for group in (self._open, self._closed)
             for start, slots in group.items()
             for slot in slots.values()
+            if isinstance(slot, _Slot)
         ]
         self.held.revoke(lost, kept)
         self.watermark.forget(lost)

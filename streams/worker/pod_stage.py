@@ -167,6 +167,14 @@ class _PodSlot:
             self.packed = None
         return self
 
+    @classmethod
+    def revived(cls, key: Key, packed: bytes, source: Partition) -> _PodSlot:
+        """A closed slot from its packed bytes, to take a correction."""
+        slot = cls(source)
+        slot.packed = packed
+        slot.closed = True
+        return slot.live(*key)
+
     def pack(self, version: int) -> bytes:
         packed = pack_pod(
             version,
@@ -205,7 +213,10 @@ class PodStage:
         self._idle_sources: set[int] = set()  # sample partitions whose last marker said "idle"
         self._source_partitions = 0
         self._end_floor: int | None = None  # the reported end never goes back
-        self._slots: dict[tuple[int, str], _PodSlot] = {}
+        # Slots by (window, pod): closed ones as their packed bytes once emitted, revived
+        # into a `_PodSlot` when input comes for them.
+        self._slots: dict[tuple[int, str], _PodSlot | bytes] = {}
+        self._sources: dict[str, tuple[Partition, int]] = {}  # pod -> (partition, latest)
         # Indexes by window start, so that a poll or commit costs windows, not slots (a pod
         # slot lives for the retention: thousands of pods x dozens of windows).
         self._pods_by_start: dict[int, set[str]] = {}
@@ -225,7 +236,12 @@ class PodStage:
 
     def _slot_for(self, start: int, pod_uid: str, partition: Partition) -> _PodSlot | None:
         key = (start, pod_uid)
-        slot = self._slots.get(key)
+        entry = self._slots.get(key)
+        slot: _PodSlot | None
+        if isinstance(entry, bytes):
+            slot = self._slots[key] = _PodSlot.revived(key, entry, partition)
+        else:
+            slot = entry
         if slot is None:
             horizon = self._too_late_until(partition)
             if horizon is not None and start <= horizon:
@@ -242,10 +258,8 @@ class PodStage:
                 self._open[start] = set()
                 self._opened_at[start] = self._reported_end()
             self._open[start].add(pod_uid)
-        else:
-            slot.live(start, pod_uid)
-            if slot.sources[0] != partition:
-                slot.fed_by(partition)
+        elif slot.sources[0] != partition:
+            slot.fed_by(partition)
         return slot
 
     def _hold(self, start: int, slot: _PodSlot, partition: Partition, offset: int) -> None:
@@ -352,20 +366,31 @@ class PodStage:
             if blob is None:
                 self._absent.add(key)
                 continue
-            slot = self._slots[key] = _PodSlot(partition)
-            slot.packed = blob
-            slot.closed = True
-            slot.version = unpack_pod(blob)[0]
+            self._slots[key] = blob
+            self._note_source(key, partition)
             self._pods_by_start.setdefault(key[0], set()).add(key[1])
         return damaged
 
     def recheck(self, keys: Iterable[Key]) -> None:
         """As `DeviceStage.recheck`."""
         for key in keys:
-            slot = self._slots.get(key)
-            if slot is not None and slot.closed:
-                slot.dirty = True
-                self._dirty.add(key)
+            if key in self._slots:
+                self._mark_dirty(key)
+
+    def _mark_dirty(self, key: Key) -> None:
+        entry = self._slots[key]
+        if isinstance(entry, bytes):
+            known = self._sources.get(key[1])
+            entry = _PodSlot.revived(key, entry, known[0] if known else ("", -1))
+            self._slots[key] = entry
+        if entry.closed:
+            entry.dirty = True
+            self._dirty.add(key)
+
+    def _note_source(self, key: Key, partition: Partition) -> None:
+        known = self._sources.get(key[1])
+        if known is None or known[1] <= key[0]:
+            self._sources[key[1]] = (partition, key[0])
 
     def on_pod_event(self, uid: str, time_ms: int) -> None:
         """Metadata arrived (already in the pod history): the retained closed (window, pod)
@@ -374,10 +399,7 @@ class PodStage:
         can_change = self.pods.can_change
         for start, uids in self._pods_by_start.items():
             if uid in uids and can_change(uid, time_ms, start + reach):
-                slot = self._slots[(start, uid)]
-                if slot.closed:
-                    slot.dirty = True
-                    self._dirty.add((start, uid))
+                self._mark_dirty((start, uid))
 
     # ------------------------------------------------------------------ output
 
@@ -438,11 +460,13 @@ class PodStage:
             for pod_uid in sorted(self._open.pop(start)):
                 key = (start, pod_uid)
                 slot = self._slots[key]
+                assert isinstance(slot, _PodSlot)  # open slots are live
                 slot.closed = True
+                self._note_source(key, slot.sources[0])
                 self._emit(key, slot, out)
         for key in sorted(self._dirty):
             dirty = self._slots.get(key)
-            if dirty is not None and dirty.dirty:
+            if isinstance(dirty, _PodSlot) and dirty.dirty:
                 self._emit(key, dirty, out)
         self._dirty.clear()
         for failed in out.unemittable:
@@ -474,6 +498,8 @@ class PodStage:
                 self._pods_by_start[start] = set(still_open)
         if expired:
             self.raise_lookup_floor(max(expired) + self.settings.window_ms)
+            for pod_uid in [u for u, (_, latest) in self._sources.items() if latest <= until]:
+                del self._sources[pod_uid]
 
     def _emit(self, key: tuple[int, str], slot: _PodSlot, out: PodOutput) -> None:
         """Add the slot's changed rows to `out`; a slot whose rows cannot be formed goes to
@@ -512,6 +538,7 @@ class PodStage:
         if slot.held:
             self._emitted_held[key] = slot.held
         packed = slot.pack(version)
+        self._slots[key] = packed
         if changed:
             out.states.append(
                 WindowStateRow(
@@ -522,9 +549,10 @@ class PodStage:
     def discard(self, start: int, pod_uid: str) -> dict[Partition, int]:
         """Drop the (window, pod) `start`, `pod_uid` (its rows cannot be emitted): it holds no
         offsets any more, so commits move past its inputs. Returns what it held."""
-        slot = self._slots.pop((start, pod_uid), None)
-        if slot is None:
+        entry = self._slots.pop((start, pod_uid), None)
+        if entry is None:
             return {}
+        slot_held = entry.held if isinstance(entry, _PodSlot) else {}
         for index in (self._pods_by_start, self._open):
             uids = index.get(start)
             if uids is not None:
@@ -532,9 +560,13 @@ class PodStage:
                 if not uids:
                     del index[start]
         self._dirty.discard((start, pod_uid))
-        units = [self._slots[(start, uid)].held for uid in self._pods_by_start.get(start, ())]
+        units = [
+            unit.held
+            for uid in self._pods_by_start.get(start, ())
+            if isinstance(unit := self._slots[(start, uid)], _PodSlot)
+        ]
         self.held.rebuild(start, units)
-        return self._emitted_held.pop((start, pod_uid), slot.held)
+        return self._emitted_held.pop((start, pod_uid), slot_held)
 
     def _owner(self, pod_uid: str, as_of: int, slot: _PodSlot) -> PodOwner:
         namespace, pod, team, product, cost_center = resolve_owner(
@@ -561,13 +593,27 @@ class PodStage:
         """Drop the state fed by partitions this worker no longer owns (their checkpoints
         stay, for the next owner)."""
         lost = set(partitions)
-        for key in [k for k, s in self._slots.items() if not lost.isdisjoint(s.sources)]:
+
+        def fed_by_lost(key: Key, entry: _PodSlot | bytes) -> bool:
+            if isinstance(entry, _PodSlot):
+                return not lost.isdisjoint(entry.sources)
+            known = self._sources.get(key[1])
+            return known is not None and known[0] in lost
+
+        for key in [k for k, e in self._slots.items() if fed_by_lost(k, e)]:
             del self._slots[key]
         self._pods_by_start, self._open = {}, {}
-        for (start, pod_uid), slot in self._slots.items():
+        for (start, pod_uid), entry in self._slots.items():
             self._pods_by_start.setdefault(start, set()).add(pod_uid)
-            if not slot.closed:
+            if isinstance(entry, _PodSlot) and not entry.closed:
                 self._open.setdefault(start, set()).add(pod_uid)
-        self.held.revoke(lost, [(start, slot.held) for (start, _), slot in self._slots.items()])
+        self.held.revoke(
+            lost,
+            [
+                (start, entry.held)
+                for (start, _), entry in self._slots.items()
+                if isinstance(entry, _PodSlot)
+            ],
+        )
         self._dirty = {k for k in self._dirty if k in self._slots}
         self.token_watermark.forget(lost)

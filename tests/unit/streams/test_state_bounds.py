@@ -184,12 +184,13 @@ def test_a_long_run_keeps_every_structure_within_its_configuration(
         assert len(stage._open) <= 2
         assert len(stage.held.windows()) <= 2
         for slots in stage._closed.values():
-            for slot in slots.values():
-                assert slot.window is None and slot.packed is not None
-                assert sys.getsizeof(slot.packed) < 1_200
-        for keys in stage._by_pod.values():
-            assert keys
-            assert all(device in stage._closed.get(start, {}) for start, device in keys)
+            for packed in slots.values():
+                assert isinstance(packed, bytes)  # no live window once emitted
+                assert sys.getsizeof(packed) < 1_200
+        for devices in stage._by_pod.values():
+            assert devices
+            # Each names a device's latest retained window.
+            assert all(device in stage._closed.get(start, {}) for device, start in devices.items())
         pods_running = sum(len(r) for r in cluster.running.values())
         retained_pods = len({uid for uid in stage._by_pod})
         assert retained_pods <= pods_running * 2  # the pods of the retained windows only
@@ -206,10 +207,10 @@ def test_a_long_run_keeps_every_structure_within_its_configuration(
         assert len(starts) <= WINDOWS_RETAINED + 3
         assert len(pod_stage._slots) <= (WINDOWS_RETAINED + 3) * pods_running * 2
         assert len(pod_stage.held.windows()) <= 3
-        for (start, _), pod_slot in pod_stage._slots.items():
+        for (start, pod_uid), pod_slot in pod_stage._slots.items():
             assert start in starts
-            if pod_slot.closed and not pod_slot.dirty:
-                assert pod_slot.packed is not None and not pod_slot.tokens
+            # Closed and emitted: the packed bytes alone; live: open, not yet closed.
+            assert isinstance(pod_slot, bytes) or pod_uid in pod_stage._open.get(start, ())
     assert run.restored >= hours - 1  # the re-sent windows came back from their checkpoints
 
 
@@ -234,10 +235,10 @@ def test_a_packed_window_of_a_1_hz_device_with_two_pods_is_about_a_kilobyte() ->
     stage.add_samples(partition, [60], [later], 1.0)  # past the end + grace: it closes
     out = stage.poll(1.0)
     assert {(s.window_start_ms, s.unit) for s in out.states} == {(T0, "GPU-0")}
-    slot = stage._closed[T0]["GPU-0"]
-    assert slot.window is None
-    assert slot.packed is not None and slot.packed == out.states[0].state
-    assert sys.getsizeof(slot.packed) < 1_200
+    packed = stage._closed[T0]["GPU-0"]
+    assert isinstance(packed, bytes)  # the bytes alone: no slot, no live window
+    assert packed == out.states[0].state
+    assert sys.getsizeof(packed) < 1_200
     ids_as_strings = sum(sys.getsizeof(ev.id) for ev in events)
-    assert sys.getsizeof(slot.packed) < ids_as_strings  # smaller than the ids alone were
+    assert sys.getsizeof(packed) < ids_as_strings  # smaller than the ids alone were
     assert stage.held.positions() == {partition: 60}  # only the open window is held
