@@ -185,6 +185,28 @@ def test_images_probes_limits_and_container_hardening(rendered: list[dict[str, A
             assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
 
 
+def _bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+# The worker's steady RSS at the documented scale (1,000 nodes x 8 GPUs, 1 h retention):
+# the ceiling docs/benchmarks.md measures against ("Worker state at 1,000 nodes").
+WORKER_STEADY_BYTES = 1_500_000_000
+
+
+def test_the_worker_is_sized_for_the_documented_scale(rendered: list[dict[str, Any]]) -> None:
+    worker = by_kind(rendered, "Deployment")["gpuledger-worker"]
+    [c] = containers(worker)
+    requests, limits = c["resources"]["requests"], c["resources"]["limits"]
+    assert _bytes(requests["memory"]) >= WORKER_STEADY_BYTES  # scheduled where it fits
+    assert _bytes(limits["memory"]) >= 2 * WORKER_STEADY_BYTES  # margin for bursts
+    assert "1,000 nodes x 8 GPUs" in Path(REPO, "docs/benchmarks.md").read_text()
+
+
 def test_agent_runs_on_gpu_nodes_with_host_pids_and_read_only_proc(
     rendered: list[dict[str, Any]],
 ) -> None:
