@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
 
 from aiokafka import ConsumerRecord, TopicPartition
 
@@ -20,6 +19,7 @@ from schemas.events import (
     GPU_SAMPLES_TOPIC,
     POD_TYPE,
     TOKEN_COST_WINDOWS_TOPIC,
+    TOKENS_TOPIC,
     TOKENS_TYPE,
     CloudEvent,
     GpuSample,
@@ -29,7 +29,7 @@ from schemas.events import (
 from streams.labels import PodHistory
 from streams.rows import CostRow, TokenCostRow
 from streams.windows import window_of
-from streams.worker.checkpoints import Checkpoints, mark_rows
+from streams.worker.checkpoints import Checkpoints
 from streams.worker.clocks import ClockCheck
 from streams.worker.device_stage import STAGE as DEVICE_STAGE
 from streams.worker.device_stage import DeviceStage, PodCostPartial, Unemittable
@@ -45,40 +45,13 @@ from streams.worker.pod_stage import (
     encode_marker,
 )
 from streams.worker.pod_stage import STAGE as POD_STAGE
+from streams.worker.restoring import PodTracker, Restorer
 from streams.worker.watermark import Partition
 
 log = logging.getLogger("gpuledger.worker")
 
 
-class PodTracker(Protocol):
-    """How far the pods topic has been used, and which pods changed since a position
-    (streams.worker.tables.PodsTable)."""
-
-    handled: dict[int, int]
-
-    def changed_since(self, positions: dict[int, int]) -> set[str]: ...
-
-
-def pods_marks(source: int, handled: dict[int, int]) -> dict[str, int]:
-    return {f"{source}/{q}": offset for q, offset in handled.items()}
-
-
-def changed_pods(tracker: PodTracker, marks: dict[str, int], source: int) -> set[str]:
-    """The pods with events the windows of input partition `source` have not seen: those
-    after the pods position its owner wrote with its last checkpoints."""
-    positions = {}
-    for unit, offset in marks.items():
-        p, _, q = unit.partition("/")
-        if p == str(source) and q.isdigit():
-            positions[int(q)] = offset
-    return tracker.changed_since(positions)
-
-
 _TokenInput = PodCostPartial | Marker | CloudEvent[TokenDelta]
-DEVICE_FLOOR = "floor@device"  # replay floors (DeviceStage.replay_floor), per partition
-POD_FLOOR = "floor@pod"
-DEVICE_PODS = "pods@device"  # pods-topic positions behind each partition's checkpoints
-POD_PODS = "pods@pod"
 
 
 class DeviceHandler:
@@ -96,10 +69,6 @@ class DeviceHandler:
         pods: PodTracker | None = None,
     ) -> None:
         self.devices = devices
-        self.pods = pods
-        self._pods_written: dict[int, int] = {}
-        self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
-        self._frontier_due = checkpoints is not None
         self.intake = intake
         self.metrics = intake.metrics
         self.internal_topic = internal_topic
@@ -110,15 +79,24 @@ class DeviceHandler:
         self._owned: list[int] = []  # sample partitions this worker owns
         self._markers_sent: dict[int, int] = {}
         self._idle_since_s: float | None = None
-        self._floor_at_poll: int | None = None  # the stage's replay floor at the last poll
-        self._floor_committed: int | None = None  # ... at the last commit
-        self._floor_written: int | None = None
+        # None: nothing to restore (tests of the stage alone)
+        self.restorer = (
+            Restorer(
+                DEVICE_STAGE,
+                devices,
+                checkpoints,
+                lambda n: [(GPU_SAMPLES_TOPIC, n)],
+                pods=pods,
+                restored=lambda count: self.metrics.checkpoints_restored(DEVICE_STAGE, count),
+            )
+            if checkpoints is not None
+            else None
+        )
 
     def assigned(self, partitions: set[Partition]) -> None:
         self._owned = sorted(p for topic, p in partitions if topic == GPU_SAMPLES_TOPIC)
-        # New partitions may come with windows their last owner checkpointed.
-        self._frontier_due = self.checkpoints is not None
-        self._floor_written = None
+        if self.restorer is not None:  # they may come with windows their last owner left
+            self.restorer.assigned(self._owned)
 
     async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
@@ -155,75 +133,18 @@ class DeviceHandler:
         now_s: float,
         outbox: Outbox,
     ) -> bool:
-        checkpoints = self.checkpoints
-        if checkpoints is None:
+        restorer = self.restorer
+        if restorer is None:
             return True
-        if self._frontier_due and not await self._assigned(checkpoints):
+        if not await restorer.prepare():
             return False
-        keys = self.devices.missing(partition, events, now_s)
-        if not keys:
-            return True
-        found = await checkpoints.load(DEVICE_STAGE, keys, outbox)
-        if found is None:
-            return False
-        self.metrics.checkpoints_restored(DEVICE_STAGE, len(found))
-        for start, device in self.devices.restore(partition, keys, found):
-            log.error(
-                "the checkpoint of window %d of device %s does not decode: taken as a new window",
-                start,
-                device,
-            )
-        return True
+        return await restorer.load(
+            partition, self.devices.missing(partition, events, now_s), outbox
+        )
 
     async def prepare(self) -> None:
-        if self.checkpoints is not None and self._frontier_due:
-            await self._assigned(self.checkpoints)
-
-    async def _assigned(self, checkpoints: Checkpoints) -> bool:
-        """What the windows of newly owned partitions need from their checkpoints: the lookup
-        floor, the replay floors, the windows pod events changed (False if stopped)."""
-        latest = await checkpoints.frontier_ms(DEVICE_STAGE)
-        floors = await checkpoints.marks(DEVICE_FLOOR)
-        if floors is None or self.stopping():
-            return False
-        if latest is not None:
-            self.devices.raise_lookup_floor(latest + self.devices.settings.window_ms)
-        for p in self._owned:
-            if str(p) in floors:
-                self.devices.set_replay_floor((GPU_SAMPLES_TOPIC, p), floors[str(p)])
-        if latest is not None and not await self._recheck(checkpoints, latest):
-            return False
-        self._frontier_due = False
-        return True
-
-    async def _recheck(self, checkpoints: Checkpoints, latest_ms: int) -> bool:
-        """Restore the retained windows of the owned partitions whose pods changed while no
-        worker held them, and re-emit those whose metadata changed (False if stopped)."""
-        if self.pods is None:
-            return True
-        marks = await checkpoints.marks(DEVICE_PODS)
-        if marks is None:
-            return False
-        settings = self.devices.settings
-        since = latest_ms - settings.retention_ms - settings.window_ms
-        keys: set[tuple[int, str]] = set()
-        for source in self._owned:
-            uids = changed_pods(self.pods, marks, source)
-            found = await checkpoints.load_touching(DEVICE_STAGE, since, {source}, uids)
-            if found is None:
-                return False
-            wanted = set(found)
-            partition = (GPU_SAMPLES_TOPIC, source)
-            self.devices.restore(partition, wanted, {k: blob for k, (_, blob) in found.items()})
-            keys |= wanted
-        self.metrics.checkpoints_restored(DEVICE_STAGE, len(keys))
-        if keys:
-            log.info("stage one: %d closed windows restored to apply pod changes", len(keys))
-        self.devices.recheck(keys)
-        return True
-
-    def stopping(self) -> bool:
-        return self.checkpoints is not None and self.checkpoints.stopping.is_set()
+        if self.restorer is not None:
+            await self.restorer.prepare()
 
     def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         if drain:
@@ -263,19 +184,8 @@ class DeviceHandler:
         )
         for window in failed:
             self.intake.reject_window(outbox, window, self.devices.held, "device")
-        if self.checkpoints is not None:
-            # The floor goes out one commit late: a write whose commit is lost must not
-            # leave a floor above what the records after the commit in force first met.
-            self._floor_at_poll = self.devices.replay_floor(now_s)
-            floor = self._floor_committed
-            if floor is not None and floor != self._floor_written:
-                outbox.rows += mark_rows(DEVICE_FLOOR, {str(p): floor for p in self._owned})
-                self._floor_written = floor
-            # Pod events up to here are in every retained window emitted by now.
-            if self.pods is not None and self.pods.handled != self._pods_written:
-                self._pods_written = dict(self.pods.handled)
-                for p in self._owned:
-                    outbox.rows += mark_rows(DEVICE_PODS, pods_marks(p, self._pods_written))
+        if self.restorer is not None:
+            outbox.rows += self.restorer.marks(self.devices.replay_floor(now_s))
         if rows:
             self.metrics.rows_emitted([row for row, _ in rows], self.window_s, time.time())
         self.metrics.windows_open(self.devices.open_windows)
@@ -285,7 +195,8 @@ class DeviceHandler:
         return self.devices.held.positions()
 
     def committed(self) -> None:
-        self._floor_committed = self._floor_at_poll
+        if self.restorer is not None:
+            self.restorer.committed()
 
     def revoke(self, partitions: set[Partition]) -> None:
         self.intake.metrics.devices_revoked(self.devices.revoke(partitions))
@@ -327,24 +238,28 @@ class TokenCostHandler:
         pods: PodTracker | None = None,
     ) -> None:
         self.stage = stage
-        self.pods = pods
-        self._pods_written: dict[int, int] = {}
         self.intake = intake
         self.internal_topic = internal_topic
-        self.checkpoints = checkpoints  # None: nothing to restore (tests of the stage alone)
-        self._frontier_due = checkpoints is not None
-        self._owned: set[Partition] = set()
-        self._floor_at_poll: int | None = None
-        self._floor_committed: int | None = None
-        self._floor_written: int | None = None
+        # None: nothing to restore (tests of the stage alone)
+        self.restorer = (
+            Restorer(
+                POD_STAGE,
+                stage,
+                checkpoints,
+                lambda n: [(internal_topic, n), (TOKENS_TOPIC, n)],
+                pods=pods,
+                restored=lambda count: intake.metrics.checkpoints_restored(POD_STAGE, count),
+            )
+            if checkpoints is not None
+            else None
+        )
         self.clock = ClockCheck(intake, stage.settings.max_clock_skew_s)
 
     def assigned(self, partitions: set[Partition]) -> None:
         # Co-partitioned inputs: what the records say is all this stage needs, but new
         # partitions may come with windows their last owner checkpointed.
-        self._frontier_due = self.checkpoints is not None
-        self._owned = partitions
-        self._floor_written = None
+        if self.restorer is not None:
+            self.restorer.assigned({p for _, p in partitions})
 
     async def handle(
         self, tp: TopicPartition, records: list[ConsumerRecord], now_s: float, outbox: Outbox
@@ -352,7 +267,7 @@ class TokenCostHandler:
         """Decode the batch, restore the closed windows it corrects that memory does not hold,
         then feed the stage record by record."""
         items = [self._decode(msg, now_s, outbox) for msg in records]
-        if self.checkpoints is not None:
+        if self.restorer is not None:
             keys = set()
             for item in items:
                 if isinstance(item, PodCostPartial):
@@ -398,66 +313,15 @@ class TokenCostHandler:
             self.intake.count(status, msg, outbox)
 
     async def prepare(self) -> None:
-        if self.checkpoints is not None and self._frontier_due:
-            await self._assigned(self.checkpoints)
-
-    async def _assigned(self, checkpoints: Checkpoints) -> bool:
-        """As `DeviceHandler._assigned`."""
-        latest = await checkpoints.frontier_ms(POD_STAGE)
-        floors = await checkpoints.marks(POD_FLOOR)
-        if floors is None or checkpoints.stopping.is_set():
-            return False
-        if latest is not None:
-            self.stage.raise_lookup_floor(latest + self.stage.settings.window_ms)
-        for owned in self._owned:  # tokens and pod costs: co-partitioned, one floor
-            if str(owned[1]) in floors:
-                self.stage.set_replay_floor(owned, floors[str(owned[1])])
-        if latest is not None and not await self._recheck(checkpoints, latest):
-            return False
-        self._frontier_due = False
-        return True
-
-    async def _recheck(self, checkpoints: Checkpoints, latest_ms: int) -> bool:
-        """As `DeviceHandler._recheck`, for the (window, pod) slots of stage two."""
-        if self.pods is None:
-            return True
-        marks = await checkpoints.marks(POD_PODS)
-        if marks is None:
-            return False
-        settings = self.stage.settings
-        since = latest_ms - settings.retention_ms - settings.window_ms
-        keys: set[Key] = set()
-        for source in sorted({p for _, p in self._owned}):
-            uids = changed_pods(self.pods, marks, source)
-            found = await checkpoints.load_touching(POD_STAGE, since, {source}, uids)
-            if found is None:
-                return False
-            partition = (self.internal_topic, source)
-            self.stage.restore(partition, set(found), {k: blob for k, (_, blob) in found.items()})
-            keys |= set(found)
-        self.intake.metrics.checkpoints_restored(POD_STAGE, len(keys))
-        self.stage.recheck(keys)
-        return True
+        if self.restorer is not None:
+            await self.restorer.prepare()
 
     async def _restore(self, partition: Partition, keys: set[Key], outbox: Outbox) -> bool:
-        checkpoints = self.checkpoints
-        assert checkpoints is not None
-        if self._frontier_due and not await self._assigned(checkpoints):
+        restorer = self.restorer
+        assert restorer is not None
+        if not await restorer.prepare():
             return False
-        missing = self.stage.missing(partition, keys)
-        if not missing:
-            return True
-        found = await checkpoints.load(POD_STAGE, missing, outbox)
-        if found is None:
-            return False
-        self.intake.metrics.checkpoints_restored(POD_STAGE, len(found))
-        for start, pod_uid in self.stage.restore(partition, missing, found):
-            log.error(
-                "the checkpoint of window %d of pod %s does not decode: taken as a new window",
-                start,
-                pod_uid,
-            )
-        return True
+        return await restorer.load(partition, self.stage.missing(partition, keys), outbox)
 
     def poll(self, now_s: float, drain: bool, outbox: Outbox) -> None:
         if drain:
@@ -492,23 +356,15 @@ class TokenCostHandler:
         )
         for window in failed:
             self.intake.reject_window(outbox, window, self.stage.held, "pod")
-        if self.checkpoints is not None:
-            self._floor_at_poll = self.stage.replay_floor()  # as in stage one: a commit late
-            numbers = {p for _, p in self._owned}
-            floor = self._floor_committed
-            if floor is not None and floor != self._floor_written:
-                outbox.rows += mark_rows(POD_FLOOR, {str(p): floor for p in numbers})
-                self._floor_written = floor
-            if self.pods is not None and self.pods.handled != self._pods_written:
-                self._pods_written = dict(self.pods.handled)
-                for p in numbers:
-                    outbox.rows += mark_rows(POD_PODS, pods_marks(p, self._pods_written))
+        if self.restorer is not None:
+            outbox.rows += self.restorer.marks(self.stage.replay_floor())
 
     def positions(self) -> dict[Partition, int]:
         return self.stage.held.positions()
 
     def committed(self) -> None:
-        self._floor_committed = self._floor_at_poll
+        if self.restorer is not None:
+            self.restorer.committed()
 
     def revoke(self, partitions: set[Partition]) -> None:
         self.stage.revoke(partitions)

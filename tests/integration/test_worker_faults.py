@@ -217,7 +217,7 @@ async def test_an_upgrade_from_the_old_stage_two_group_re_emits_the_same_rows(
     await run_worker(upgraded)
     after = await read_topic(broker, TOKEN_COST_WINDOWS_TOPIC)
     assert upgraded.runners[1].records >= len(token_events())  # read from the start
-    assert upgraded.runners[1].stage.checkpoints.loaded > 0  # type: ignore[attr-defined]
+    assert upgraded.runners[1].stage.restorer.checkpoints.loaded > 0  # type: ignore[attr-defined]
     assert len(after) == len(before)  # nothing re-sent
     assert _latest_versions(after) == _latest_versions(before)
     assert [comparable(t) for t in stored(store)] == [comparable(t) for t in rows_before]
