@@ -40,7 +40,7 @@ STAGE = "device"  # the checkpoints' `stage`
 
 OK = "ok"
 DUPLICATE = "duplicate"
-LATE = "late"  # for a closed window still within retention: a correction
+LATE = "late"  # for a closed window still within the late horizon: a correction
 TOO_LATE = "too_late"
 NO_TIME = -(2**63)  # below any event time: "no accepted sample yet"
 
@@ -214,9 +214,9 @@ class DeviceStage:
     ) -> SampleCounts:
         """Fold in a batch of samples read from one partition, in offset order.
 
-        A sample that opens a (window, device) is too late when that window's retention had
-        passed by the watermark just before it (the batch's earlier samples included), as if
-        the samples came one at a time."""
+        A sample that opens a (window, device) is too late when that window's late horizon had
+        passed by the watermark just before it (the batch's earlier samples included, and no
+        less than the partition's replay floor), as if the samples came one at a time."""
         counts = SampleCounts()
         if not events:
             return counts
