@@ -92,10 +92,21 @@ async def test_two_workers_produce_the_rows_of_one(
     broker: str,  # noqa: F811
     store: ClickHouseStore,
 ) -> None:
+    first = make_worker(broker, store, exit_when_idle_s=10.0)
+    second = make_worker(broker, store, exit_when_idle_s=10.0)
+    running = asyncio.gather(run_worker(first), run_worker(second))
+
+    def both_own_sample_partitions() -> bool:
+        return all(w.runners and w.runners[0].consumer.assignment() for w in (first, second))
+
+    # Both in the group before the data: commits follow the open windows, so a worker that
+    # joined once the other had read everything would be given nothing left to read.
+    deadline = time.monotonic() + 60
+    while not both_own_sample_partitions() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert both_own_sample_partitions()
     await publish_scenario(broker)
-    first = make_worker(broker, store, exit_when_idle_s=6.0)
-    second = make_worker(broker, store, exit_when_idle_s=6.0)
-    await asyncio.gather(run_worker(first), run_worker(second))
+    await running
     assert first.runners[0].records > 0 and second.runners[0].records > 0
     assert_matches_core(store)
 
