@@ -32,9 +32,9 @@ CHART_STATS = """JSON.stringify(Array.from(document.querySelectorAll('svg.chart'
 
 
 async def _drive(url: str, port_file: Path) -> tuple[list[str], list[dict[str, Any]], bytes]:
-    for _ in range(100):
-        if port_file.exists() and port_file.read_text().strip():
-            break
+    # Chromium writes its port once it listens: seconds on a busy machine (the caller's
+    # timeout bounds the wait).
+    while not (port_file.exists() and port_file.read_text().strip()):
         await asyncio.sleep(0.1)
     port = int(port_file.read_text().split()[0])
     async with aiohttp.ClientSession() as http:
