@@ -131,14 +131,14 @@ def decode_internal(raw: bytes | None) -> PodCostPartial | Marker:
 
 
 class _PodSlot:
-    """One (window, pod): live while open or being corrected, else `packed`."""
+    """One (window, pod) while open or being corrected. Once emitted, a closed one is kept as
+    its packed bytes alone (`PodStage._slots`), and revived when input comes for it."""
 
     __slots__ = (
         "closed",
         "dirty",
         "emitted",
         "held",
-        "packed",
         "partials",
         "sources",
         "tokens",
@@ -153,30 +153,23 @@ class _PodSlot:
         self.closed = False
         self.dirty = False
         self.emitted: dict[str, int] = {}  # row key -> version emitted
-        self.packed: bytes | None = None
         self.version = -1  # of the last checkpoint
-
-    def live(self, start: int, pod_uid: str) -> _PodSlot:
-        packed = self.packed
-        if packed is not None:
-            self.version, partials, self.tokens, self.emitted = unpack_pod(packed)
-            self.partials = {
-                device: PodCostPartial(start, device, pod_uid, Decimal(cost), samples, version)
-                for device, cost, samples, version in partials
-            }
-            self.packed = None
-        return self
 
     @classmethod
     def revived(cls, key: Key, packed: bytes, source: Partition) -> _PodSlot:
         """A closed slot from its packed bytes, to take a correction."""
+        start, pod_uid = key
         slot = cls(source)
-        slot.packed = packed
+        slot.version, partials, slot.tokens, slot.emitted = unpack_pod(packed)
+        slot.partials = {
+            device: PodCostPartial(start, device, pod_uid, Decimal(cost), samples, version)
+            for device, cost, samples, version in partials
+        }
         slot.closed = True
-        return slot.live(*key)
+        return slot
 
     def pack(self, version: int) -> bytes:
-        packed = pack_pod(
+        return pack_pod(
             version,
             [
                 (p.device_uuid, format(p.cost_usd, "f"), p.samples, p.version)
@@ -185,10 +178,6 @@ class _PodSlot:
             self.tokens,
             self.emitted,
         )
-        self.packed, self.version = packed, version
-        self.tokens, self.partials, self.emitted = {}, {}, {}
-        self.held = _NOTHING_HELD
-        return packed
 
     def fed_by(self, partition: Partition) -> None:
         if partition not in self.sources:
@@ -506,7 +495,6 @@ class PodStage:
         `out.unemittable` instead (`poll` drops it), and the stage goes on."""
         slot.dirty = False
         start, pod_uid = key
-        slot.live(start, pod_uid)
         emitted = slot.emitted
         try:
             end = start + self.settings.window_ms
