@@ -21,7 +21,7 @@ from schemas.events import (
 )
 from streams.metrics import WorkerMetrics
 from streams.worker.device_stage import DUPLICATE, LATE, TOO_LATE, Unemittable
-from streams.worker.outbox import Outbox, dead_letter_key, dead_letter_message
+from streams.worker.outbox import MAX_LETTER_BYTES, Outbox, dead_letter_key, dead_letter_message
 from streams.worker.watermark import HeldOffsets, Partition
 
 log = logging.getLogger("gpuledger.worker")
@@ -54,20 +54,25 @@ class DeadLetterLog:
     `max_keys` are kept: beyond that the oldest noted is forgotten and counted in `evicted`
     (should its record be replayed after all, its letter is written a second time). Keys are
     forgotten in the order they were noted, so each lasts at most `horizon_s` after that.
+
+    The letters it builds stay within `max_letter_bytes`: a record too large to travel in one
+    is dead-lettered by reference (design §2).
     """
 
-    __slots__ = ("_written", "clock", "evicted", "horizon_s", "max_keys")
+    __slots__ = ("_written", "clock", "evicted", "horizon_s", "max_keys", "max_letter_bytes")
 
     def __init__(
         self,
         horizon_s: float = DEAD_LETTER_HORIZON_S,
         max_keys: int = DEAD_LETTER_MAX_KEYS,
         clock: Callable[[], float] = time.time,
+        max_letter_bytes: int = MAX_LETTER_BYTES,
     ) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, not {max_keys}")
         self.horizon_s = horizon_s
         self.max_keys = max_keys
+        self.max_letter_bytes = max_letter_bytes
         self.clock = clock
         self._written: dict[bytes, float] = {}  # key -> when its letter was written, as noted
         self.evicted = 0  # keys forgotten because of `max_keys`
@@ -117,6 +122,7 @@ class DeadLetterLog:
                 reason,
                 detail,
                 now,
+                max_bytes=self.max_letter_bytes,
             )
         )
         return True

@@ -12,8 +12,9 @@ topics, the internal pod-costs topic, dead letters), and what a sink does when a
   (at most `MAX_SPLITS` halvings per batch, so at most its partitions and twice that many
   inserts; past them a refused part goes whole). Those rows are dead-lettered (reason
   `unstorable`), the rest is stored. A message the broker refuses for its size is replaced by
-  a small dead letter (`message_too_large`); a dead letter refused for its size is sent again
-  without the original bytes.
+  a small dead letter (`message_too_large`). Dead letters are built within the broker's limit
+  (`outbox.MAX_LETTER_BYTES`: a larger record is dead-lettered by reference); one refused for
+  its size all the same is sent again without the original bytes.
 - Each sink counts its consecutive failed attempts and refusals; a write that succeeds clears
   them. `unhealthy()` names the sinks at or past the threshold, with the last error (/healthz).
 
