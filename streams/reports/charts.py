@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from html import escape
 
+from streams.reports.limits import MAX_CHART_BUCKETS
 from streams.reports.params import Period, format_ms
 from streams.reports.render import display
 from streams.reports.showback import ShowbackReport, gpu_hours_places
@@ -28,8 +29,12 @@ PALETTE = (
     "#c5221f",
 )
 IDLE_COLOUR = "#bdc1c6"
-_MINUTE_S, HOUR_S, _DAY_S = 60, 3600, 86_400
-# Label spacings tried in order; the first that gives at most _MAX_LABELS labels is used.
+CHART_TEAMS = len(PALETTE) - 1  # teams drawn on their own; the rest are one series
+OTHER_TEAMS = "__other_teams__"
+_MINUTE_S, HOUR_S, _DAY_S, _WEEK_S = 60, 3600, 86_400, 604_800
+_MONDAY_S = 4 * _DAY_S  # 1970-01-01 was a Thursday; weeks start on Mondays
+# Label spacings tried in order; the first that gives at most _MAX_LABELS labels is used. The
+# multiples of a week come last: only week buckets reach them.
 _LABEL_STEPS_S = (
     60,
     120,
@@ -48,6 +53,12 @@ _LABEL_STEPS_S = (
     10 * _DAY_S,
     30 * _DAY_S,
     90 * _DAY_S,
+    2 * _WEEK_S,
+    4 * _WEEK_S,
+    8 * _WEEK_S,
+    13 * _WEEK_S,
+    26 * _WEEK_S,
+    52 * _WEEK_S,
 )
 _MAX_LABELS = 8
 
@@ -56,13 +67,22 @@ _MAX_LABELS = 8
 class ChartBucket:
     """The width of one bar in the charts over time."""
 
-    name: str  # "minute", "5 minutes", "hour", "day": reads after "per"
+    name: str  # "minute", "5 minutes", "hour", "day", "week": reads after "per"
     seconds: int
+    offset_s: int = 0  # buckets start at offset_s + k * seconds (Unix time): Mondays for weeks
+
+    def sql(self, column: str) -> str:
+        """The ClickHouse expression of the bucket a time column falls in, in Unix seconds."""
+        return (
+            f"(intDiv(toInt64(toUnixTimestamp({column})) - {self.offset_s}, {self.seconds}) "
+            f"* {self.seconds} + {self.offset_s})"
+        )
 
 
 def chart_bucket(period: Period) -> ChartBucket:
-    """1 minute up to 3 h, 5 minutes up to 12 h, an hour up to 7 days, a day beyond: from 36 to
-    180 bars for periods in those ranges (a day of 10 minutes still gets 10 bars)."""
+    """1 minute up to 3 h, 5 minutes up to 12 h, an hour up to 7 days, a day while that gives
+    at most MAX_CHART_BUCKETS bars, a week beyond (Monday to Monday), and several weeks where
+    even weeks are too many: from 36 to 200 bars (a day of 10 minutes still gets 10 bars)."""
     hours = period.hours
     if hours <= 3:
         return ChartBucket("minute", _MINUTE_S)
@@ -70,14 +90,35 @@ def chart_bucket(period: Period) -> ChartBucket:
         return ChartBucket("5 minutes", 5 * _MINUTE_S)
     if hours <= 7 * 24:
         return ChartBucket("hour", HOUR_S)
-    return ChartBucket("day", _DAY_S)
+    day = ChartBucket("day", _DAY_S)
+    if count_buckets(period, day) <= MAX_CHART_BUCKETS:
+        return day
+    week = ChartBucket("week", _WEEK_S, _MONDAY_S)
+    weeks = count_buckets(period, week)
+    if weeks <= MAX_CHART_BUCKETS:
+        return week
+    n = -(-weeks // MAX_CHART_BUCKETS)
+    while True:  # one or two steps: a wider bucket may straddle one more boundary
+        wide = ChartBucket(f"{n} weeks", n * _WEEK_S, _MONDAY_S)
+        if count_buckets(period, wide) <= MAX_CHART_BUCKETS:
+            return wide
+        n += 1
+
+
+def _first_bucket_ms(period: Period, bucket: ChartBucket) -> int:
+    step_ms, offset_ms = bucket.seconds * 1000, bucket.offset_s * 1000
+    return period.start_ms - (period.start_ms - offset_ms) % step_ms
+
+
+def count_buckets(period: Period, bucket: ChartBucket) -> int:
+    """How many buckets overlap the period, without listing them."""
+    first, step_ms = _first_bucket_ms(period, bucket), bucket.seconds * 1000
+    return max(0, -(-(period.end_ms - first) // step_ms))
 
 
 def bucket_starts_ms(period: Period, bucket: ChartBucket) -> tuple[int, ...]:
     """Every bucket that overlaps the period, empty ones included, so gaps show as gaps."""
-    step_ms = bucket.seconds * 1000
-    first = period.start_ms - period.start_ms % step_ms
-    return tuple(range(first, period.end_ms, step_ms))
+    return tuple(range(_first_bucket_ms(period, bucket), period.end_ms, bucket.seconds * 1000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +158,9 @@ def _axis_labels(buckets_ms: tuple[int, ...], bucket: ChartBucket) -> list[int]:
     if step_s is None:
         every = max(1, len(buckets_ms) // _MAX_LABELS)
         return list(range(0, len(buckets_ms), every))
-    return [i for i, ms in enumerate(buckets_ms) if (ms // 1000) % step_s == 0] or [0]
+    return [
+        i for i, ms in enumerate(buckets_ms) if (ms // 1000 - bucket.offset_s) % step_s == 0
+    ] or [0]
 
 
 def _axis_number(value: float, top: float) -> str:
@@ -184,11 +227,16 @@ _PLOT_MARGIN = 50  # top and bottom margins together
 
 
 def _series_name(team: str) -> str:
+    if team == OTHER_TEAMS:
+        return "(other teams)"
     return "(idle GPU time)" if team == "(idle)" else display(team)
 
 
 def stacked_bars(data: HtmlData, width: int = 880, height: int = 260) -> str:
-    series = sorted(data.team_cost, key=lambda t: (t == "(idle)", -sum(data.team_cost[t])))
+    series = sorted(
+        data.team_cost,
+        key=lambda t: (t == "(idle)", t == OTHER_TEAMS, -sum(data.team_cost[t])),
+    )
     n = len(data.buckets_ms)
     totals = [sum(data.team_cost[s][i] for s in series) for i in range(n)]
     if not any(totals):

@@ -9,7 +9,9 @@ from decimal import Decimal
 from html import escape
 
 from streams.reports.charts import (
+    CHART_TEAMS,
     HOUR_S,
+    OTHER_TEAMS,
     PALETTE,
     HtmlData,
     bucket_starts_ms,
@@ -18,7 +20,7 @@ from streams.reports.charts import (
     stacked_bars,
     utilisation_chart,
 )
-from streams.reports.params import Period, format_ms
+from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import display, money, num, pct
 from streams.reports.showback import (
     ALLOCATED,
@@ -38,6 +40,7 @@ _CENT = Decimal("0.01")
 
 
 def html_report(store: ClickHouseStore, period: Period, *, use_rollups: bool = True) -> str:
+    check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
     bucket = chart_bucket(period)
@@ -51,9 +54,15 @@ def html_report(store: ClickHouseStore, period: Period, *, use_rollups: bool = T
         )
     else:
         timed = f"(SELECT hour AS t0, kind, team, cost_usd, device_seconds FROM {costs})"
+    # The costliest teams each have a series, the rest share one: a chart of at most
+    # MAX_CHART_BUCKETS x (CHART_TEAMS + 2) bars, however many teams the labels name.
+    top_teams = (
+        f"SELECT team FROM {costs} WHERE kind != 'idle' GROUP BY team "
+        f"ORDER BY sum(cost_usd) DESC, team LIMIT {CHART_TEAMS}"
+    )
     rows = store.query_rows(
-        f"SELECT toUnixTimestamp(toStartOfInterval(t0, INTERVAL {bucket.seconds} SECOND)) AS b, "
-        f"if(kind = 'idle', '(idle)', team) AS t, "
+        f"SELECT {bucket.sql('t0')} AS b, if(kind = 'idle', '(idle)', "
+        f"if(team IN ({top_teams}), team, '{OTHER_TEAMS}')) AS t, "
         f"toFloat64(sum(cost_usd)), sumIf(device_seconds, kind != 'idle'), "
         f"sumIf(device_seconds, kind = 'idle') FROM {timed} GROUP BY b, t ORDER BY b"
     )

@@ -2,15 +2,15 @@
 
 A report object offers `table()` (what a person reads: rounded, labelled), `records()` (flat
 rows for CSV: exact values) and `to_dict()` (the JSON document). Money is a decimal string in
-CSV and JSON, never a float.
+CSV and JSON, never a float. Every CSV cell goes through `csv_cell`, which keeps a spreadsheet
+from running a tenant's text as a formula.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -84,21 +84,42 @@ def to_table(report: Report) -> str:
 
 def to_csv(report: Report) -> str:
     records = report.records()
-    buffer = io.StringIO()
-    if records:
-        writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: _plain(v) for k, v in record.items()})
-    return buffer.getvalue()
+    if not records:
+        return ""
+    lines = [_csv_line(records[0])]
+    lines += [_csv_line(record.values()) for record in records]
+    return "".join(lines)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value, "f")
+def _csv_line(values: Iterable[Any]) -> str:
+    """RFC 4180 quoting: a cell holding a comma, a quote, CR or LF is quoted (the csv module
+    leaves a CR bare when lines end in LF, and a reader then splits the row there)."""
+    return ",".join(_quoted(csv_cell(v)) for v in values) + "\n"
+
+
+def _quoted(cell: str) -> str:
+    if _NEEDS_QUOTES.search(cell):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+# OWASP CSV injection: a spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell. Text that a spreadsheet would run as a formula gets a leading `'` (names,
+    labels and ids come from tenants' pods and annotations); numbers stay numbers, so a credit
+    of -12.50 is still a decimal; None is an empty cell. Quoting is `_csv_line`'s."""
     if value is None:
         return ""
-    return value
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        text = str(value)
+        return "'" + text if text.startswith(_FORMULA_STARTS) else text
+    return str(value)
 
 
 def json_default(value: Any) -> Any:

@@ -1,0 +1,118 @@
+"""CSV cells a spreadsheet would run as a formula (OWASP CSV injection) come out as text: model
+names and labels come from tenants' own pods and annotations. Numbers stay numbers, so a
+credit of -12.50 is still a decimal and FOCUS numeric columns still parse."""
+
+from __future__ import annotations
+
+import csv
+import io
+from decimal import Decimal
+
+import pytest
+
+from streams.reports.chargeback import ChargebackSettings, CostPart, ModelPart, build_export
+from streams.reports.focus_files import export_bytes
+from streams.reports.params import Period, parse_month
+from streams.reports.render import csv_cell, to_csv
+from streams.reports.showback import ShowbackLine, ShowbackReport
+
+HOSTILE = ['=HYPERLINK("http://x","y")', "@SUM(1)", "+1", "-1+1", "\t=1", "\r=1"]
+COSTS = ["2", "-12.50", "1", "1", "1", "1"]  # pod-1 has a credit
+T0_MS = 1_793_491_200_000
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_a_cell_a_spreadsheet_would_run_gets_a_quote(text: str) -> None:
+    assert csv_cell(text) == "'" + text
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        (Decimal("-12.50"), "-12.50"),
+        (Decimal("1E+2"), "100"),
+        (-3, "-3"),
+        (-0.5, "-0.5"),
+        (None, ""),
+        ("llama-3-70b", "llama-3-70b"),
+        ("a=b", "a=b"),
+        ("", ""),
+    ],
+)
+def test_numbers_and_harmless_text_are_kept(value: object, cell: str) -> None:
+    assert csv_cell(value) == cell
+
+
+def line(key: str, cost: str) -> ShowbackLine:
+    amount = Decimal(cost)
+    return ShowbackLine(
+        key, "allocated", amount, amount, 50.0, 1.0, None, Decimal(0), 10, 1, amount, None
+    )
+
+
+def test_showback_csv_neutralises_hostile_model_names() -> None:
+    lines = tuple(line(name, "-12.50") for name in HOSTILE)
+    total = Decimal("-12.50") * len(lines)
+    report = ShowbackReport(
+        Period(T0_MS, T0_MS + 3_600_000),
+        "model",
+        lines,
+        total,
+        Decimal(0),
+        Decimal(0),
+        Decimal(0),
+        total,
+        total,
+        1.0,
+    )
+    rows = list(csv.DictReader(io.StringIO(to_csv(report), newline="")))
+    assert [r["model"] for r in rows] == ["'" + name for name in HOSTILE]
+    assert [r["label"] for r in rows] == ["'" + name for name in HOSTILE]
+    assert {r["cost_usd"] for r in rows} == {"-12.50"}
+    assert all(Decimal(r["cost_usd_cents"]) == Decimal("-12.50") for r in rows)
+
+
+def test_focus_csv_neutralises_hostile_names_and_keeps_amounts_decimal() -> None:
+    parts = [
+        CostPart("c1", f"pod-{i}", "d1", name, "-1+1", "on_demand", "usage", Decimal(c), 600.0)
+        for i, (name, c) in enumerate(zip(HOSTILE, COSTS, strict=True))
+    ]
+    models = [
+        ModelPart(f"pod-{i}", name, "-1+1", name, Decimal("0.5"), 10, 5, 1)
+        for i, name in enumerate(HOSTILE)
+        if i != 1  # pod-1 has a credit and no tokens
+    ]
+    export = build_export(parse_month("2026-11"), ChargebackSettings(), parts, models)
+    text = export_bytes(export, "focus-csv").decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert rows
+    dangerous = ("=", "+", "-", "@", "\t", "\r")
+    numeric = {
+        "BilledCost",
+        "EffectiveCost",
+        "ListCost",
+        "ContractedCost",
+        "ListUnitPrice",
+        "ContractedUnitPrice",
+        "PricingQuantity",
+        "ConsumedQuantity",
+        "x_PromptTokens",
+        "x_CompletionTokens",
+        "x_Requests",
+        "x_CostPer1MTokens",
+        "x_UnroundedCost",
+    }
+    for row in rows:
+        for column, cell in row.items():
+            if column in numeric:
+                if cell:
+                    Decimal(cell)  # still a number
+            else:
+                assert not cell.startswith(dangerous), (column, cell)
+    assert {r["x_Model"] for r in rows if r["x_Model"]} == {"'" + n for n in HOSTILE} - {
+        "'" + HOSTILE[1]
+    }
+    assert {r["x_Team"] for r in rows} == {"'" + n for n in HOSTILE}
+    assert {r["x_Product"] for r in rows} == {"'-1+1"}
+    assert any(Decimal(r["BilledCost"]) < 0 for r in rows)
+    assert any(Decimal(r["x_UnroundedCost"]) == Decimal("-12.50") for r in rows)
