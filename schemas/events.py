@@ -34,7 +34,21 @@ DEAD_LETTER_TOPIC = "gpuledger.dead-letter"
 # They restate the rule table in `schemas.fields` (which also yields the JSON Schemas); a unit
 # test compares the two, field by field. A payload member they do not declare sends the record
 # to the explaining decoder (which ignores such members): declare new fields here too.
-Str = Annotated[str, Meta(min_length=1)]
+# Lengths are in characters; `schemas.fields` says why each limit is what it is.
+SpecVersion = Annotated[str, Meta(min_length=1, max_length=fields.MAX_SPECVERSION)]
+EventId = Annotated[str, Meta(min_length=1, max_length=fields.MAX_EVENT_ID)]
+Source = Annotated[str, Meta(min_length=1, max_length=fields.MAX_SOURCE)]
+EventType = Annotated[str, Meta(min_length=1, max_length=fields.MAX_TYPE)]
+Time = Annotated[str, Meta(min_length=1, max_length=fields.MAX_TIME)]
+DnsSubdomain = Annotated[str, Meta(min_length=1, max_length=fields.MAX_DNS_SUBDOMAIN)]
+NodeName = Annotated[str, Meta(max_length=fields.MAX_DNS_SUBDOMAIN)]  # "": not scheduled
+DnsLabel = Annotated[str, Meta(min_length=1, max_length=fields.MAX_DNS_LABEL)]
+Uuid = Annotated[str, Meta(min_length=1, max_length=fields.MAX_UUID)]
+SeriesUid = Annotated[str, Meta(min_length=1, max_length=fields.MAX_SERIES_UID)]
+NvmlName = Annotated[str, Meta(min_length=1, max_length=fields.MAX_NVML_NAME)]
+Model = Annotated[str, Meta(min_length=1, max_length=fields.MAX_MODEL)]
+LabelKey = Annotated[str, Meta(max_length=fields.MAX_LABEL_KEY)]
+LabelValue = Annotated[str, Meta(max_length=fields.MAX_LABEL_VALUE)]
 Pid = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 Bytes = Annotated[int, Meta(ge=0, le=fields.MAX_BYTES)]
 TotalBytes = Annotated[int, Meta(ge=1, le=fields.MAX_BYTES)]
@@ -43,24 +57,27 @@ Slices = Annotated[int, Meta(ge=1, le=64)]
 IntervalS = Annotated[float, Meta(gt=0, le=fields.MAX_INTERVAL_S)]
 Tokens = Annotated[int, Meta(ge=0, le=fields.MAX_TOKENS)]
 BusyS = Annotated[float, Meta(ge=0, le=10**9)]
-Labels = Mapping[str, str]
+Labels = Annotated[Mapping[LabelKey, LabelValue], Meta(max_length=fields.MAX_LABELS)]
 
 
 class ProcessSample(Struct, frozen=True, forbid_unknown_fields=True):
     pid: Pid
-    pod_uid: Str | None
-    container_id: Str | None
+    pod_uid: Uuid | None
+    container_id: Uuid | None
     mem_used_bytes: Bytes
     sm_util_pct: Percent | None
 
 
+Processes = Annotated[tuple[ProcessSample, ...], Meta(max_length=fields.MAX_PROCESSES)]
+
+
 class GpuSample(Struct, frozen=True, forbid_unknown_fields=True):
-    cluster: Str
-    node: Str
-    device_uuid: Str
-    gpu_uuid: Str
-    gpu_model: Str
-    mig_profile: Str | None
+    cluster: DnsSubdomain
+    node: DnsSubdomain
+    device_uuid: Uuid
+    gpu_uuid: Uuid
+    gpu_model: NvmlName
+    mig_profile: NvmlName | None
     mig_slices: Slices | None
     gpu_slices: Slices
     interval_s: IntervalS
@@ -68,26 +85,26 @@ class GpuSample(Struct, frozen=True, forbid_unknown_fields=True):
     mem_used_bytes: Bytes
     sm_util_pct: Percent | None
     node_labels: Labels
-    processes: tuple[ProcessSample, ...]
+    processes: Processes
 
 
 class PodInfo(Struct, frozen=True):
-    cluster: Str
-    uid: Str
-    namespace: Str
-    name: Str
-    node: str
+    cluster: DnsSubdomain
+    uid: Uuid
+    namespace: DnsLabel
+    name: DnsSubdomain
+    node: NodeName
     labels: Labels = field(default_factory=dict)
     namespace_labels: Labels = field(default_factory=dict)
     deleted: bool = False
 
 
 class TokenDelta(Struct, frozen=True, forbid_unknown_fields=True):
-    cluster: Str
-    namespace: Str
-    pod: Str
-    pod_uid: Str
-    model: Str
+    cluster: DnsSubdomain
+    namespace: DnsLabel
+    pod: DnsSubdomain
+    pod_uid: SeriesUid
+    model: Model
     prompt_tokens: Tokens
     completion_tokens: Tokens
     requests: Tokens
@@ -243,11 +260,11 @@ class _Envelope(Struct, frozen=True, forbid_unknown_fields=True):
     Members it does not know send a record down the explaining path: msgspec skips unknown
     members without checking them (bad UTF-8, numbers out of range), which orjson would reject."""
 
-    specversion: Str
-    id: Str
-    source: Str
-    type: Str
-    time: Str
+    specversion: SpecVersion
+    id: EventId
+    source: Source
+    type: EventType
+    time: Time
     data: msgspec.Raw
     datacontenttype: str | None = None  # written by encode_event; not checked by either path
 
@@ -363,7 +380,8 @@ def _decode_slowly(raw: bytes | bytearray | memoryview) -> Decoded:
 def _decode_document(doc: Any) -> Decoded:
     envelope = fields.check_object(doc, fields.ENVELOPE, "")
     if envelope["specversion"] != "1.0":
-        raise fields.FieldError("unknown_version", f"specversion {envelope['specversion']!r}")
+        version = fields.excerpt(envelope["specversion"])
+        raise fields.FieldError("unknown_version", f"specversion {version} is not 1.0")
     try:
         time_ms = parse_time(envelope["time"])
     except ValueError as exc:
@@ -379,7 +397,9 @@ def _decode_document(doc: Any) -> Decoded:
     if kind == TOKENS_TYPE:
         tokens = _tokens(fields.check_object(data, fields.TOKENS, "data."))
         return Ok(CloudEvent(envelope["id"], envelope["source"], kind, time_ms, tokens))
-    raise fields.FieldError("unknown_type", f"type {kind!r} is not a gpuledger event type")
+    raise fields.FieldError(
+        "unknown_type", f"type {fields.excerpt(kind)} is not a gpuledger event type"
+    )
 
 
 def _gpu_sample(d: dict[str, Any]) -> GpuSample:

@@ -37,13 +37,14 @@ def schema_for(event_type: str) -> dict[str, Any]:
     envelope = fields.json_schema_for(fields.ENVELOPE)
     envelope["properties"]["specversion"] = {"const": "1.0"}
     envelope["properties"]["type"] = {"const": event_type}
-    envelope["properties"]["time"] = {"type": "string", "format": "date-time"}
+    envelope["properties"]["time"] = {
+        "type": "string",
+        "format": "date-time",
+        "maxLength": fields.MAX_TIME,
+    }
     data = fields.json_schema_for(rules)
     if event_type == events.GPU_SAMPLE_TYPE:
-        data["properties"]["processes"] = {
-            "type": "array",
-            "items": fields.json_schema_for(fields.PROCESS),
-        }
+        data["properties"]["processes"]["items"] = fields.json_schema_for(fields.PROCESS)
     envelope["properties"]["data"] = data
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

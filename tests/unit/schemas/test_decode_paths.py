@@ -23,6 +23,7 @@ from schemas.events import (
     TOKENS_TYPE,
     GpuSample,
     Ok,
+    PodInfo,
     ProcessSample,
     TokenDelta,
     _decode_slowly,
@@ -40,18 +41,19 @@ STRUCTS: list[tuple[type[msgspec.Struct], tuple[fields.Rule, ...]]] = [
     (GpuSample, fields.GPU_SAMPLE),
     (TokenDelta, fields.TOKENS),
     (_Envelope, fields.ENVELOPE),
+    (PodInfo, fields.POD),  # built, never decoded by msgspec: its defaults are not optionality
 ]
 
 
 def describe(info: mi.Type) -> tuple[Any, ...]:
-    """A type as (kind, nullable, bounds...) in the rule table's terms."""
+    """A type as (kind, nullable, bounds..., lengths...) in the rule table's terms."""
     nullable = False
     if isinstance(info, mi.UnionType):
         others = [t for t in info.types if not isinstance(t, mi.NoneType)]
         nullable = len(others) < len(info.types)
         (info,) = others
     if isinstance(info, mi.StrType):
-        return ("string", nullable, info.min_length or 0)
+        return ("string", nullable, info.min_length or 0, info.max_length)
     if isinstance(info, mi.IntType):
         return ("integer", nullable, info.ge, info.le)
     if isinstance(info, mi.FloatType):
@@ -60,10 +62,11 @@ def describe(info: mi.Type) -> tuple[Any, ...]:
     if isinstance(info, mi.BoolType):
         return ("boolean", nullable)
     if isinstance(info, mi.DictType):
-        assert isinstance(info.key_type, mi.StrType) and isinstance(info.value_type, mi.StrType)
-        return ("labels", nullable)
+        key, value = info.key_type, info.value_type
+        assert isinstance(key, mi.StrType) and isinstance(value, mi.StrType)
+        return ("labels", nullable, info.max_length, key.max_length, value.max_length)
     if isinstance(info, mi.VarTupleType):
-        return ("array", nullable)
+        return ("array", nullable, info.max_length)
     if isinstance(info, mi.RawType):
         return ("object", nullable)
     raise AssertionError(f"unexpected type {info!r}")
@@ -71,11 +74,16 @@ def describe(info: mi.Type) -> tuple[Any, ...]:
 
 def expected(rule: fields.Rule) -> tuple[Any, ...]:
     if rule.kind == "string":
-        return ("string", rule.nullable, rule.min_length)
+        return ("string", rule.nullable, rule.min_length, rule.max_length)
     if rule.kind == "integer":
         return ("integer", rule.nullable, rule.minimum, rule.maximum)
     if rule.kind == "number":
         return ("number", rule.nullable, rule.minimum, rule.exclusive_minimum, rule.maximum)
+    if rule.kind == "labels":
+        limits = (rule.max_length, fields.MAX_LABEL_KEY, fields.MAX_LABEL_VALUE)
+        return ("labels", rule.nullable, *limits)
+    if rule.kind == "array":
+        return ("array", rule.nullable, rule.max_length)
     return (rule.kind, rule.nullable)
 
 
@@ -88,13 +96,19 @@ def test_typed_fields_restate_the_rule_table(
     by_name = {f.name: f for f in info.fields}
     for rule in rules:
         field = by_name[rule.name]
-        if rule.name == "time":  # an RFC 3339 string; both paths parse it with parse_time
-            assert describe(field.type) == ("string", False, 1)
-            continue
+        # `time` is an RFC 3339 string, which both paths parse with parse_time.
         assert describe(field.type) == expected(rule), rule.name
-        assert field.required is (rule.name not in fields.OPTIONAL), rule.name
+        if struct is not PodInfo:
+            assert field.required is (rule.name not in fields.OPTIONAL), rule.name
     if struct is not _Envelope:
         assert set(by_name) == {r.name for r in rules}
+
+
+def test_every_string_and_collection_has_a_maximum_length() -> None:
+    tables = [fields.ENVELOPE, fields.PROCESS, fields.GPU_SAMPLE, fields.POD, fields.TOKENS]
+    for rule in (r for table in tables for r in table):
+        if rule.kind in ("string", "labels", "array"):
+            assert rule.max_length is not None, rule.name
 
 
 # --------------------------------------------------------------------------- same answers
