@@ -43,6 +43,7 @@ from streams.store import (
     add_clickhouse_option,
     embedded_dsn,
     redact,
+    split_dsn,
     store_from_args,
 )
 from streams.worker_cli import add_policy_options
@@ -169,8 +170,7 @@ def _guarded(command: str, args: argparse.Namespace, body: Callable[[], int]) ->
 
 def _open(args: argparse.Namespace) -> ClickHouseStore:
     dsn: str = args.clickhouse
-    if "://" not in dsn:
-        raise ConfigError(f"--clickhouse {dsn!r} is not chdb:///path or http(s)://host:port/db")
+    split_dsn(dsn)  # a DSN of no known scheme is refused here, its password masked
     # clickhouse-connect logs connection failures itself; the one line below says it all
     driver_log = logging.getLogger("clickhouse_connect")
     driver_log.addHandler(logging.NullHandler())

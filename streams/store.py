@@ -10,16 +10,17 @@ import contextlib
 import re
 import struct
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from runtime.errors import StoreError, StoreLockedError
+from runtime.errors import ConfigError, StoreError, StoreLockedError
 from runtime.options import EnvSecret, add_env_option, add_env_secret
 from streams.rows import Row, as_values, column_names
 
@@ -42,13 +43,31 @@ def embedded_dsn(dsn: str) -> str:
     return f"chdb://{Path(folder).resolve()}"
 
 
-def redact(dsn: str) -> str:
-    """The DSN without its password, for logs and messages."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+# `user:password@` in a URL or a scheme-less `user:password@host:port`: the user is kept. The
+# password runs to the last `@` before the host, so one holding `@` or `:` is masked whole.
+_USERINFO = re.compile(r"(?P<user>[^\s/@:'\"]*):(?P<password>[^\s/'\"]*)@")
+# A query parameter or `name=value` whose name looks secret (password, passwd, pwd, secret,
+# token, access_token, api_key, auth, credentials...).
+_SECRET_PARAM = re.compile(
+    r"(?P<name>(?:^|(?<=[?&;\s,(]))[A-Za-z0-9_.-]*(?:pass|pwd|secret|token|key|auth|cred)"
+    r"[A-Za-z0-9_.-]*=)(?P<value>[^&;\s'\",)#]*)",
+    re.IGNORECASE,
+)
+_SHORTEST_SECRET = 4  # a shorter known secret is not replaced wherever its letters occur
+
+
+def redact(text: str, *, secrets: Iterable[str | None] = ()) -> str:
+    """A DSN, or any message quoting one, with every password in it masked: the password of
+    `scheme://user:password@` and of a scheme-less `user:password@host:port`, the value of a
+    secret-looking parameter (`?password=`, `access_token=`, ...), and each of `secrets` (the
+    password from the environment or a file) wherever it appears, plain or URL-encoded."""
+    shown = _USERINFO.sub(lambda m: f"{m['user']}:***@", text)
+    shown = _SECRET_PARAM.sub(lambda m: f"{m['name']}***", shown)
+    for secret in secrets:
+        if secret and len(secret) >= _SHORTEST_SECRET:
+            for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+                shown = shown.replace(form, "***")
+    return shown
 
 
 def add_clickhouse_option(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
@@ -106,37 +125,128 @@ def ddl_statements(database: str) -> list[str]:
     return statements
 
 
+SCHEMES = ("chdb", "http", "https")
+TIMEOUT_EXCEEDED = 159  # ClickHouse's code for a query stopped by max_execution_time
+
+
+def split_dsn(dsn: str) -> tuple[str, str | None]:
+    """The DSN without a `?password=` parameter (clickhouse-connect takes it as an argument,
+    not in the DSN), and that password. A DSN of another scheme, or none (`user:pass@host`
+    reads as scheme `user`), is refused, with its password masked."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in SCHEMES or (parts.scheme != "chdb" and not parts.hostname):
+        raise ConfigError(
+            f"--clickhouse {redact(dsn)!r} is not chdb:///path or http(s)://user@host:port/db"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    passwords = [value for name, value in query if name == "password"]
+    if not passwords:
+        return dsn, None
+    kept = urlencode([(name, value) for name, value in query if name != "password"])
+    return parts._replace(query=kept).geturl(), passwords[-1]
+
+
+class TimeLimit:
+    """The deadline of one read: each query it makes runs with ClickHouse's
+    `max_execution_time` set to the time left, so the engine stops it there; `exceeded` says
+    whether the limit cut the read short."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.exceeded = False
+
+    def settings(self) -> dict[str, Any]:
+        left_s = self.deadline - time.monotonic()
+        if left_s <= 0:
+            self.exceeded = True
+            raise StoreError(f"ClickHouse query not run: the {self.seconds:g} s limit has passed")
+        return {"max_execution_time": round(max(left_s, 0.001), 3)}
+
+
 class ClickHouseStore:
-    """One connection; a lock serialises calls because a client is not thread safe."""
+    """One connection; a lock serialises calls because a client is not thread safe.
+
+    `read_only`: the connection refuses writes (`readonly=2`, which still lets a query set
+    its own time limit). `reader()` opens such a second connection for reports, so that a
+    read neither waits for the writer's lock nor holds it."""
 
     def __init__(
-        self, dsn: str, *, database: str | None = None, password: str | None = None
+        self,
+        dsn: str,
+        *,
+        database: str | None = None,
+        password: str | None = None,
+        read_only: bool = False,
     ) -> None:
+        dsn, dsn_password = split_dsn(dsn)
         parts = urlsplit(dsn)
         self.embedded = parts.scheme == "chdb"
         self.dsn = embedded_dsn(dsn) if self.embedded else dsn
-        self._password = password
+        self.read_only = read_only
+        # A password in the DSN beats the one from the environment or file; one in its user
+        # part is read from there by clickhouse-connect.
+        self._password = dsn_password if dsn_password is not None else password
+        if parts.password is not None and dsn_password is None:
+            self._password = None
+        self._secrets = [s for s in (password, dsn_password, parts.password) if s]
         path_db = parts.path.strip("/") if not self.embedded else ""
         self.database = database or path_db or DEFAULT_DATABASE
         if not _DB_NAME.match(self.database):
-            raise StoreError(f"invalid database name {self.database!r}")
+            raise StoreError(f"invalid database name {self._redact(self.database)!r}")
         self._lock = threading.Lock()
+        self._limit: TimeLimit | None = None
         self._client = self._connect()
 
+    def _redact(self, text: str) -> str:
+        return redact(text, secrets=self._secrets)
+
     def _connect(self) -> Any:
+        settings = {"readonly": 2} if self.read_only else {}
         try:
             if self.embedded:
-                return clickhouse_connect.get_client(dsn=self.dsn)
+                return clickhouse_connect.get_client(dsn=self.dsn, settings=settings)
             # The server's default database need not exist yet: connect to `default`.
             parts = urlsplit(self.dsn)
             extra: dict[str, Any] = {}
-            if self._password is not None and parts.password is None:
+            if self._password is not None:
                 extra["password"] = self._password
             return clickhouse_connect.get_client(
-                dsn=parts._replace(path="/default").geturl(), connect_timeout=5, **extra
+                dsn=parts._replace(path="/default").geturl(),
+                connect_timeout=5,
+                settings=settings,
+                **extra,
             )
         except Exception as exc:  # clickhouse-connect and chdb raise many types here
-            raise _convert(exc, f"cannot open ClickHouse at {redact(self.dsn)}") from exc
+            raise self._error(exc, f"cannot open ClickHouse at {self._redact(self.dsn)}") from exc
+
+    def _error(self, exc: Exception, context: str) -> StoreError:
+        """`exc` as a StoreError, with no secret in its text; a query stopped by the engine
+        under a time limit marks the limit exceeded."""
+        error = _convert(exc, context)
+        if self._limit is not None and _code(exc) == TIMEOUT_EXCEEDED:
+            self._limit.exceeded = True
+        text = self._redact(str(error))
+        if text != str(error):
+            error = type(error)(text, retriable=error.retriable)
+        return error
+
+    def reader(self) -> ClickHouseStore:
+        """A second, read-only connection to the same database, with its own client and lock.
+        On chDB it is another handle on the engine this process already runs."""
+        return ClickHouseStore(
+            self.dsn, database=self.database, password=self._password, read_only=True
+        )
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float) -> Iterator[TimeLimit]:
+        """Bound the queries made inside to `seconds` in all. For a connection that serves
+        one read at a time (a reader handed out by a pool)."""
+        limit = self._limit = TimeLimit(seconds)
+        try:
+            yield limit
+        finally:
+            self._limit = None
 
     def create_schema(self) -> None:
         for statement in ddl_statements(self.database):
@@ -147,28 +257,27 @@ class ClickHouseStore:
             try:
                 return self._client.command(sql, parameters=parameters)
             except Exception as exc:
-                raise _convert(exc, "ClickHouse command failed") from exc
+                raise self._error(exc, "ClickHouse command failed") from exc
+
+    def _query(self, sql: str, parameters: dict[str, Any] | None) -> Any:
+        settings = self._limit.settings() if self._limit is not None else None
+        with self._lock:
+            try:
+                return self._client.query(sql, parameters=parameters, settings=settings)
+            except Exception as exc:
+                raise self._error(exc, "ClickHouse query failed") from exc
 
     def query_rows(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                result = self._client.query(sql, parameters=parameters)
-            except Exception as exc:
-                raise _convert(exc, "ClickHouse query failed") from exc
-            return [tuple(r) for r in result.result_rows]
+        return [tuple(r) for r in self._query(sql, parameters).result_rows]
 
     def query_dicts(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        with self._lock:
-            try:
-                result = self._client.query(sql, parameters=parameters)
-            except Exception as exc:
-                raise _convert(exc, "ClickHouse query failed") from exc
-            names = result.column_names
-            return [dict(zip(names, r, strict=True)) for r in result.result_rows]
+        result = self._query(sql, parameters)
+        names = result.column_names
+        return [dict(zip(names, r, strict=True)) for r in result.result_rows]
 
     def insert_rows(self, rows: Iterable[Row], *, dedup_token: str | None = None) -> int:
         """Insert rows of any of the three tables; one insert per table. Returns rows written.
@@ -205,7 +314,7 @@ class ClickHouseStore:
                     f"{self.database}.{table}", values, column_names=columns, settings=settings
                 )
             except Exception as exc:
-                raise _convert(exc, f"insert into {table} failed") from exc
+                raise self._error(exc, f"insert into {table} failed") from exc
 
     def close(self) -> None:
         with self._lock, contextlib.suppress(Exception):  # closing is best effort
@@ -277,12 +386,18 @@ def is_retriable(exc: BaseException) -> bool:
     if isinstance(exc, (DataError, ProgrammingError)):
         return False  # the client could not encode the values, or named unknown columns
     if isinstance(exc, ClickHouseError):
-        code = getattr(exc, "code", None)
-        if code is None:
-            found = _CODE.search(str(exc))
-            code = int(found.group(1)) if found else None
+        code = _code(exc)
         if code == TOO_MANY_PARTS:
             return PARTITIONS_LIMIT not in str(exc)
         return code not in REFUSED_CODES
     # chDB and the client's encoders raise these bare for a value its column cannot take
     return not isinstance(exc, (ValueError, TypeError, ArithmeticError, struct.error))
+
+
+def _code(exc: BaseException) -> int | None:
+    """The ClickHouse error code of `exc`, from its attribute or its text."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    found = _CODE.search(str(exc))
+    return int(found.group(1)) if found else None
