@@ -143,6 +143,10 @@ Decoded = Ok[GpuSample] | Ok[PodInfo] | Ok[TokenDelta] | Rejected
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
+_SEPARATORS = ("--T::", "--t::")  # at 4, 7, 10, 13 and 16 in YYYY-MM-DDTHH:MM:SS
+_MAX_TIME = fields.MAX_TIME
+_FIRST_MS = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // _MILLISECOND
+_LAST_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // _MILLISECOND
 
 _TYPE_OF_PAYLOAD: dict[type[Any], str] = {
     GpuSample: GPU_SAMPLE_TYPE,
@@ -152,16 +156,28 @@ _TYPE_OF_PAYLOAD: dict[type[Any], str] = {
 
 
 def format_time(time_ms: int) -> str:
-    """RFC 3339 UTC with millisecond precision, e.g. ``2026-11-26T10:00:00.000Z``."""
-    moment = datetime.fromtimestamp(time_ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{time_ms % 1000:03d}Z"
+    """RFC 3339 UTC with millisecond precision, e.g. ``2026-11-26T10:00:00.000Z``; raises
+    ValueError for a time outside the years 0001-9999. Integer arithmetic: exact at any date."""
+    try:
+        moment = _EPOCH + timedelta(milliseconds=time_ms)
+    except OverflowError as exc:
+        raise ValueError(f"{time_ms} ms since 1970 is outside the years 0001-9999") from exc
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}.{time_ms % 1000:03d}Z"
+    )
 
 
 _TIMES: dict[str, int] = {}  # recent timestamps: an agent stamps all its devices alike
 
 
 def parse_time(text: str) -> int:
-    """Unix milliseconds from an RFC 3339 timestamp; raises ValueError on anything else."""
+    """Unix milliseconds from an RFC 3339 date-time, ``YYYY-MM-DDTHH:MM:SS[.fraction]`` then
+    ``Z`` or ``+HH:MM`` / ``-HH:MM`` (RFC 3339 §5.6; ``t`` and ``z`` may be lower case). Digits
+    past the millisecond are cut. Raises ValueError on anything else: ISO 8601's other forms
+    (week and ordinal dates, the basic format, a space for the ``T``), a missing offset, a
+    component out of range (a leap second too: Unix time has none), or an instant outside the
+    years 0001-9999 in UTC."""
     known = _TIMES.get(text)
     if known is not None:
         return known
@@ -172,10 +188,27 @@ def parse_time(text: str) -> int:
 
 
 def _parse_time(text: str) -> int:
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
+    # The layout is checked here, datetime.fromisoformat (C) checks the digits and the ranges:
+    # it takes a superset of RFC 3339, and everything beyond it breaks the layout checked first.
+    size = len(text)
+    if not (19 <= size <= _MAX_TIME and text.isascii() and text[4:17:3] in _SEPARATORS):
+        raise ValueError("not YYYY-MM-DDTHH:MM:SS with Z or an offset")
+    zone = text[-1]
+    if zone == "Z" or zone == "z":  # two compares: faster than `in`
+        zone_at = size - 1
+    elif text[-6] in "+-" and text[-3] == ":" and text[-2] <= "5":  # fromisoformat: +01:60 is 2 h
+        zone_at = size - 6
+    elif zone.isdigit() and size == 19:
         raise ValueError("timestamp has no UTC offset")
-    return (moment - _EPOCH) // _MILLISECOND
+    else:
+        raise ValueError("UTC offset is not Z, +HH:MM or -HH:MM")
+    if zone_at != 19 and (zone_at < 21 or text[19] != "."):  # fromisoformat takes "," and ".Z"
+        raise ValueError("seconds are not followed by a dot and digits, nor by the offset")
+    moment = datetime.fromisoformat(text if zone != "z" and text[10] != "t" else text.upper())
+    time_ms = (moment - _EPOCH) // _MILLISECOND
+    if not _FIRST_MS <= time_ms <= _LAST_MS:  # an offset took it past year 1 or 9999
+        raise ValueError("outside the years 0001-9999 in UTC")
+    return time_ms
 
 
 def make_event(data: P, *, event_id: str, source: str, time_ms: int) -> CloudEvent[P]:
