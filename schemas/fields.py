@@ -21,7 +21,7 @@ MAX_TOKENS = 10**12
 # hostile producer is refused; together they bound what one event makes the worker keep (a
 # pod's labels stay in memory as long as the pod) and write to ClickHouse and dead letters.
 MAX_SPECVERSION = 16  # "1.0"
-MAX_EVENT_ID = 1024  # the longest gpuledger writes is "<pod uid>:<model>:<ms>", under 930
+MAX_EVENT_ID = 1024  # the longest gpuledger writes, "<pod uid>:<model>:<ms>", is up to 913
 MAX_SOURCE = 1024  # "gpuledger/agent/<cluster>/<node>": 17 + 253 + 1 + 253
 MAX_TYPE = 256  # "io.gpuledger.gpu.sample.v1"; CloudEvents types are reverse-DNS names
 MAX_TIME = 64  # RFC 3339 with nanoseconds and an offset is 35
