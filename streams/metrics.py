@@ -3,14 +3,19 @@
 Business code calls the named hooks; it never touches prometheus-client directly. Names follow
 Prometheus conventions: `gpuledger_` prefix, `_total` counters, base units, `_usd` money.
 Series labelled by input partition are removed when the partition is revoked, so a worker
-exposes only the partitions it owns. Series labelled by what the input names (device, GPU model,
-event source, team) are bounded: `prune(now_s)` removes those not updated for `series_ttl_s`,
-and no family holds more than `max_series` (the least recently updated go first; the team
-rates fold the smallest into `__other__`).
+exposes only the partitions it owns. Series labelled by what the input names (device, node,
+cluster, GPU model, event source, team) are bounded: `prune(now_s)` removes those not updated
+for `series_ttl_s`, and no family holds more than `max_series` (the least recently updated go
+first; the team rates fold the smallest into `__other__`). The rejection and dead-letter
+counters, labelled by topic and reason, keep the first MAX_REASON_SERIES label pairs and count
+the rest under `__other__`. Every label value taken from the input is cut to MAX_LABEL_CHARS
+(`bounded_label`).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
@@ -22,13 +27,33 @@ from streams.rows import KIND_IDLE, UNTAGGED, CostRow
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
+OTHER = "__other__"  # the label value of a series shared by what a family has no room for
 # Event sources (CloudEvent `source`, e.g. `agent/node-7`) come from event data: the first
 # MAX_SOURCES get a series of their own, the rest share OTHER_SOURCE.
 MAX_SOURCES = 2000
-OTHER_SOURCE = "__other__"
+OTHER_SOURCE = OTHER
 CLOCK_SERIES_TTL_S = 900.0  # a source silent this long loses its clock-offset series
 SERIES_TTL_S = 3600.0  # the default retention: a device, model or source silent this long
 MAX_SERIES = 50_000  # per label family
+# Topics and reasons come from the worker's own code, a few dozen pairs; a cap all the same, so
+# that no change upstream can make them grow without bound.
+MAX_REASON_SERIES = 1000
+# The longest label value exposed: a longer one from the input keeps its head and a hash of the
+# whole (`bounded_label`), so a megabyte cluster name costs 128 characters per scrape, not 1 MB.
+MAX_LABEL_CHARS = 128
+_DIGEST_BYTES = 6  # 12 hex characters: two long values that share their head stay apart
+
+
+def bounded_label(value: str) -> str:
+    """`value`, or, when longer than MAX_LABEL_CHARS, its head, "…" and a hash of the whole."""
+    return value if len(value) <= MAX_LABEL_CHARS else _shortened(value)
+
+
+@functools.lru_cache(maxsize=4096)  # a long value repeats every window: hashed once
+def _shortened(value: str) -> str:
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES)
+    head = MAX_LABEL_CHARS - 1 - 2 * _DIGEST_BYTES
+    return f"{value[:head]}\u2026{digest.hexdigest()}"
 
 
 class WorkerMetrics:
@@ -158,6 +183,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self._evicted_seen: dict[str, int] = {}
+        self._rejected_labels = _FirstSeen(MAX_REASON_SERIES)
+        self._dead_letter_labels = _FirstSeen(MAX_REASON_SERIES)
         self._sources: set[str] = set()
         # When each series named by the input was last updated (wall time), oldest first.
         self._offsets = _Recency()  # (source,)
@@ -227,20 +254,22 @@ class WorkerMetrics:
         self._child(self._duplicates, topic).inc(count)
 
     def event_rejected(self, topic: str, reason: str) -> None:
-        self._rejected.labels(topic, reason).inc()
+        self._child(self._rejected, *self._rejected_labels(topic, reason)).inc()
 
     def dead_lettered(self, topic: str, reason: str) -> None:
-        self._dead_letters.labels(topic, reason).inc()
+        self._child(self._dead_letters, *self._dead_letter_labels(topic, reason)).inc()
 
     def unknown_gpu_model(self, gpu_model: str, now_s: float | None = None) -> None:
         """A sample priced at the price book's default."""
         now = time.time() if now_s is None else now_s
+        gpu_model = bounded_label(gpu_model)
         for labels in self._touch(self._models, (gpu_model,), now):
             self._remove(self._unknown_model, labels)
         self._child(self._unknown_model, gpu_model).inc()
 
     def _source(self, source: str) -> str:
         """The label for an event source: its own for the first MAX_SOURCES, then shared."""
+        source = bounded_label(source)
         if source in self._sources:
             return source
         if len(self._sources) < MAX_SOURCES:
@@ -348,20 +377,23 @@ class WorkerMetrics:
 
     def _refresh_rates(self) -> None:
         """Set the rate gauges from each owned device's latest window; a team or cluster no
-        longer in any of them loses its series."""
+        longer in any of them loses its series. Devices are at most `max_series`, so are the
+        idle series (one a device) and the clusters (at most one a device); the team rates
+        are folded to fit."""
         per_hour = 3600 / self._window_s
         team_rates: dict[tuple[str, str], float] = {}
         untagged: dict[str, float] = {}
         for _, device_rows in self._latest.values():
             for row in device_rows:
                 rate = float(row.cost_usd) * per_hour
-                team_rates[(row.cluster, row.team)] = team_rates.get((row.cluster, row.team), 0)
-                team_rates[(row.cluster, row.team)] += rate
-                untagged.setdefault(row.cluster, 0.0)
+                cluster = bounded_label(row.cluster)
+                team_key = (cluster, bounded_label(row.team))
+                team_rates[team_key] = team_rates.get(team_key, 0.0) + rate
+                untagged.setdefault(cluster, 0.0)
                 if row.team == UNTAGGED:
-                    untagged[row.cluster] += rate
+                    untagged[cluster] += rate
                 if row.kind == KIND_IDLE:
-                    labels = (row.cluster, row.node, row.device_uuid)
+                    labels = (cluster, bounded_label(row.node), bounded_label(row.device_uuid))
                     previous = self._idle_series.get(row.device_uuid)
                     if previous != labels:
                         if previous is not None:
@@ -382,19 +414,45 @@ class WorkerMetrics:
         self._untagged_series = set(untagged)
 
 
-OTHER_TEAM = "__other__"
+OTHER_TEAM = OTHER
 
 
 def _fold_smallest(
     team_rates: dict[tuple[str, str], float], max_series: int
 ) -> dict[tuple[str, str], float]:
-    """The `max_series - 1` largest team rates, and the rest summed per cluster as `__other__`
-    (where there are many clusters, one `__other__` each)."""
+    """The `max_series - 1` largest team rates, and the rest summed in one more series: the
+    cluster's `__other__` team where the rest is of one cluster, else `__other__` of cluster
+    `__other__`. So the family never holds more than `max_series`, and the total is kept."""
     ranked = sorted(team_rates.items(), key=lambda item: item[1], reverse=True)
     kept = dict(ranked[: max_series - 1])
-    for (cluster, _), rate in ranked[max_series - 1 :]:
-        kept[(cluster, OTHER_TEAM)] = kept.get((cluster, OTHER_TEAM), 0.0) + rate
+    rest = ranked[max_series - 1 :]
+    clusters = {cluster for (cluster, _), _ in rest}
+    target = (clusters.pop() if len(clusters) == 1 else OTHER, OTHER_TEAM)
+    kept[target] = kept.get(target, 0.0) + sum(rate for _, rate in rest)
     return kept
+
+
+class _FirstSeen:
+    """The labels of a family whose values should be few: the first `max_series - 1` label
+    sets keep their own series, any later one counts in the one of `__other__` (values cut to
+    MAX_LABEL_CHARS)."""
+
+    __slots__ = ("_seen", "max_series")
+
+    def __init__(self, max_series: int) -> None:
+        self.max_series = max_series
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, *labels: str) -> tuple[str, ...]:
+        if labels in self._seen:
+            return labels
+        bounded = tuple(bounded_label(value) for value in labels)
+        if bounded in self._seen:
+            return bounded
+        if len(self._seen) < self.max_series - 1:
+            self._seen.add(bounded)
+            return bounded
+        return (OTHER,) * len(labels)
 
 
 class _Recency:
