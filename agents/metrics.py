@@ -1,15 +1,89 @@
 """Every Prometheus metric of the three producers, declared here and nowhere else.
 
 Each producer builds one metrics object from an injected registry; business code calls the named
-hooks. Names are part of the contract (alerts and dashboards use them).
+hooks. Names are part of the contract (alerts and dashboards use them). Labels named by what
+NVML or the API server reports are bounded: a family labelled by device keeps the
+MAX_DEVICE_SERIES most recently updated devices (and `devices_present` removes the gauges of
+devices gone), one labelled by an error or event type keeps the first MAX_NAMED_SERIES and
+counts the rest under `__other__`, and no label value is longer than MAX_LABEL_CHARS.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# A node has at most 8 GPUs of 7 MIG instances each: room for every device a node can hold
+# several times over, never for an unbounded stream of them.
+MAX_DEVICE_SERIES = 256
+# NVML error names, watch event types: a handful each, capped all the same.
+MAX_NAMED_SERIES = 256
+OTHER = "__other__"
+# The longest label value exposed; a longer one keeps its head and a hash of the whole.
+MAX_LABEL_CHARS = 128
+_DIGEST_BYTES = 6
+
+
+def bounded_label(value: str) -> str:
+    """`value`, or, when longer than MAX_LABEL_CHARS, its head, "…" and a hash of the whole."""
+    return value if len(value) <= MAX_LABEL_CHARS else _shortened(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _shortened(value: str) -> str:
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES)
+    head = MAX_LABEL_CHARS - 1 - 2 * _DIGEST_BYTES
+    return f"{value[:head]}\u2026{digest.hexdigest()}"
+
+
+class _FirstSeen:
+    """The first `max_series - 1` label sets keep their own series; later ones share one of
+    `__other__`."""
+
+    __slots__ = ("_seen", "max_series")
+
+    def __init__(self, max_series: int = MAX_NAMED_SERIES) -> None:
+        self.max_series = max_series
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, *labels: str) -> tuple[str, ...]:
+        bounded = tuple(bounded_label(value) for value in labels)
+        if bounded in self._seen:
+            return bounded
+        if len(self._seen) < self.max_series - 1:
+            self._seen.add(bounded)
+            return bounded
+        return (OTHER,) * len(labels)
+
+
+class _DeviceSeries:
+    """The devices of one family with a series, least recently updated first: past
+    `max_series` the oldest is removed."""
+
+    __slots__ = ("_devices", "_metric", "max_series")
+
+    def __init__(self, metric: Gauge | Counter, max_series: int = MAX_DEVICE_SERIES) -> None:
+        self._metric = metric
+        self.max_series = max_series
+        self._devices: dict[str, tuple[str, ...]] = {}  # device label -> its series' labels
+
+    def labels(self, device_uuid: str, *labels: str) -> tuple[str, ...]:
+        device = bounded_label(device_uuid)
+        full = (*labels, device)
+        if self._devices.pop(device, None) is None:
+            while len(self._devices) >= self.max_series:
+                self._metric.remove(*self._devices.pop(next(iter(self._devices))))
+        self._devices[device] = full
+        return full
+
+    def keep_only(self, device_uuids: Iterable[str]) -> None:
+        present = {bounded_label(uuid) for uuid in device_uuids}
+        for device in [d for d in self._devices if d not in present]:
+            self._metric.remove(*self._devices.pop(device))
 
 
 class BufferMetrics:
@@ -29,6 +103,7 @@ class BufferMetrics:
         wall_clock_s: Callable[[], float] = time.time,
     ) -> None:
         labels = ("cluster", "node")
+        cluster, node = bounded_label(cluster), bounded_label(node)
         self._wall_clock_s = wall_clock_s
         self._oldest_event_time_s: float | None = None
         self._size = Gauge(
@@ -95,6 +170,7 @@ class BufferMetrics:
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry, cluster: str, node: str) -> None:
+        cluster, node = bounded_label(cluster), bounded_label(node)
         self.cluster, self.node = cluster, node
         labels = ("cluster", "node")
         self.buffer = BufferMetrics(registry, "gpuledger_agent", cluster, node)
@@ -147,6 +223,9 @@ class AgentMetrics:
             labels,
             registry=registry,
         ).labels(cluster, node)
+        self._nvml_error_labels = _FirstSeen()
+        self._util_devices = _DeviceSeries(self._util_unsupported)
+        self._lost_devices = _DeviceSeries(self._lost)
         self._duration = Histogram(
             "gpuledger_agent_sample_duration_seconds",
             "Time to sample every device once",
@@ -165,16 +244,23 @@ class AgentMetrics:
         self._devices.set(count)
 
     def nvml_error(self, call: str, error: str) -> None:
-        self._nvml_errors.labels(self.cluster, self.node, call, error).inc()
+        labels = self._nvml_error_labels(call, error)
+        self._nvml_errors.labels(self.cluster, self.node, *labels).inc()
 
     def process_util_unsupported(self, device_uuid: str, unsupported: bool) -> None:
-        self._util_unsupported.labels(self.cluster, self.node, device_uuid).set(int(unsupported))
+        labels = self._util_devices.labels(device_uuid, self.cluster, self.node)
+        self._util_unsupported.labels(*labels).set(int(unsupported))
+
+    def devices_present(self, device_uuids: Iterable[str]) -> None:
+        """The devices found: the per-device gauges of the others are removed (the loss
+        counters stay, within MAX_DEVICE_SERIES, for alerts to see the loss)."""
+        self._util_devices.keep_only(device_uuids)
 
     def reinit(self, ok: bool) -> None:
         self._reinits.labels(self.cluster, self.node, "ok" if ok else "failed").inc()
 
     def device_lost(self, device_uuid: str) -> None:
-        self._lost.labels(self.cluster, self.node, device_uuid).inc()
+        self._lost.labels(*self._lost_devices.labels(device_uuid, self.cluster, self.node)).inc()
 
     def pid_unresolved(self) -> None:
         self._unresolved.inc()
@@ -183,7 +269,8 @@ class AgentMetrics:
 class PodsMetrics:
     def __init__(self, registry: CollectorRegistry, cluster: str) -> None:
         labels = ("cluster",)
-        self.cluster = cluster
+        self.cluster = cluster = bounded_label(cluster)
+        self._watch_labels = _FirstSeen()
         self.buffer = BufferMetrics(registry, "gpuledger_pods", cluster, "")
         self._events = Counter(
             "gpuledger_pods_events",
@@ -224,7 +311,8 @@ class PodsMetrics:
         self._last_event.set(now_s)
 
     def watch_event(self, resource: str, event_type: str) -> None:
-        self._watch_events.labels(self.cluster, resource, event_type).inc()
+        labels = self._watch_labels(resource, event_type)
+        self._watch_events.labels(self.cluster, *labels).inc()
 
     def relist(self, resource: str, reason: str) -> None:
         self._relists.labels(self.cluster, resource, reason).inc()
@@ -239,6 +327,7 @@ class PodsMetrics:
 class TokensMetrics:
     def __init__(self, registry: CollectorRegistry, cluster: str, node: str) -> None:
         labels = ("cluster", "node")
+        cluster, node = bounded_label(cluster), bounded_label(node)
         self.cluster, self.node = cluster, node
         self.buffer = BufferMetrics(registry, "gpuledger_tokens", cluster, node)
         self._targets = Gauge(
