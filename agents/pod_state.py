@@ -10,6 +10,7 @@ A pod's first event carries its creation time, so metadata covers everything it 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,9 @@ from typing import Any
 from msgspec.structs import replace
 
 from schemas.events import PodInfo
+from schemas.fields import MAX_LABELS, fit_labels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,21 @@ def _created_ms(meta: Mapping[str, Any]) -> int | None:
         return None
 
 
+def _labels(meta: Mapping[str, Any], what: str) -> dict[str, str]:
+    """The object's labels an event can carry. Kubernetes bounds each key and value but not
+    their number: beyond MAX_LABELS, the first in key order are kept."""
+    labels, dropped = fit_labels({str(k): str(v) for k, v in (meta.get("labels") or {}).items()})
+    if dropped:
+        log.warning(
+            "%s: %d labels left out of its events (at most %d, keys and values within "
+            "Kubernetes' limits)",
+            what,
+            dropped,
+            MAX_LABELS,
+        )
+    return labels
+
+
 def _pod(obj: Mapping[str, Any]) -> _Pod | None:
     meta = obj.get("metadata") or {}
     uid = meta.get("uid")
@@ -59,7 +78,7 @@ def _pod(obj: Mapping[str, Any]) -> _Pod | None:
         namespace=str(meta["namespace"]),
         name=str(meta["name"]),
         node=str((obj.get("spec") or {}).get("nodeName") or ""),
-        labels={str(k): str(v) for k, v in (meta.get("labels") or {}).items()},
+        labels=_labels(meta, f"pod {meta['namespace']}/{meta['name']}"),
         resource_version=str(meta.get("resourceVersion", "")),
         created_ms=_created_ms(meta),
     )
@@ -79,7 +98,7 @@ class PodState:
         name = meta.get("name")
         if not name:
             return []
-        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+        labels = _labels(meta, f"namespace {name}")
         self.namespaces[str(name)] = (labels, str(meta.get("resourceVersion", "")))
         return self._emit_all([p for p in self.pods.values() if p.namespace == name], now_ms)
 
@@ -94,7 +113,7 @@ class PodState:
         for obj in items:
             meta = obj.get("metadata") or {}
             if meta.get("name"):
-                labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+                labels = _labels(meta, f"namespace {meta['name']}")
                 self.namespaces[str(meta["name"])] = (labels, str(meta.get("resourceVersion", "")))
         out.extend(self._emit_all(list(self.pods.values()), now_ms))
         return out

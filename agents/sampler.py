@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pynvml
@@ -23,6 +23,7 @@ from agents.cgroup import PodRef, parse_cgroup
 from agents.metrics import AgentMetrics
 from agents.nvml_devices import DRIVER_ERRORS, LOST_ERRORS, Device, discover, error_name
 from schemas.events import CloudEvent, GpuSample, ProcessSample, make_event
+from schemas.fields import MAX_PROCESSES, fit_labels
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ class DeviceSampler:
         monotonic_clock: Callable[[], float] | None = None,
     ) -> None:
         self.nvml = nvml
+        labels, dropped = fit_labels(settings.node_labels)
+        if dropped:
+            log.warning(
+                "%d node labels left out of the samples: keys and values longer than "
+                "Kubernetes allows, or more labels than an event carries",
+                dropped,
+            )
+            settings = replace(settings, node_labels=labels)
         self.settings = settings
         self.metrics = metrics
         self.cgroup_reader = cgroup_reader
@@ -228,6 +237,15 @@ class DeviceSampler:
                     sm_util_pct=util,
                 )
             )
+        if len(processes) > MAX_PROCESSES:  # NVML sets no count; an event carries so many
+            log.warning(
+                "%s lists %d processes; its sample carries the %d using the most memory",
+                device.device_uuid,
+                len(processes),
+                MAX_PROCESSES,
+            )
+            processes.sort(key=lambda p: p.mem_used_bytes, reverse=True)
+            del processes[MAX_PROCESSES:]
         now_mono = self.monotonic_clock()
         previous = state.previous_monotonic_s
         elapsed = now_mono - previous if previous is not None else self.settings.interval_s

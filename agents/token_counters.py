@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from schemas.fields import MAX_MODEL
+
 UNKNOWN_MODEL = "unknown"
 
 
@@ -187,11 +189,13 @@ def parse_totals(text: str, default_model: str = UNKNOWN_MODEL) -> dict[str, Cou
 
 
 def _model(labels: dict[str, str], keys: tuple[str, ...], default: str) -> str:
+    """The series' model name, cut to the MAX_MODEL characters an event carries (a served
+    model name can be a long file path)."""
     for key in keys:
         value = labels.get(key)
         if value:
-            return value
-    return default
+            return value[:MAX_MODEL]
+    return default[:MAX_MODEL]
 
 
 def counter_delta(previous: CounterTotals | None, current: CounterTotals) -> Delta | None:

@@ -19,6 +19,7 @@ from agents.metrics import TokensMetrics
 from agents.token_counters import UNKNOWN_MODEL, CounterTotals, counter_delta, parse_totals
 from runtime.errors import ConfigError
 from schemas.events import CloudEvent, TokenDelta, make_event
+from schemas.fields import MAX_DNS_LABEL, MAX_DNS_SUBDOMAIN, MAX_MODEL, MAX_SERIES_UID
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,24 @@ def targets_from_pods(pods: Iterable[Mapping[str, Any]]) -> list[ScrapeTarget]:
         scheme = str(notes.get(SCHEME) or "http")
         ip = str(status["podIP"])
         host = f"[{ip}]" if ":" in ip else ip
+        model = str(notes.get(MODEL) or UNKNOWN_MODEL)
+        if len(model) > MAX_MODEL:  # annotations are bounded only by their total, 256 KiB
+            log.warning(
+                "pod %s/%s: annotation %s has %d characters; its events carry the first %d",
+                meta.get("namespace"),
+                meta.get("name"),
+                MODEL,
+                len(model),
+                MAX_MODEL,
+            )
+            model = model[:MAX_MODEL]
         targets.append(
             ScrapeTarget(
                 namespace=str(meta.get("namespace", "")),
                 pod=str(meta.get("name", "")),
                 pod_uid=str(meta.get("uid", "")),
                 url=f"{scheme}://{host}:{port}{path}",
-                default_model=str(notes.get(MODEL) or UNKNOWN_MODEL),
+                default_model=model,
             )
         )
     return targets
@@ -86,6 +98,16 @@ def parse_static_target(text: str) -> ScrapeTarget:
         raise ConfigError(f"--target must be NAMESPACE/POD[/UID]=URL[#MODEL], got {text!r}")
     url, _, model = rest.strip().partition("#")
     uid = parts[2] if len(parts) == 3 else f"static:{parts[0]}/{parts[1]}"
+    for what, value, limit in (
+        ("namespace", parts[0], MAX_DNS_LABEL),
+        ("pod", parts[1], MAX_DNS_SUBDOMAIN),
+        ("uid", uid, MAX_SERIES_UID),
+        ("model", model, MAX_MODEL),
+    ):
+        if len(value) > limit:  # every event of the target would be refused
+            raise ConfigError(
+                f"--target {what} has {len(value)} characters; events carry at most {limit}"
+            )
     return ScrapeTarget(parts[0], parts[1], uid, url, model or UNKNOWN_MODEL)
 
 
@@ -130,6 +152,15 @@ class TokenScraper:
             previous = self._series.get(key)
             self._series[key] = _Series(totals, time_s)
             if previous is None:
+                if len(model) == MAX_MODEL:
+                    log.warning(
+                        "pod %s/%s: model names of %d characters or more are cut to %d: %.60s…",
+                        target.namespace,
+                        target.pod,
+                        MAX_MODEL,
+                        MAX_MODEL,
+                        model,
+                    )
                 continue  # the first scrape of a series only sets the baseline
             delta = counter_delta(previous.totals, totals)
             if delta is None:
