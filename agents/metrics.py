@@ -10,34 +10,18 @@ counts the rest under `__other__`, and no label value is longer than MAX_LABEL_C
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from runtime.metric_labels import OTHER, bounded_label
 
 # A node has at most 8 GPUs of 7 MIG instances each: room for every device a node can hold
 # several times over, never for an unbounded stream of them.
 MAX_DEVICE_SERIES = 256
 # NVML error names, watch event types: a handful each, capped all the same.
 MAX_NAMED_SERIES = 256
-OTHER = "__other__"
-# The longest label value exposed; a longer one keeps its head and a hash of the whole.
-MAX_LABEL_CHARS = 128
-_DIGEST_BYTES = 6
-
-
-def bounded_label(value: str) -> str:
-    """`value`, or, when longer than MAX_LABEL_CHARS, its head, "…" and a hash of the whole."""
-    return value if len(value) <= MAX_LABEL_CHARS else _shortened(value)
-
-
-@functools.lru_cache(maxsize=256)
-def _shortened(value: str) -> str:
-    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES)
-    head = MAX_LABEL_CHARS - 1 - 2 * _DIGEST_BYTES
-    return f"{value[:head]}\u2026{digest.hexdigest()}"
 
 
 class _FirstSeen:

@@ -114,11 +114,16 @@ class DeviceSampler:
             self._open_backoff_s = min(self._open_backoff_s * 2, self.settings.reinit_backoff_max_s)
             return False
         self.metrics.reinit(ok=True)
-        self.metrics.devices(len(self.devices))
+        self._devices_found(self.devices)
         self._open_backoff_s = 1.0
         self._next_discover_s = now_s + self.settings.rediscover_s
         self.last_error = None
         return True
+
+    def _devices_found(self, devices: list[Device]) -> None:
+        """The device count, and the per-device series of devices gone removed."""
+        self.metrics.devices(len(devices))
+        self.metrics.devices_present(d.device_uuid for d in devices)
 
     def _discovery_error(self, call: str, exc: BaseException) -> None:
         self.metrics.nvml_error(call, error_name(exc))
@@ -133,7 +138,7 @@ class DeviceSampler:
             self.metrics.nvml_error("discover", error_name(exc))
             return
         self.devices = devices
-        self.metrics.devices(len(devices))
+        self._devices_found(devices)
         present = {d.device_uuid for d in devices}
         for uuid in [u for u in self._state if u not in present]:
             del self._state[uuid]
@@ -186,7 +191,7 @@ class DeviceSampler:
             self.devices = [d for d in self.devices if d.device_uuid not in lost]
             for uuid in lost:
                 self._state.pop(uuid, None)
-            self.metrics.devices(len(self.devices))
+            self._devices_found(self.devices)
             # Look again soon: a GPU that comes back after a reset gets a new handle.
             self._next_discover_s = min(self._next_discover_s, started_s + 10.0)
         for pid in [p for p in self._pods if p not in seen_pids]:

@@ -14,8 +14,6 @@ the rest under `__other__`. Every label value taken from the input is cut to MAX
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TypeVar
@@ -23,11 +21,11 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from runtime.metric_labels import OTHER, bounded_label
 from streams.rows import KIND_IDLE, UNTAGGED, CostRow
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
-OTHER = "__other__"  # the label value of a series shared by what a family has no room for
 # Event sources (CloudEvent `source`, e.g. `agent/node-7`) come from event data: the first
 # MAX_SOURCES get a series of their own, the rest share OTHER_SOURCE.
 MAX_SOURCES = 2000
@@ -38,22 +36,6 @@ MAX_SERIES = 50_000  # per label family
 # Topics and reasons come from the worker's own code, a few dozen pairs; a cap all the same, so
 # that no change upstream can make them grow without bound.
 MAX_REASON_SERIES = 1000
-# The longest label value exposed: a longer one from the input keeps its head and a hash of the
-# whole (`bounded_label`), so a megabyte cluster name costs 128 characters per scrape, not 1 MB.
-MAX_LABEL_CHARS = 128
-_DIGEST_BYTES = 6  # 12 hex characters: two long values that share their head stay apart
-
-
-def bounded_label(value: str) -> str:
-    """`value`, or, when longer than MAX_LABEL_CHARS, its head, "…" and a hash of the whole."""
-    return value if len(value) <= MAX_LABEL_CHARS else _shortened(value)
-
-
-@functools.lru_cache(maxsize=4096)  # a long value repeats every window: hashed once
-def _shortened(value: str) -> str:
-    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES)
-    head = MAX_LABEL_CHARS - 1 - 2 * _DIGEST_BYTES
-    return f"{value[:head]}\u2026{digest.hexdigest()}"
 
 
 class WorkerMetrics:

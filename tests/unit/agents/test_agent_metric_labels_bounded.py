@@ -9,13 +9,8 @@ from collections import Counter
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agents.metrics import (
-    MAX_DEVICE_SERIES,
-    MAX_LABEL_CHARS,
-    MAX_NAMED_SERIES,
-    AgentMetrics,
-    PodsMetrics,
-)
+from agents.metrics import MAX_DEVICE_SERIES, MAX_NAMED_SERIES, AgentMetrics, PodsMetrics
+from runtime.metric_labels import MAX_LABEL_CHARS
 
 SERIES = re.compile(r"^([a-z_]+)\{(.*)\} ", re.MULTILINE)
 LABEL = re.compile(r'[a-z_]+="((?:[^"\\]|\\.)*)"')

@@ -262,6 +262,26 @@ def test_a_lost_gpu_is_skipped_and_found_again_after_it_recovers() -> None:
     assert back.interval_s == 1.0  # the gap while lost is not billed as one long sample
 
 
+def test_a_lost_gpu_leaves_the_per_device_gauges_and_keeps_its_loss_count() -> None:
+    old = GpuSpec("GPU-old", H100_80GB, process_util_supported=False)
+    scenario = Scenario(
+        "c1",
+        START,
+        (NodeSpec("n1", (old,)),),
+        processes=(ProcessSpec(100, old.uuid, POD_A, CID, 0, None, GIB, 50.0),),
+        faults=(FaultSpec("n1", pynvml.NVML_ERROR_GPU_IS_LOST, 20.0, 1e9, device_uuid=old.uuid),),
+    )
+    clock = SimClock(START + 5)
+    sampler, registry = _sampler(scenario, "n1", clock)
+    sampler.sample()
+    labels = {"cluster": "c1", "node": "n1", "device_uuid": "GPU-old"}
+    assert registry.get_sample_value("gpuledger_agent_process_util_unsupported", labels) == 1
+    clock.now_s = START + 21
+    assert sampler.sample() == []
+    assert registry.get_sample_value("gpuledger_agent_process_util_unsupported", labels) is None
+    assert registry.get_sample_value("gpuledger_agent_devices_lost_total", labels) == 1
+
+
 def test_driver_restart_reinitialises_with_backoff_and_resumes() -> None:
     base = _small()
     scenario = Scenario(

@@ -12,7 +12,8 @@ from decimal import Decimal
 from prometheus_client import CollectorRegistry, generate_latest
 from row_builders import cost_row
 
-from streams.metrics import MAX_LABEL_CHARS, MAX_REASON_SERIES, MAX_SOURCES, WorkerMetrics
+from runtime.metric_labels import MAX_LABEL_CHARS
+from streams.metrics import MAX_REASON_SERIES, MAX_SOURCES, WorkerMetrics
 from streams.rows import KIND_IDLE, UNTAGGED, CostRow
 
 START_MS = 1_795_046_400_000
