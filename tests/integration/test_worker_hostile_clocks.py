@@ -33,7 +33,7 @@ GROUP = "gpuledger-worker"
 INTERNAL = f"{GROUP}.pod-costs"
 HOSTILE_TIMES = [
     "9999-12-31T23:59:30Z",  # its window would end in year 10000
-    "0001-01-01T00:00:00+23:59",  # before year 1 in UTC
+    "0001-01-01T00:00:01Z",  # year 1: no clock reads that
     "2099-01-01T00:00:00Z",  # far ahead: would close every window at once
     "1970-01-01T00:00:05Z",  # a node whose clock was reset
 ]
