@@ -28,6 +28,7 @@ from runtime.kafka import (
     kafka_settings_from,
 )
 from runtime.options import add_env_option
+from schemas.fields import MAX_DNS_SUBDOMAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +142,12 @@ def run_settings_from(args: argparse.Namespace) -> RunSettings:
         raise ConfigError("--buffer-max-events must be at least 1")
     if not str(args.cluster).strip():
         raise ConfigError("--cluster must not be empty")
+    for option, value in (("--cluster", args.cluster), ("--node", getattr(args, "node", None))):
+        if value is not None and len(str(value).strip()) > MAX_DNS_SUBDOMAIN:
+            raise ConfigError(
+                f"{option} is {len(str(value).strip())} characters; events allow at most "
+                f"{MAX_DNS_SUBDOMAIN} (a Kubernetes name)"
+            )
     return RunSettings(
         cluster=str(args.cluster).strip(),
         interval_s=float(args.interval),

@@ -41,7 +41,14 @@ def test_flags_and_environment_build_the_config() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [["--interval", "0"], ["--fake-nvml", "nope"], ["--node-label", "novalue"], ["--count", "0"]],
+    [
+        ["--interval", "0"],
+        ["--fake-nvml", "nope"],
+        ["--node-label", "novalue"],
+        ["--count", "0"],
+        ["--cluster", "c" * 254],  # every event would be refused as too long
+        ["--node", "n" * 254],
+    ],
 )
 def test_bad_flags_are_config_errors(argv: list[str]) -> None:
     with pytest.raises(ConfigError):
