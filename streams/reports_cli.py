@@ -287,13 +287,15 @@ def _locked_line(args: argparse.Namespace) -> str:
     where = f"the data folder {folder} is in use by another gpuledger process"
     try:
         owner = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
-        url = str(owner["url"]).rstrip("/")
         pid = int(owner["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return (
             f"{where}; stop it, or read from the ClickHouse server it writes to "
             f"(--clickhouse http://...)"
         )
+    if not owner.get("url"):  # it serves no reads (its reports listener is off)
+        return f"{where} (pid {pid}), which serves no reports; stop it to read the folder"
+    url = str(owner["url"]).rstrip("/")
     return f"{where} (pid {pid}); read this report from it: {url}{_http_path(args)}"
 
 
