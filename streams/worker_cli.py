@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from runtime.errors import GpuledgerError
 from runtime.horizon import LATE_HORIZON_S, MAX_LATE_HORIZON_S
@@ -22,6 +22,9 @@ from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
 from streams.store import add_clickhouse_option, store_from_args
 from streams.worker.device_stage import StreamSettings
 from streams.worker.intake import DEAD_LETTER_MAX_KEYS
+
+if TYPE_CHECKING:
+    from streams.worker.http import ReadSettings
 
 
 def add_policy_options(
@@ -196,6 +199,78 @@ def stream_settings_from(args: argparse.Namespace) -> StreamSettings:
     )
 
 
+class _ReadsDefaults(NamedTuple):
+    host: str = "127.0.0.1"
+    port: int = 9112
+    timeout_s: float = 30.0
+    concurrency: int = 2
+
+
+READS_DEFAULTS = _ReadsDefaults()
+
+
+def add_reads_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Where an embedded worker serves reports, and their limits (design §6); the defaults
+    are `streams.worker.http.ReadSettings`'s (not imported here: it brings aiohttp)."""
+    defaults = READS_DEFAULTS
+    add_env_option(
+        parser,
+        env,
+        "--reports-host",
+        env="GPULEDGER_REPORTS_HOST",
+        default=defaults.host,
+        help="address of an embedded worker's reports (/report, /export, /) when --http-host "
+        f"is not a loopback address (default {defaults.host}); a worker writing to a "
+        "ClickHouse server serves none",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--reports-port",
+        env="GPULEDGER_REPORTS_PORT",
+        type=int,
+        default=defaults.port,
+        help=f"port of those reports (default {defaults.port}; 0: none)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--report-timeout-s",
+        env="GPULEDGER_REPORT_TIMEOUT_S",
+        type=float,
+        default=defaults.timeout_s,
+        help="seconds a report may take; its queries are stopped there and it answers 504 "
+        f"(default {defaults.timeout_s:g})",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--report-concurrency",
+        env="GPULEDGER_REPORT_CONCURRENCY",
+        type=int,
+        default=defaults.concurrency,
+        help="reports served at once, each on a read-only connection of its own; more "
+        f"answer 429 (default {defaults.concurrency})",
+    )
+
+
+def read_settings_from(args: argparse.Namespace) -> ReadSettings:
+    from streams.worker.http import ReadSettings
+
+    if args.report_timeout_s <= 0:
+        raise GpuledgerError("--report-timeout-s must be positive")
+    if args.report_concurrency < 1:
+        raise GpuledgerError("--report-concurrency must be at least 1")
+    if not 0 <= args.reports_port <= 65535:
+        raise GpuledgerError(f"--reports-port out of range: {args.reports_port}")
+    return ReadSettings(
+        host=args.reports_host,
+        port=args.reports_port,
+        timeout_s=args.report_timeout_s,
+        concurrency=args.report_concurrency,
+    )
+
+
 def register(sub: Any, env: Mapping[str, str]) -> None:
     parser = sub.add_parser(
         "worker",
@@ -228,7 +303,8 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         env="GPULEDGER_METRICS_PORT",
         type=int,
         default=9108,
-        help="port of /metrics, /healthz and the read endpoints (default 9108; 0: none)",
+        help="port of /metrics and /healthz, and of an embedded worker's reports when "
+        "--http-host is a loopback address (default 9108; 0: none)",
     )
     add_env_option(
         parser,
@@ -236,8 +312,10 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         "--http-host",
         env="GPULEDGER_HTTP_HOST",
         default="127.0.0.1",
-        help="address the HTTP endpoints listen on (default 127.0.0.1)",
+        help="address /metrics and /healthz listen on (default 127.0.0.1); reports are never "
+        "served on it unless it is a loopback address",
     )
+    add_reads_options(parser, env)
     add_env_option(
         parser,
         env,
@@ -316,6 +394,7 @@ def run_worker(args: argparse.Namespace) -> int:
             unhealthy_after_failures=args.unhealthy_after_failures,
             http_host=args.http_host,
             http_port=args.metrics_port,
+            reads=read_settings_from(args),
             exit_when_idle_s=args.exit_when_idle,
             max_pods=args.max_pods,
             dead_letter_max_keys=args.dead_letter_max_keys,

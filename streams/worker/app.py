@@ -40,7 +40,7 @@ from streams.worker.handlers import (
     PodHandler,
     TokenCostHandler,
 )
-from streams.worker.http import HttpEndpoint
+from streams.worker.http import HttpEndpoint, ReadSettings
 from streams.worker.intake import DEAD_LETTER_MAX_KEYS, DeadLetterLog, Intake
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
@@ -78,6 +78,8 @@ class WorkerConfig:
     max_outbox: int = 50_000
     http_host: str = "127.0.0.1"
     http_port: int = 9108  # 0: no HTTP endpoint
+    # Reads (embedded store only): where, when http_host is not loopback; time and concurrency.
+    reads: ReadSettings = field(default_factory=ReadSettings)
     exit_when_idle_s: float | None = None  # bounded runs: drain and stop after this silence
     unhealthy_after_failures: int = UNHEALTHY_AFTER  # a sink's failures in a row: /healthz 503
     # Size caps of the in-memory structures the input names (design §5, "Memory").
@@ -171,9 +173,9 @@ class Worker:
             )
             await load_dead_letter_keys(cfg.kafka, counts[DEAD_LETTER_TOPIC], self.dead_letters)
             if cfg.http_port:
-                self.http = HttpEndpoint(self, cfg.http_host, cfg.http_port)
+                self.http = HttpEndpoint(self, cfg.http_host, cfg.http_port, reads=cfg.reads)
                 await self.http.start()
-                self._write_owner_file()
+            self._write_owner_file()
             intake = Intake(self.metrics, self.dead_letters)
             handler = PodHandler(self.pods, self.devices, self.pod_stage, intake)
             pods = PodsTable(cfg.kafka, counts[PODS_TOPIC], handler, sinks)
@@ -317,12 +319,19 @@ class Worker:
         await token_runner.drain()
 
     def _write_owner_file(self) -> None:
-        if not self.store.embedded or self.http is None:
+        """In an embedded folder: this process holds it, and `url` is where it serves reads
+        (absent when it serves none); `metrics_url`, where /metrics and /healthz are."""
+        if not self.store.embedded:
             return
+        owner: dict[str, Any] = {"pid": os.getpid()}
+        if self.http is not None:
+            if self.http.reads_url is not None:
+                owner["url"] = self.http.reads_url
+            owner["metrics_url"] = self.http.url
         folder = Path(urlsplit(self.store.dsn).path)
         with contextlib.suppress(OSError):
             self._owner_file = folder / OWNER_FILE
-            self._owner_file.write_bytes(orjson.dumps({"pid": os.getpid(), "url": self.http.url}))
+            self._owner_file.write_bytes(orjson.dumps(owner))
 
     def _remove_owner_file(self) -> None:
         if self._owner_file is not None:

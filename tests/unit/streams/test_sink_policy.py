@@ -8,6 +8,7 @@ import asyncio
 import base64
 import datetime
 import time
+import types
 from typing import Any
 
 import aiohttp
@@ -330,7 +331,7 @@ async def test_a_dead_letter_over_the_limit_goes_again_without_the_original_byte
 class FakeWorker:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.store: Any = None
+        self.store: Any = types.SimpleNamespace(embedded=False)  # a server's: no reads
         self.stopping = asyncio.Event()
         self.open_windows = 3
         self.failing: dict[str, dict[str, Any]] = {}
