@@ -200,7 +200,7 @@ class DemoRun:
             worker_task = asyncio.create_task(worker.run(), name="worker")
             await _until(lambda: len(worker.runners) == 2, worker_task)
             if worker.http is not None:
-                progress.dashboard_url = worker.http.url
+                progress.dashboard_url = worker.http.reads_url
             progress.phase = "starting the simulated cluster"
             producers = SimulatedProducers(
                 self.scenario,

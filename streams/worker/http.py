@@ -81,6 +81,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def reads_listener(embedded: bool, http_host: str, reads: ReadSettings) -> str | None:
+    """Where reads are served: "main" (the metrics listener, on loopback), "own" (their own
+    listener, `reads.host`:`reads.port`), or None (a ClickHouse server's worker, or a reads
+    port of 0)."""
+    if not embedded:
+        return None
+    if is_loopback(http_host):
+        return "main"
+    return "own" if reads.port else None
+
+
 class HttpEndpoint:
     def __init__(
         self, worker: Served, host: str, port: int, *, reads: ReadSettings | None = None
@@ -111,16 +122,12 @@ class HttpEndpoint:
         return None
 
     async def start(self) -> None:
-        if self.worker.store.embedded:
-            if is_loopback(self.host):
-                self._reads_on = "main"
-            elif self.reads.port:
-                if self.reads.port == self.port:
-                    raise GpuledgerError(
-                        f"--reports-port {self.reads.port} is the metrics port: reads need "
-                        "a listener of their own when --http-host is not a loopback address"
-                    )
-                self._reads_on = "own"
+        self._reads_on = reads_listener(self.worker.store.embedded, self.host, self.reads)
+        if self._reads_on == "own" and self.reads.port == self.port:
+            raise GpuledgerError(
+                f"--reports-port {self.reads.port} is the metrics port: reads need a listener "
+                "of their own when --http-host is not a loopback address"
+            )
         if self._reads_on is not None:
             await self._open_readers()
         main = web.Application()

@@ -212,3 +212,22 @@ def test_clickhouse_init_script_is_valid_bash() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "GRANT SELECT ON gpuledger.*" in script.read_text()
+
+
+def test_the_worker_exposes_metrics_and_health_but_never_costs(config: dict[str, Any]) -> None:
+    """Prometheus reaches /metrics from its container and the host reaches 127.0.0.1:9108;
+    the worker writes to the ClickHouse server, so it serves no reports, and has them off."""
+    from urllib.parse import urlsplit
+
+    from streams.worker.http import reads_listener
+    from streams.worker_cli import read_settings_from
+
+    service = config["services"]["worker"]
+    env = {k: str(v) for k, v in service["environment"].items()}
+    args = build_parser(env).parse_args(service["command"])
+    assert urlsplit(args.clickhouse).scheme == "http"
+    reads = read_settings_from(args)
+    assert reads_listener(False, args.http_host, reads) is None
+    assert reads_listener(True, args.http_host, reads) is None
+    # `docker-compose config` keeps the short form, HOST_IP:PUBLISHED:TARGET/PROTOCOL
+    assert service["ports"] == ["127.0.0.1:9108:9108/tcp"], "on the host's loopback alone"

@@ -322,3 +322,31 @@ def test_price_book_configmap_is_the_shipped_example(rendered: list[dict[str, An
     worker = by_kind(rendered, "Deployment")["gpuledger-worker"]["spec"]["template"]["spec"]
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "price-book")
     assert Path(config["GPULEDGER_PRICE_BOOK"]) == Path(mount["mountPath"]) / "price_book.yaml"
+
+
+def test_the_worker_exposes_metrics_and_health_but_never_costs(
+    rendered: list[dict[str, Any]],
+) -> None:
+    """Prometheus and the probes reach /metrics and /healthz on the pod's address; the worker
+    writes to a ClickHouse server, so it serves no reports, and would keep them on loopback (or
+    off, as here) even with an embedded store."""
+    from urllib.parse import urlsplit
+
+    from streams.worker.http import reads_listener
+    from streams.worker_cli import read_settings_from
+
+    config = by_kind(rendered, "ConfigMap")["gpuledger-config"]["data"]
+    deployment = by_kind(rendered, "Deployment")["gpuledger-worker"]
+    (c,) = containers(deployment)
+    env = {**config, **{e["name"]: e.get("value", "") for e in c.get("env", [])}}
+    args = build_parser(env).parse_args(c["args"])
+    assert args.http_host == "0.0.0.0" and args.metrics_port == 9108
+    assert urlsplit(args.clickhouse).scheme in ("http", "https")
+    reads = read_settings_from(args)
+    assert reads_listener(False, args.http_host, reads) is None  # what runs: a server's worker
+    assert reads_listener(True, args.http_host, reads) is None  # reads are off besides
+    assert [p["containerPort"] for p in c["ports"]] == [9108]
+    probes = [c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]]
+    assert probes == ["/healthz", "/healthz"]
+    service = by_kind(rendered, "Service")["gpuledger-worker"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(9108, "metrics")]

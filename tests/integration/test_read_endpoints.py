@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -18,7 +21,8 @@ from prometheus_client import CollectorRegistry
 from test_reports_data import cluster_rows
 
 from runtime.errors import StoreError
-from streams.store import ClickHouseStore
+from runtime.kafka import KafkaSettings
+from streams.store import OWNER_FILE, ClickHouseStore
 from streams.worker import http as http_module
 from streams.worker.http import HttpEndpoint, ReadSettings
 
@@ -229,6 +233,35 @@ async def test_reports_over_the_concurrency_limit_get_429_with_one_line(
         assert (await get(f"{endpoint.url}/report/slow"))[0] == 200
     finally:
         await endpoint.stop()
+
+
+@pytest.mark.parametrize("reads_port", [None, 0])
+async def test_the_owner_file_names_where_reads_are_served(
+    costs: ClickHouseStore, reads_port: int | None
+) -> None:
+    """`gpuledger report` on a held folder points at the owner file's `url`: the reads
+    listener, not the exposed metrics one; no `url` when the worker serves no reads."""
+    from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
+    from streams.worker.app import Worker, WorkerConfig
+
+    config = WorkerConfig(kafka=KafkaSettings(bootstrap="127.0.0.1:1"), clickhouse_dsn=costs.dsn)
+    worker = Worker(config, load_price_book(EXAMPLE_PRICE_BOOK), store=costs)
+    port = reads_port if reads_port is not None else free_port()
+    worker.http = HttpEndpoint(worker, "0.0.0.0", free_port(), reads=ReadSettings(port=port))
+    await worker.http.start()
+    owner_file = Path(urlsplit(costs.dsn).path) / OWNER_FILE
+    try:
+        worker._write_owner_file()
+        owner = json.loads(owner_file.read_text(encoding="utf-8"))
+        assert owner["pid"] == os.getpid() and owner["metrics_url"] == worker.http.url
+        if reads_port is None:
+            assert owner["url"] == worker.http.reads_url == f"http://127.0.0.1:{port}"
+        else:
+            assert "url" not in owner and worker.http.reads_url is None
+    finally:
+        worker._remove_owner_file()
+        await worker.http.stop()
+    assert not owner_file.exists()
 
 
 def _non_loopback_address() -> str | None:
