@@ -117,6 +117,8 @@ async def test_an_embedded_worker_on_loopback_serves_reads_on_its_one_listener(
         assert endpoint.reads_url == endpoint.url
         status, text = await get(f"{endpoint.url}/report/showback?{SPAN}&format=json")
         assert status == 200 and json.loads(text)["lines"]
+        status, text = await get(f"{endpoint.url}/?{SPAN}")
+        assert status == 200 and "<html" in text.lower()  # the live dashboard
         assert (await get(f"{endpoint.url}/metrics"))[0] == 200
     finally:
         await endpoint.stop()
