@@ -70,7 +70,7 @@ SEAL_EVERY_S = 60.0
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     kafka: KafkaSettings
-    clickhouse_dsn: str
+    clickhouse_dsn: str = field(repr=False)  # may hold a password
     stream: StreamSettings = field(default_factory=StreamSettings)
     group_id: str = "gpuledger-worker"
     partitions: int = 3  # for topics this worker creates

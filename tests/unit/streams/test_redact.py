@@ -66,3 +66,11 @@ def test_invalid_database_name_error_is_redacted() -> None:
     with pytest.raises(StoreError) as refused:
         ClickHouseStore("http://gpuledger:Passw0rd@127.0.0.1:1/bad-name!")
     assert "invalid database name" in str(refused.value) and SECRET not in str(refused.value)
+
+
+def test_the_worker_config_repr_does_not_show_the_dsn() -> None:
+    from runtime.kafka import KafkaSettings
+    from streams.worker.app import WorkerConfig
+
+    config = WorkerConfig(KafkaSettings(), clickhouse_dsn="http://u:Passw0rd@h:8123/db")
+    assert SECRET not in repr(config)
