@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
+from runtime.errors import ConfigError
 from streams.allocation import split_exact
+from streams.reports.limits import MAX_RESULT_ROWS, MAX_SOURCE_ROWS, query_bounded
 from streams.reports.money import largest_remainder_cents, ratio, round_total
-from streams.reports.params import Period, format_ms
+from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import Tabular, display, money
 from streams.reports.sources import cost_source, read_plan, token_source
 from streams.rows import KIND_HOST, KIND_IDLE, UNKNOWN, UNTAGGED
@@ -36,6 +38,9 @@ PRICING_CATEGORY = {
     "custom": "Other",
 }
 GPU_HOURS = "GPU-Hours"
+_TOO_BIG = (
+    "a billing month is the shortest period an export covers, so this month is too large to export"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,23 +266,33 @@ def chargeback(
     use_rollups: bool = True,
 ) -> ChargebackExport:
     settings = settings or ChargebackSettings()
+    check_period(period)
+    month = format_ms(period.start_ms)[:7]
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
     tokens = token_source(store.database, plan)
     cost_parts = [
         CostPart(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], float(r[8]))
-        for r in store.query_rows(
+        for r in query_bounded(
+            store,
             f"SELECT cluster, pod_uid, device_uuid, team, product, pricing, kind, sum(cost_usd), "
             f"sum(device_seconds) FROM {costs} "
-            f"GROUP BY cluster, pod_uid, device_uuid, team, product, pricing, kind"
+            f"GROUP BY cluster, pod_uid, device_uuid, team, product, pricing, kind",
+            limit=MAX_SOURCE_ROWS,
+            what=f"the chargeback of {month} (one row per pod, device, labels and pricing)",
+            narrow=_TOO_BIG,
         )
     ]
     model_parts = [
         ModelPart(r[0], r[1], r[2], r[3], r[4], int(r[5]), int(r[6]), int(r[7]))
-        for r in store.query_rows(
+        for r in query_bounded(
+            store,
             f"SELECT pod_uid, team, product, model, sum(cost_usd), sum(prompt_tokens), "
             f"sum(completion_tokens), sum(requests) FROM {tokens} "
-            f"GROUP BY pod_uid, team, product, model"
+            f"GROUP BY pod_uid, team, product, model",
+            limit=MAX_SOURCE_ROWS,
+            what=f"the chargeback of {month} (one row per pod, labels and model)",
+            narrow=_TOO_BIG,
         )
     ]
     return build_export(period, settings, cost_parts, model_parts)
@@ -290,6 +305,11 @@ def build_export(
     model_parts: Sequence[ModelPart],
 ) -> ChargebackExport:
     lines, device_total = build_lines(cost_parts, model_parts)
+    if len(lines) > MAX_RESULT_ROWS:
+        raise ConfigError(
+            f"the chargeback of {format_ms(period.start_ms)[:7]} has {len(lines):,} charges, "
+            f"more than the {MAX_RESULT_ROWS:,} rows one export returns; {_TOO_BIG}"
+        )
     order = {"allocated": 0, "untagged": 1, "host": 2, "idle": 3}
     keys = sorted(lines, key=lambda k: (order[k[5]], k[0], k[1], k[2], k[3], k[4]))
     cents = largest_remainder_cents([lines[k].cost for k in keys])

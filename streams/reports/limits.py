@@ -15,7 +15,7 @@ LATEST_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z, well inside ClickHouse's 
 MAX_UNIX_MS_DIGITS = 13  # Unix ms up to LATEST_MS have 13 digits
 MAX_RESULT_ROWS = 10_000  # lines of a report, charges of an export, pods of the tags report
 MAX_SERIES_POINTS = 50_000  # (line, bucket) points behind a trend or a chart over time
-MAX_SOURCE_ROWS = 250_000  # (pod, device, labels) parts an export splits into its charges
+MAX_SOURCE_ROWS = 200_000  # (pod, device, labels) parts an export splits into its charges
 MAX_CHART_BUCKETS = 200  # bars of a chart over time; the bucket widens to stay under it
 
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from runtime.errors import ConfigError
+from streams.reports.limits import MAX_RESULT_ROWS, query_bounded
 from streams.reports.money import largest_remainder_cents, ratio, round_total
-from streams.reports.params import DIMENSIONS, Period, check_choice, format_ms
+from streams.reports.params import DIMENSIONS, Period, check_choice, check_period, format_ms
 from streams.reports.render import Tabular, display, money, num, pct
 from streams.reports.sources import cost_source, read_plan, token_source
 from streams.rows import KIND_HOST, KIND_IDLE, UNKNOWN, UNTAGGED
@@ -216,19 +218,31 @@ def showback(
     store: ClickHouseStore, period: Period, by: str, *, use_rollups: bool = True
 ) -> ShowbackReport:
     check_choice(by, DIMENSIONS, "--by")
+    check_period(period)
     db = store.database
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(db, plan)
     tokens = token_source(db, plan)
     dim = "''" if by == "model" else by
-    cost_rows = store.query_rows(
-        f"SELECT {dim} AS key, kind, sum(cost_usd), sum(idle_cost_usd), sum(device_seconds), "
-        f"sum(sm_pct_window_s), sum(window_s) FROM {costs} GROUP BY key, kind"
+    # Idle and host time are one line each whatever the dimension: one row per line.
+    key_sql = f"if(kind IN ('{KIND_IDLE}', '{KIND_HOST}'), '', {dim})"
+    what, narrow = f"showback by {by}", "give a shorter period or a coarser --by"
+    cost_rows = query_bounded(
+        store,
+        f"SELECT {key_sql} AS key, kind, sum(cost_usd), sum(idle_cost_usd), sum(device_seconds), "
+        f"sum(sm_pct_window_s), sum(window_s) FROM {costs} GROUP BY key, kind",
+        limit=MAX_RESULT_ROWS,
+        what=what,
+        narrow=narrow,
     )
     token_dim = "model" if by == "model" else by
-    token_rows = store.query_rows(
+    token_rows = query_bounded(
+        store,
         f"SELECT {token_dim} AS key, sum(cost_usd), sum(prompt_tokens + completion_tokens), "
-        f"sum(requests) FROM {tokens} GROUP BY key"
+        f"sum(requests) FROM {tokens} GROUP BY key",
+        limit=MAX_RESULT_ROWS,
+        what=what,
+        narrow=narrow,
     )
     groups: dict[tuple[str, str], _Acc] = {}
     for key, kind, cost, idle, secs, sm, win in cost_rows:
@@ -248,6 +262,11 @@ def showback(
         acc.tokens += int(n_tokens)
         acc.requests += int(requests)
         acc.token_cost += token_cost
+    if len(groups) > MAX_RESULT_ROWS:
+        raise ConfigError(
+            f"{what} has {len(groups):,} lines, more than the {MAX_RESULT_ROWS:,} rows one "
+            f"report returns; {narrow}"
+        )
     return _build(period, by, groups, tuple(notes))
 
 
@@ -277,14 +296,18 @@ def _split_by_model(
             untagged.window_s,
         )
     frac = "ifNull(toFloat64(t.cost) / nullIf(toFloat64(c.cost), 0), 0)"
-    rows = store.query_rows(
+    rows = query_bounded(
+        store,
         f"SELECT t.model, sum(t.cost), sum(c.secs * {frac}), sum(c.sm * {frac}), "
         f"sum(c.win * {frac}), sum(c.idle * {frac}) FROM "
         f"(SELECT hour, pod_uid, sum(device_seconds) AS secs, sum(sm_pct_window_s) AS sm, "
         f"sum(window_s) AS win, sum(cost_usd) AS cost, toFloat64(sum(idle_cost_usd)) AS idle "
         f"FROM {costs} WHERE kind = 'usage' GROUP BY hour, pod_uid) AS c "
         f"RIGHT JOIN (SELECT hour, pod_uid, model, sum(cost_usd) AS cost FROM {tokens} "
-        f"GROUP BY hour, pod_uid, model) AS t USING (hour, pod_uid) GROUP BY t.model"
+        f"GROUP BY hour, pod_uid, model) AS t USING (hour, pod_uid) GROUP BY t.model",
+        limit=MAX_RESULT_ROWS,
+        what="showback by model",
+        narrow="give a shorter period or a coarser --by",
     )
     claimed = _Acc()
     for model, cost, secs, sm, win, idle in rows:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from streams.reports.limits import MAX_RESULT_ROWS, query_bounded
 from streams.reports.money import largest_remainder_cents, round_total
-from streams.reports.params import Period, format_ms
+from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import Tabular, display, money, pct
 from streams.reports.sources import cost_source, read_plan
 from streams.rows import UNKNOWN, UNTAGGED
@@ -169,15 +170,20 @@ def tag_compliance(
     label_keys: Mapping[str, str] = DEFAULT_LABEL_KEYS,
     use_rollups: bool = True,
 ) -> TagsReport:
+    check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
     totals = store.query_rows(f"SELECT sum(cost_usd), sumIf(cost_usd, kind = 'usage') FROM {costs}")
     total, usage = (totals[0][0] or _ZERO, totals[0][1] or _ZERO) if totals else (_ZERO, _ZERO)
-    rows = store.query_rows(
+    rows = query_bounded(
+        store,
         f"SELECT namespace, pod, pod_uid, team, product, cost_center, sum(cost_usd) AS cost "
         f"FROM {costs} WHERE kind = 'usage' AND (team IN ('{UNTAGGED}', '{UNKNOWN}') "
         f"OR product IN ('{UNTAGGED}', '{UNKNOWN}') OR cost_center IN ('{UNTAGGED}', "
-        f"'{UNKNOWN}')) GROUP BY namespace, pod, pod_uid, team, product, cost_center"
+        f"'{UNKNOWN}')) GROUP BY namespace, pod, pod_uid, team, product, cost_center",
+        limit=MAX_RESULT_ROWS,
+        what="the tags report (one row per untagged pod and its labels)",
+        narrow="give a shorter period",
     )
     by_key = dict.fromkeys(label_keys.values(), _ZERO)
     pods: dict[tuple[str, str, str], tuple[Decimal, set[str]]] = {}

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from runtime.errors import ConfigError
 from streams.allocation import MONEY_QUANTUM
+from streams.reports.limits import MAX_RESULT_ROWS, MAX_SERIES_POINTS, query_bounded
 from streams.reports.money import ratio, round_total
-from streams.reports.params import Period, format_ms
+from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import Tabular, display
 from streams.reports.sources import cost_source, read_plan, token_source
 from streams.store import ClickHouseStore
@@ -241,6 +243,7 @@ def unit_economics(
     output_weight: float = DEFAULT_OUTPUT_WEIGHT,
     use_rollups: bool = True,
 ) -> UnitEconomicsReport:
+    check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     bucket = "hour" if period.hours <= 48 else "day"
     bucket_sql = "hour" if bucket == "hour" else "toStartOfDay(hour)"
@@ -254,15 +257,27 @@ def unit_economics(
     ):
         if usage > 0:
             factors[int(b) * 1000] = ((usage - idle_in_usage) / usage, (usage + idle_rows) / usage)
-    rows = store.query_rows(
+    # The factors above are one row per hour or day of a bounded period; these are one row
+    # per line and bucket, so they are bounded here.
+    what = f"unit economics (one row per model, team, product and {bucket})"
+    rows = query_bounded(
+        store,
         f"SELECT toUnixTimestamp({bucket_sql}) AS b, model, team, product, sum(cost_usd), "
         f"sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(requests), "
         f"sum(prefill_s), sum(decode_s) FROM {tokens} GROUP BY b, model, team, product "
-        f"ORDER BY model, team, product, b"
+        f"ORDER BY model, team, product, b",
+        limit=MAX_SERIES_POINTS,
+        what=what,
+        narrow="give a shorter period",
     )
     grouped: dict[tuple[str, str, str], list[tuple[Any, ...]]] = {}
     for row in rows:
         grouped.setdefault((row[1], row[2], row[3]), []).append(row)
+    if len(grouped) > MAX_RESULT_ROWS:
+        raise ConfigError(
+            f"unit economics has {len(grouped):,} (model, team, product) lines, more than the "
+            f"{MAX_RESULT_ROWS:,} rows one report returns; give a shorter period"
+        )
     lines = []
     for (model, team, product), bucket_rows in grouped.items():
         trend = []
