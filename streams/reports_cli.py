@@ -21,9 +21,11 @@ from urllib.parse import urlencode, urlsplit
 
 from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
 from runtime.options import add_env_option
+from runtime.redaction import redact
 from streams.reports.chargeback import ChargebackSettings, chargeback
 from streams.reports.focus_files import export_bytes
 from streams.reports.html_report import html_report
+from streams.reports.limits import MAX_PERIOD_DAYS
 from streams.reports.params import (
     DIMENSIONS,
     EXPORT_FORMATS,
@@ -42,7 +44,6 @@ from streams.store import (
     ClickHouseStore,
     add_clickhouse_option,
     embedded_dsn,
-    redact,
     split_dsn,
     store_from_args,
 )
@@ -67,9 +68,18 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
             "--from",
             dest="start",
             metavar="TIME",
-            help="start (date, RFC 3339 or Unix ms; default: start of this month)",
+            help=(
+                "start: a date (midnight UTC), an RFC 3339 time with T and Z or an offset "
+                "(2026-11-01T08:00:00+01:00), or Unix ms; default: start of this month. "
+                f"A report covers at most {MAX_PERIOD_DAYS} days"
+            ),
         )
-        p.add_argument("--to", dest="end", metavar="TIME", help="end, exclusive (default: now)")
+        p.add_argument(
+            "--to",
+            dest="end",
+            metavar="TIME",
+            help="end, exclusive, in the same forms (default: now)",
+        )
         if name == "showback":
             p.add_argument("--by", default="team", help=f"one of {', '.join(DIMENSIONS)}")
         if name == "html":

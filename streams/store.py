@@ -15,13 +15,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from runtime.errors import ConfigError, StoreError, StoreLockedError
 from runtime.options import EnvSecret, add_env_option, add_env_secret
+from runtime.redaction import redact
 from streams.rows import Row, as_values, column_names
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -41,33 +42,6 @@ def embedded_dsn(dsn: str) -> str:
     if folder == "memory":
         return dsn
     return f"chdb://{Path(folder).resolve()}"
-
-
-# `user:password@` in a URL or a scheme-less `user:password@host:port`: the user is kept. The
-# password runs to the last `@` before the host, so one holding `@` or `:` is masked whole.
-_USERINFO = re.compile(r"(?P<user>[^\s/@:'\"]*):(?P<password>[^\s/'\"]*)@")
-# A query parameter or `name=value` whose name looks secret (password, passwd, pwd, secret,
-# token, access_token, api_key, auth, credentials...).
-_SECRET_PARAM = re.compile(
-    r"(?P<name>(?:^|(?<=[?&;\s,(]))[A-Za-z0-9_.-]*(?:pass|pwd|secret|token|key|auth|cred)"
-    r"[A-Za-z0-9_.-]*=)(?P<value>[^&;\s'\",)#]*)",
-    re.IGNORECASE,
-)
-_SHORTEST_SECRET = 4  # a shorter known secret is not replaced wherever its letters occur
-
-
-def redact(text: str, *, secrets: Iterable[str | None] = ()) -> str:
-    """A DSN, or any message quoting one, with every password in it masked: the password of
-    `scheme://user:password@` and of a scheme-less `user:password@host:port`, the value of a
-    secret-looking parameter (`?password=`, `access_token=`, ...), and each of `secrets` (the
-    password from the environment or a file) wherever it appears, plain or URL-encoded."""
-    shown = _USERINFO.sub(lambda m: f"{m['user']}:***@", text)
-    shown = _SECRET_PARAM.sub(lambda m: f"{m['name']}***", shown)
-    for secret in secrets:
-        if secret and len(secret) >= _SHORTEST_SECRET:
-            for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
-                shown = shown.replace(form, "***")
-    return shown
 
 
 def add_clickhouse_option(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:

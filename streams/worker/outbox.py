@@ -10,12 +10,12 @@ its size and the reason, and the bytes stay in the input topic at that offset.""
 from __future__ import annotations
 
 import base64
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from runtime.redaction import redact
 from schemas.events import DEAD_LETTER_TOPIC, format_time
 from streams.rows import Row, WindowStateRow, as_json
 
@@ -218,18 +218,8 @@ def _cut(text: str, limit: int = DETAIL_CHARS) -> str:
     return text[: limit - len(note)] + note
 
 
-_CREDENTIALS = re.compile(r"(://[^/@\s:]*:)[^/@\s]*@|((?:password|secret|token)=)[^&\s]+", re.I)
-
-
 def describe(exc: BaseException) -> str:
     """An error's type and first line, short, with any credentials in it masked."""
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    masked = _CREDENTIALS.sub(_mask, first)
-    return _cut(f"{type(exc).__name__}: {masked}" if masked else type(exc).__name__, 300)
-
-
-def _mask(match: re.Match[str]) -> str:
-    if match.group(1):
-        return f"{match.group(1)}***@"
-    return f"{match.group(2)}***"
+    first = redact(text.splitlines()[0]) if text else ""
+    return _cut(f"{type(exc).__name__}: {first}" if first else type(exc).__name__, 300)

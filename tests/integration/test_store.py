@@ -8,8 +8,9 @@ from decimal import Decimal
 import pytest
 
 from runtime.errors import StoreError
+from runtime.redaction import redact
 from streams.rows import CostRow, TokenCostRow, TokenRow
-from streams.store import ClickHouseStore, ddl_statements, redact
+from streams.store import ClickHouseStore, ddl_statements
 
 T0 = 1_795_000_020_000
 

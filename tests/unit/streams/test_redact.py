@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from runtime.errors import ConfigError, StoreError
-from streams.store import ClickHouseStore, redact
+from runtime.redaction import redact
+from streams.store import ClickHouseStore
 
 SECRET = "Passw0rd"
 

@@ -116,6 +116,8 @@ def test_errors_are_described_without_credentials() -> None:
     exc = OperationalError("Error http://gpuledger:hunter2@ch:8123/?password=hunter2 refused")
     text = describe(exc)
     assert "hunter2" not in text and "OperationalError" in text and "refused" in text
+    schemeless = describe(OperationalError("cannot reach gpuledger:Passw0rd@127.0.0.1:18123"))
+    assert "Passw0rd" not in schemeless and "127.0.0.1:18123" in schemeless
 
 
 # --- fakes --------------------------------------------------------------------------------------
