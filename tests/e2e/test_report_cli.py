@@ -129,6 +129,10 @@ def test_export_parquet_and_reports(dsn: str, tmp_path: Path) -> None:
         (("report", "tags", "--format", "xml"), "--format 'xml'"),
         (("export", "chargeback", "--period", "November"), "--period 'November'"),
         (("export", "chargeback", "--period", "2026-11", "--format", "xlsx"), "--format"),
+        (("report", "html", "--from", "2000-01-01", "--to", "2026-11-01"), "at most 400 days"),
+        (("report", "showback", "--to", "9" * 30), "outside the times a report reads"),
+        (("report", "tags", "--from", "2026-11-01T00:00:00"), "RFC 3339 time with an offset"),
+        (("export", "chargeback", "--period", "9999-12"), "--period '9999-12'"),
     ],
 )
 def test_bad_arguments_give_one_line(dsn: str, args: tuple[str, ...], needle: str) -> None:
