@@ -21,6 +21,7 @@ from urllib.parse import urlencode, urlsplit
 
 from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
 from runtime.options import add_env_option
+from runtime.redaction import redact
 from streams.reports.chargeback import ChargebackSettings, chargeback
 from streams.reports.focus_files import export_bytes
 from streams.reports.html_report import html_report
@@ -43,7 +44,6 @@ from streams.store import (
     ClickHouseStore,
     add_clickhouse_option,
     embedded_dsn,
-    redact,
     split_dsn,
     store_from_args,
 )
