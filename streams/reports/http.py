@@ -7,8 +7,9 @@
     GET /report/html?from=..&to=..
     GET /export/chargeback?period=2026-11&format=focus-csv|focus-parquet|json
 
-with (status, content type, body). Bad parameters give 400 and one line of text; a store
-failure gives 503.
+with (status, content type, body). Bad parameters, and results past the limits of
+streams.reports.limits, give 400 and one line of text; a store failure gives 503. Whatever text
+a parameter holds, the answer is one of these, never an exception.
 """
 
 from __future__ import annotations
