@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -49,9 +50,17 @@ def display(value: str) -> str:
     return DISPLAY_NAMES.get(value, value)
 
 
-def _width(text: str) -> int:
-    import unicodedata
+# Control characters (C0, DEL, C1) and the bidirectional overrides: a tenant's label holding
+# them could move the cursor, recolour or reorder what a terminal shows.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
+
+def printable(text: str) -> str:
+    """`text` for a terminal: each control character written as its escape (`\\x1b`)."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
@@ -61,7 +70,7 @@ def _pad(text: str, width: int, right: bool) -> str:
 
 
 def format_tabular(tab: Tabular) -> str:
-    all_rows = [tab.headers, *tab.rows, *tab.footer]
+    all_rows = [tuple(printable(c) for c in r) for r in (tab.headers, *tab.rows, *tab.footer)]
     widths = [max(_width(r[i]) for r in all_rows) for i in range(len(tab.headers))]
 
     def line(row: tuple[str, ...]) -> str:
@@ -69,12 +78,17 @@ def format_tabular(tab: Tabular) -> str:
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    out = [tab.title, "", line(tab.headers), rule]
-    out += [line(r) for r in tab.rows]
-    if tab.footer:
+    headers, rows, footer = (
+        all_rows[0],
+        all_rows[1 : 1 + len(tab.rows)],
+        all_rows[1 + len(tab.rows) :],
+    )
+    out = [printable(tab.title), "", line(headers), rule]
+    out += [line(r) for r in rows]
+    if footer:
         out.append(rule)
-        out += [line(r) for r in tab.footer]
-    out += [f"  {n}" for n in tab.notes]
+        out += [line(r) for r in footer]
+    out += [f"  {printable(n)}" for n in tab.notes]
     return "\n".join(out) + "\n"
 
 
