@@ -1,15 +1,6 @@
 """Token counters of inference servers, read from their Prometheus text pages, and the deltas
-between two scrapes (design §2). Pure: no I/O.
-
-Metric names, from each project's source or docs (cited in agents/README.md):
-vLLM `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`, `vllm:request_success_total`,
-`vllm:prefix_cache_hits_total`, histograms `vllm:request_prefill_time_seconds`,
-`vllm:request_decode_time_seconds` (label `model_name`); SGLang `sglang:prompt_tokens_total`,
-`sglang:generation_tokens_total`, `sglang:num_requests_total`, `sglang:cached_tokens_total`
-(label `model_name`); TGI histograms `tgi_request_input_length`, `tgi_request_generated_tokens`
-and counter `tgi_request_success` (no model label); Triton `nv_inference_request_success`
-(label `model`; no token counters); TensorRT-LLM `trtllm_prompt_tokens_total`,
-`trtllm_generation_tokens_total`, `trtllm_request_success_total` (label `model_name`).
+between two scrapes (design §2). Pure: no I/O. Which metric means what, per server family and
+version, is the table in agents/server_profiles.py.
 """
 
 from __future__ import annotations
@@ -18,77 +9,11 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents.server_profiles import ServerProfile, Source, detect_profile
 from schemas.fields import MAX_MODEL
 
 UNKNOWN_MODEL = "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerProfile:
-    """Where one server kind keeps each quantity: candidate metric names, first found wins.
-    Counter names are given without `_total`; histogram sums end in `_sum`."""
-
-    server: str
-    model_labels: tuple[str, ...]
-    prompt_tokens: tuple[str, ...]
-    completion_tokens: tuple[str, ...]
-    requests: tuple[str, ...]
-    cached_tokens: tuple[str, ...] = ()
-    prefill_s: tuple[str, ...] = ()
-    decode_s: tuple[str, ...] = ()
-
-    def names(self) -> set[str]:
-        return {
-            *self.prompt_tokens,
-            *self.completion_tokens,
-            *self.requests,
-            *self.cached_tokens,
-            *self.prefill_s,
-            *self.decode_s,
-        }
-
-
-PROFILES: tuple[ServerProfile, ...] = (
-    ServerProfile(
-        "vllm",
-        ("model_name",),
-        ("vllm:prompt_tokens",),
-        ("vllm:generation_tokens",),
-        ("vllm:request_success",),
-        cached_tokens=("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
-        prefill_s=("vllm:request_prefill_time_seconds_sum",),
-        decode_s=("vllm:request_decode_time_seconds_sum",),
-    ),
-    ServerProfile(
-        "sglang",
-        ("model_name",),
-        ("sglang:prompt_tokens",),
-        ("sglang:generation_tokens",),
-        ("sglang:num_requests",),
-        cached_tokens=("sglang:cached_tokens",),
-    ),
-    ServerProfile(
-        "tgi",
-        ("model_id", "model"),
-        ("tgi_request_input_length_sum",),
-        ("tgi_request_generated_tokens_sum",),
-        ("tgi_request_success", "tgi_request_generated_tokens_count"),
-    ),
-    ServerProfile(
-        "triton",
-        ("model",),
-        (),
-        (),
-        ("nv_inference_request_success",),
-    ),
-    ServerProfile(
-        "trtllm",
-        ("model_name", "model"),
-        ("trtllm_prompt_tokens", "trtllm:prompt_tokens"),
-        ("trtllm_generation_tokens", "trtllm:generation_tokens"),
-        ("trtllm_request_success", "trtllm:request_success"),
-    ),
-)
+MAX_MODELS_PER_PAGE = 256  # a page is a tenant's input: bound the series it can create
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,60 +67,87 @@ def _values_by_name(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return by_name
 
 
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "requests",
+    "cached_tokens",
+    "prefill_s",
+    "decode_s",
+)
+_OPTIONAL = ("cached_tokens", "prefill_s", "decode_s")
+
+
 def parse_totals(text: str, default_model: str = UNKNOWN_MODEL) -> dict[str, CounterTotals]:
     """Totals per model on one metrics page; raises ValueError on text that is not Prometheus
-    exposition format. Series that differ only in other labels (engine, finished_reason, tp_rank)
-    are summed."""
+    exposition format. Series that differ only in other labels (engine, finished_reason,
+    cache_source, tp_rank) are summed. A model label that names no model (absent, empty or a
+    placeholder such as trtllm-serve's "undefined") gives `default_model`."""
     by_name = _values_by_name(text)
+    profile = detect_profile(by_name.keys())
+    if profile is None:
+        return {}
     start = by_name.get("process_start_time_seconds")
     process_start_s = start[0][1] if start else None
+    fields: dict[str, dict[str, float]] = {}
+    for field_name in _FIELDS:
+        found = _first_found(getattr(profile, field_name), by_name)
+        if found is not None:
+            fields[field_name] = _per_model(found, by_name, profile, default_model)
+    if profile.token_models_only:
+        models = {m for f in ("prompt_tokens", "completion_tokens") for m in fields.get(f, {})}
+    else:
+        models = {m for per_model in fields.values() for m in per_model}
     out: dict[str, CounterTotals] = {}
-    for profile in PROFILES:
-        if not profile.names() & by_name.keys():
-            continue
-        fields: dict[str, dict[str, float]] = {}
-        for field_name in (
-            "prompt_tokens",
-            "completion_tokens",
-            "requests",
-            "cached_tokens",
-            "prefill_s",
-            "decode_s",
-        ):
-            for metric in getattr(profile, field_name):
-                if metric in by_name:
-                    per_model: dict[str, float] = {}
-                    for labels, value in by_name[metric]:
-                        model = _model(labels, profile.model_labels, default_model)
-                        per_model[model] = per_model.get(model, 0.0) + value
-                    fields[field_name] = per_model
-                    break
-        models = sorted({m for per_model in fields.values() for m in per_model})
-        for model in models:
-            totals = CounterTotals(
-                server=profile.server,
-                prompt_tokens=fields.get("prompt_tokens", {}).get(model, 0.0),
-                completion_tokens=fields.get("completion_tokens", {}).get(model, 0.0),
-                requests=fields.get("requests", {}).get(model, 0.0),
-                cached_tokens=fields["cached_tokens"].get(model)
-                if "cached_tokens" in fields
-                else None,
-                prefill_s=fields["prefill_s"].get(model) if "prefill_s" in fields else None,
-                decode_s=fields["decode_s"].get(model) if "decode_s" in fields else None,
-                process_start_s=process_start_s,
-            )
-            out.setdefault(model, totals)
+    for model in sorted(models)[:MAX_MODELS_PER_PAGE]:
+        optional: dict[str, float | None] = {}
+        for field_name in _OPTIONAL:
+            if field_name in fields:
+                optional[field_name] = fields[field_name].get(model, 0.0)
+            elif profile.lazy and getattr(profile, field_name):
+                optional[field_name] = 0.0  # created with its first event: none yet
+            else:
+                optional[field_name] = None
+        out[model] = CounterTotals(
+            server=profile.server,
+            prompt_tokens=fields.get("prompt_tokens", {}).get(model, 0.0),
+            completion_tokens=fields.get("completion_tokens", {}).get(model, 0.0),
+            requests=fields.get("requests", {}).get(model, 0.0),
+            cached_tokens=optional["cached_tokens"],
+            prefill_s=optional["prefill_s"],
+            decode_s=optional["decode_s"],
+            process_start_s=process_start_s,
+        )
     return out
 
 
-def _model(labels: dict[str, str], keys: tuple[str, ...], default: str) -> str:
+def _first_found(sources: tuple[Source, ...], by_name: Samples) -> Source | None:
+    for source in sources:
+        if any(source.accepts(labels) for labels, _ in by_name.get(source.name, ())):
+            return source
+    return None
+
+
+def _per_model(
+    source: Source, by_name: Samples, profile: ServerProfile, default_model: str
+) -> dict[str, float]:
+    per_model: dict[str, float] = {}
+    for labels, value in by_name[source.name]:
+        if source.accepts(labels):
+            model = _model(labels, profile, default_model)
+            per_model[model] = per_model.get(model, 0.0) + value
+    return per_model
+
+
+def _model(labels: dict[str, str], profile: ServerProfile, default: str) -> str:
     """The series' model name, cut to the MAX_MODEL characters an event carries (a served
     model name can be a long file path)."""
-    for key in keys:
+    for key in profile.model_labels:
         value = labels.get(key)
-        if value:
+        if value and value not in profile.placeholder_models:
             return value[:MAX_MODEL]
-    return default[:MAX_MODEL]
+    return (default or UNKNOWN_MODEL)[:MAX_MODEL]
 
 
 def counter_delta(previous: CounterTotals | None, current: CounterTotals) -> Delta | None:
