@@ -321,6 +321,7 @@ class TokenScraper:
                     self._resolved_urls[target.pod_uid] = url
                 self.metrics.scrape("ok", time_s)
                 return events
+        self._resolved_urls.pop(target.pod_uid, None)  # look for the page again next time
         return []
 
 
