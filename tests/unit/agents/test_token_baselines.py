@@ -101,3 +101,24 @@ def test_a_placeholder_model_label_loses_to_the_annotation() -> None:
     page = 'trtllm_prompt_cached_tokens_total{engine_type="undefined",model_name="undefined"} 0\n'
     assert list(parse_totals(page, "org/m")) == ["org/m"]
     assert list(parse_totals(page)) == ["unknown"]
+
+
+def test_a_dynamo_worker_page_is_read_as_its_engine_with_injected_labels() -> None:
+    labels = (
+        'dynamo_component="backend",dynamo_endpoint="generate",dynamo_namespace="dynamo",'
+        'engine="0",model="Qwen/Qwen3-0.6B",model_name="Qwen/Qwen3-0.6B"'
+    )
+    page = (
+        "# TYPE dynamo_component_requests_total counter\n"
+        f"dynamo_component_requests_total{{{labels}}} 3\n"
+        "# TYPE vllm:prompt_tokens_total counter\n"
+        f"vllm:prompt_tokens_total{{{labels}}} 300\n"
+        "# TYPE vllm:generation_tokens_total counter\n"
+        f"vllm:generation_tokens_total{{{labels}}} 30\n"
+    )
+    totals = parse_totals(page)
+    assert list(totals) == ["Qwen/Qwen3-0.6B"]
+    assert (totals["Qwen/Qwen3-0.6B"].server, totals["Qwen/Qwen3-0.6B"].prompt_tokens) == (
+        "vllm",
+        300,
+    )
