@@ -322,7 +322,7 @@ class TokensMetrics:
         ).labels(cluster, node)
         self._scrapes = Counter(
             "gpuledger_tokens_scrapes",
-            "Scrapes of inference endpoints, by result (ok, error, unparsable)",
+            "Scrapes of inference endpoints, by result (ok, error, unparsable, too_large)",
             (*labels, "result"),
             registry=registry,
         )
