@@ -15,33 +15,13 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.metric_labels import OTHER, bounded_label
+from runtime.metric_labels import FirstSeen, bounded_label
 
 # A node has at most 8 GPUs of 7 MIG instances each: room for every device a node can hold
 # several times over, never for an unbounded stream of them.
 MAX_DEVICE_SERIES = 256
 # NVML error names, watch event types: a handful each, capped all the same.
 MAX_NAMED_SERIES = 256
-
-
-class _FirstSeen:
-    """The first `max_series - 1` label sets keep their own series; later ones share one of
-    `__other__`."""
-
-    __slots__ = ("_seen", "max_series")
-
-    def __init__(self, max_series: int = MAX_NAMED_SERIES) -> None:
-        self.max_series = max_series
-        self._seen: set[tuple[str, ...]] = set()
-
-    def __call__(self, *labels: str) -> tuple[str, ...]:
-        bounded = tuple(bounded_label(value) for value in labels)
-        if bounded in self._seen:
-            return bounded
-        if len(self._seen) < self.max_series - 1:
-            self._seen.add(bounded)
-            return bounded
-        return (OTHER,) * len(labels)
 
 
 class _DeviceSeries:
@@ -207,7 +187,7 @@ class AgentMetrics:
             labels,
             registry=registry,
         ).labels(cluster, node)
-        self._nvml_error_labels = _FirstSeen()
+        self._nvml_error_labels = FirstSeen(MAX_NAMED_SERIES)
         self._util_devices = _DeviceSeries(self._util_unsupported)
         self._lost_devices = _DeviceSeries(self._lost)
         self._duration = Histogram(
@@ -254,7 +234,7 @@ class PodsMetrics:
     def __init__(self, registry: CollectorRegistry, cluster: str) -> None:
         labels = ("cluster",)
         self.cluster = cluster = bounded_label(cluster)
-        self._watch_labels = _FirstSeen()
+        self._watch_labels = FirstSeen(MAX_NAMED_SERIES)
         self.buffer = BufferMetrics(registry, "gpuledger_pods", cluster, "")
         self._events = Counter(
             "gpuledger_pods_events",

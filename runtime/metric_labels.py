@@ -22,3 +22,26 @@ def _shortened(value: str) -> str:
     digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_DIGEST_BYTES)
     head = MAX_LABEL_CHARS - 1 - 2 * _DIGEST_BYTES
     return f"{value[:head]}\u2026{digest.hexdigest()}"
+
+
+class FirstSeen:
+    """The labels of a family whose values should be few: the first `max_series - 1` label
+    sets keep their own series, any later one counts in the one of `__other__` (values cut to
+    MAX_LABEL_CHARS)."""
+
+    __slots__ = ("_seen", "max_series")
+
+    def __init__(self, max_series: int) -> None:
+        self.max_series = max_series
+        self._seen: set[tuple[str, ...]] = set()
+
+    def __call__(self, *labels: str) -> tuple[str, ...]:
+        if labels in self._seen:
+            return labels
+        bounded = tuple(bounded_label(value) for value in labels)
+        if bounded in self._seen:
+            return bounded
+        if len(self._seen) < self.max_series - 1:
+            self._seen.add(bounded)
+            return bounded
+        return (OTHER,) * len(labels)

@@ -21,7 +21,7 @@ from typing import TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from runtime.metric_labels import OTHER, bounded_label
+from runtime.metric_labels import OTHER, FirstSeen, bounded_label
 from streams.rows import KIND_IDLE, UNTAGGED, CostRow
 
 M = TypeVar("M", bound=MetricWrapperBase)
@@ -165,8 +165,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self._evicted_seen: dict[str, int] = {}
-        self._rejected_labels = _FirstSeen(MAX_REASON_SERIES)
-        self._dead_letter_labels = _FirstSeen(MAX_REASON_SERIES)
+        self._rejected_labels = FirstSeen(MAX_REASON_SERIES)
+        self._dead_letter_labels = FirstSeen(MAX_REASON_SERIES)
         self._sources: set[str] = set()
         # When each series named by the input was last updated (wall time), oldest first.
         self._offsets = _Recency()  # (source,)
@@ -412,29 +412,6 @@ def _fold_smallest(
     target = (clusters.pop() if len(clusters) == 1 else OTHER, OTHER_TEAM)
     kept[target] = kept.get(target, 0.0) + sum(rate for _, rate in rest)
     return kept
-
-
-class _FirstSeen:
-    """The labels of a family whose values should be few: the first `max_series - 1` label
-    sets keep their own series, any later one counts in the one of `__other__` (values cut to
-    MAX_LABEL_CHARS)."""
-
-    __slots__ = ("_seen", "max_series")
-
-    def __init__(self, max_series: int) -> None:
-        self.max_series = max_series
-        self._seen: set[tuple[str, ...]] = set()
-
-    def __call__(self, *labels: str) -> tuple[str, ...]:
-        if labels in self._seen:
-            return labels
-        bounded = tuple(bounded_label(value) for value in labels)
-        if bounded in self._seen:
-            return bounded
-        if len(self._seen) < self.max_series - 1:
-            self._seen.add(bounded)
-            return bounded
-        return (OTHER,) * len(labels)
 
 
 class _Recency:
