@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from chdb_folder import chdb_folder
 from kafka_broker import DEFAULT_LIBS_DIR, KAFKA_VERSION, KafkaBroker, fetch_kafka_libs
 
 from streams.store import ClickHouseStore
@@ -53,8 +54,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"chdb://{tmp_path_factory.mktemp('chdb')}"
+def chdb_dsn() -> str:
+    return f"chdb://{chdb_folder()}"
 
 
 @contextlib.contextmanager

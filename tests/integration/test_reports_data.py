@@ -4,10 +4,10 @@ hand-made corrections. Holds no tests itself."""
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from decimal import Decimal
 
+from chdb_folder import chdb_folder
 from folding import fold
 
 from schemas.events import GpuSample, PodInfo, ProcessSample, make_event
@@ -22,7 +22,6 @@ from streams.rows import CostRow, Row, TokenCostRow, TokenRow
 from streams.store import SCHEMA_DIR, ClickHouseStore
 from streams.tokens import PodOwner, token_cost_rows
 
-_FOLDER: str | None = None
 T0_MS = 1_793_491_200_000  # 2026-11-01T00:00:00Z
 MIN_MS = 60_000
 HOUR_MS = 3_600_000
@@ -30,10 +29,7 @@ HOUR_MS = 3_600_000
 
 def fresh_store() -> ClickHouseStore:
     """A new, empty database in this process's chDB folder."""
-    global _FOLDER
-    if _FOLDER is None:
-        _FOLDER = tempfile.mkdtemp(prefix="gpuledger-reports-")
-    store = ClickHouseStore(f"chdb://{_FOLDER}", database=f"t_{uuid.uuid4().hex[:12]}")
+    store = ClickHouseStore(f"chdb://{chdb_folder()}", database=f"t_{uuid.uuid4().hex[:12]}")
     store.create_schema()
     return store
 
