@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from runtime.errors import ConfigError
 from schemas.events import parse_time
+from schemas.fields import excerpt
 from streams.reports.limits import EARLIEST_MS, LATEST_MS, MAX_PERIOD_DAYS, MAX_UNIX_MS_DIGITS
 
 DIMENSIONS = ("team", "product", "model", "namespace", "cost_center")
@@ -23,7 +24,6 @@ _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _RFC3339_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt]")  # the rest: parse_time
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
-_SHOWN_CHARS = 40
 TIME_FORMS = (
     "a date (2026-11-01), an RFC 3339 time with an offset (2026-11-01T00:00:00Z) or Unix ms"
 )
@@ -57,11 +57,6 @@ def _time_text(time_ms: int) -> str:
     return format_ms(time_ms) if EARLIEST_MS <= time_ms <= LATEST_MS else f"{time_ms} ms"
 
 
-def shown(text: str) -> str:
-    """A value quoted for an error line: escaped, and cut short when long."""
-    return repr(text[:_SHOWN_CHARS]) + ("..." if len(text) > _SHOWN_CHARS else "")
-
-
 def parse_instant(text: str, *, option: str) -> int:
     """A date (midnight UTC), a strict RFC 3339 time (T separator, Z or a numeric offset), or
     Unix ms (ASCII digits); between EARLIEST_MS and LATEST_MS."""
@@ -80,10 +75,10 @@ def parse_instant(text: str, *, option: str) -> int:
         else:
             raise ValueError(value)
     except (ValueError, OverflowError):
-        raise ConfigError(f"{option} {shown(text)} is not {TIME_FORMS}") from None
+        raise ConfigError(f"{option} {excerpt(text)} is not {TIME_FORMS}") from None
     if not EARLIEST_MS <= time_ms <= LATEST_MS:
         raise ConfigError(
-            f"{option} {shown(text)} is outside the times a report reads, "
+            f"{option} {excerpt(text)} is outside the times a report reads, "
             f"{format_ms(EARLIEST_MS)} to {format_ms(LATEST_MS)}"
         )
     return time_ms
@@ -128,11 +123,11 @@ def parse_month(text: str) -> Period:
         start = datetime(year, month, 1, tzinfo=UTC)
         end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
     except ValueError:
-        raise ConfigError(f"--period {shown(text)} is not a month like 2026-11") from None
+        raise ConfigError(f"--period {excerpt(text)} is not a month like 2026-11") from None
     period = Period((start - _EPOCH) // _MILLISECOND, (end - _EPOCH) // _MILLISECOND)
     if period.start_ms < EARLIEST_MS or period.end_ms > LATEST_MS:
         raise ConfigError(
-            f"--period {shown(text)} is outside the months a report reads, "
+            f"--period {excerpt(text)} is outside the months a report reads, "
             f"{format_ms(EARLIEST_MS)[:7]} to {format_ms(LATEST_MS - 1)[:7]}"
         )
     return check_period(period)
@@ -140,5 +135,5 @@ def parse_month(text: str) -> Period:
 
 def check_choice(value: str, choices: tuple[str, ...], option: str) -> str:
     if value not in choices:
-        raise ConfigError(f"{option} {shown(value)} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{option} {excerpt(value)} is not one of {', '.join(choices)}")
     return value
