@@ -50,10 +50,10 @@ def line(key: str, cost: str) -> ShowbackLine:
     )
 
 
-def test_showback_csv_neutralises_hostile_model_names() -> None:
-    lines = tuple(line(name, "-12.50") for name in HOSTILE)
-    total = Decimal("-12.50") * len(lines)
-    report = ShowbackReport(
+def showback_by_model(lines: tuple[ShowbackLine, ...]) -> ShowbackReport:
+    """An hour's showback by model of `lines`, all allocated."""
+    total = sum((ln.cost_usd for ln in lines), Decimal(0))
+    return ShowbackReport(
         Period(T0_MS, T0_MS + 3_600_000),
         "model",
         lines,
@@ -65,6 +65,10 @@ def test_showback_csv_neutralises_hostile_model_names() -> None:
         total,
         1.0,
     )
+
+
+def test_showback_csv_neutralises_hostile_model_names() -> None:
+    report = showback_by_model(tuple(line(name, "-12.50") for name in HOSTILE))
     rows = list(csv.DictReader(io.StringIO(to_csv(report), newline="")))
     assert [r["model"] for r in rows] == ["'" + name for name in HOSTILE]
     assert [r["label"] for r in rows] == ["'" + name for name in HOSTILE]

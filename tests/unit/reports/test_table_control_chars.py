@@ -4,40 +4,18 @@ to the terminal where it could rewrite or recolour what a person reads."""
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from hypothesis import given
 from hypothesis import strategies as st
+from test_csv_injection import line, showback_by_model
 
-from streams.reports.params import Period
 from streams.reports.render import printable, to_table
-from streams.reports.showback import ShowbackLine, ShowbackReport
+from streams.reports.showback import ShowbackReport
 
-T0_MS = 1_798_761_600_000
 HOSTILE = ("\x1b[2J\x1b[31mteam-a", "fake\rtotal 0.00", "evil\u202etxt.exe", "bell\x07")
 
 
 def report(names: tuple[str, ...]) -> ShowbackReport:
-    amount = Decimal("1.25")
-    lines = tuple(
-        ShowbackLine(
-            n, "allocated", amount, amount, 50.0, 1.0, None, Decimal(0), 10, 1, amount, None
-        )
-        for n in names
-    )
-    total = amount * len(lines)
-    return ShowbackReport(
-        Period(T0_MS, T0_MS + 3_600_000),
-        "model",
-        lines,
-        total,
-        Decimal(0),
-        Decimal(0),
-        Decimal(0),
-        total,
-        total,
-        1.0,
-    )
+    return showback_by_model(tuple(line(n, "1.25") for n in names))
 
 
 def test_control_characters_in_names_are_escaped_in_the_table() -> None:
