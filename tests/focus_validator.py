@@ -84,7 +84,6 @@ _RULE_LINE = re.compile(
 )
 _FAILURE_HEADER = re.compile(r"^- (?P<rule_id>\S+): violations=(?P<violations>[^;]*); (?P<msg>.*)$")
 _FAILED_CHILDREN = re.compile(r": AND failed - failed child rules: \[(?P<children>[^\]]*)\]")
-_CRITERION = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 class FocusValidatorError(RuntimeError):
@@ -231,7 +230,8 @@ def run_validator(
 
     `criteria` are the model's applicability criteria that hold for the data (see
     `model_criteria()`); a rule with criteria runs when any of them is selected, and is
-    skipped otherwise. An unknown criterion raises ValueError (the validator itself ignores it).
+    skipped otherwise; "ALL" selects every criterion. An unknown criterion raises ValueError
+    (the validator itself ignores it, and skips the rules it was meant for).
     """
     data_file = Path(data_file).resolve()
     if data_file.suffix not in (".csv", ".parquet"):
@@ -240,7 +240,7 @@ def run_validator(
         raise FileNotFoundError(data_file)
     fetch_focus_validator()
     known = model_criteria(version)
-    unknown = [c for c in criteria if not _CRITERION.match(c) or c not in known]
+    unknown = [c for c in criteria if c != "ALL" and c not in known]
     if unknown:
         raise ValueError(f"unknown applicability criteria {unknown}; the model has {sorted(known)}")
 
