@@ -42,14 +42,22 @@ _FETCH_TIMEOUT_S = 900.0
 _TAIL_CHARS = 4000
 
 # The applicability criteria that describe a gpuledger chargeback: an internal re-allocation of
-# GPU device-hours priced from a price book, with tags and no commitments, capacity
-# reservations, regions, sub accounts or public price list.
+# GPU device-hours (measured usage, provisioned GPU pools with a resource type, tags) priced per
+# unit from price-book entries (the contracted rate; on-demand, spot, reserved and custom map to
+# more than one PricingCategory) of one named billing account. Not selected: commitments,
+# capacity reservations, regions, zones, sub accounts, account types, currencies other than
+# the billing currency, and PUBLIC_PRICE_LIST_SUPPORTED: the price book is not published, and
+# since a rule runs when any of its criteria is selected, that criterion alone also demands
+# the virtual-currency PricingCurrency* columns (CostAndUsage-D-047-C, -D-051-C, -D-055-C).
 GPULEDGER_CRITERIA: tuple[str, ...] = (
-    "USAGE_MEASUREMENT_SUPPORTED",
-    "UNIT_PRICING_SUPPORTED",
+    "ACCOUNT_NAMING_SUPPORTED",
     "BILLING_BASED_ON_PROVISIONED_RESOURCES_SUPPORTED",
+    "MULTIPLE_PRICING_CATEGORIES_SUPPORTED",
+    "NEGOTIATED_PRICING_SUPPORTED",
     "RESOURCE_TYPE_ASSIGNMENT_SUPPORTED",
     "TAGGING_SUPPORTED",
+    "UNIT_PRICING_SUPPORTED",
+    "USAGE_MEASUREMENT_SUPPORTED",
 )
 
 # Rules of the 1.2.0.1 model that fail on data that meets the FOCUS specification: the model

@@ -181,6 +181,19 @@ def test_broken_charge_fails_the_rules_for_its_faults(tmp_path: Path, fmt: str) 
     assert others == {"CostAndUsage-D-038-M"}, report.summary()
 
 
+def test_unit_price_products_go_unchecked(tmp_path: Path) -> None:
+    """A limit of the 1.2.0.1 model, pinned so that a validator that lifts it is noticed: the
+    product rules (ListCost-C-009-C, ListUnitPrice-C-010-C, ContractedUnitPrice-C-011-C) apply
+    only where ChargeClass is not null and not "Correction", and ChargeClass has no other
+    value, so they never see a regular charge. The export must check the products itself."""
+    charge = dict(VALID_CHARGE, ListUnitPrice="3.0", ContractedUnitPrice="3.0")  # 3.0 x 1.0
+    report = run_validator(
+        _write_csv(tmp_path / "products.csv", charge), criteria=GPULEDGER_CRITERIA
+    )
+    assert report.failed_rule_ids == ARTIFACT_FAILURES, report.summary()
+    assert report.status("ContractedUnitPrice-C-011-C") == "PASS"
+
+
 def test_unknown_criterion_is_refused(tmp_path: Path) -> None:
     path = _write_csv(tmp_path / "valid.csv", VALID_CHARGE)
     # The validator itself ignores an unknown criterion and skips the rules it was meant for.
