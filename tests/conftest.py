@@ -2,6 +2,8 @@
 
 Kafka: one real broker per test session (tests/kafka_broker.py), or the broker named by
 GPULEDGER_TEST_KAFKA="host:port". Tests that use it are marked `kafka`.
+Kubernetes: one real kube-apiserver + etcd per test session (tests/kube_apiserver.py), built by
+.ci/build-kubernetes when missing. Tests that use it are marked `kube`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 from chdb_folder import chdb_folder
 from kafka_broker import DEFAULT_LIBS_DIR, KAFKA_VERSION, KafkaBroker, fetch_kafka_libs
+from kube_apiserver import KubeApiServer, build_binaries
 
 from streams.store import ClickHouseStore
 
@@ -41,11 +44,29 @@ def topic_name(request: pytest.FixtureRequest) -> str:
     return f"test.{test_name}.{uuid.uuid4().hex[:12]}"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kube: needs the real kube-apiserver of the test harness")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Any test that needs the broker is a kafka test, so `-m "not kafka"` skips them all.
+    # Any test that needs the broker is a kafka test, so `-m "not kafka"` skips them all;
+    # likewise `kube` for the API server.
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kafka)
+        if "kube_apiserver" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kube)
+
+
+# --- Kubernetes (a real kube-apiserver and etcd; no kubelet, no controllers) --------------------
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver() -> Iterator[KubeApiServer]:
+    """A real kube-apiserver (its admin kubeconfig: `.kubeconfig`), shared by the session."""
+    # The build script returns at once when its pinned build is there.
+    with KubeApiServer(build_binaries()) as server:
+        yield server
 
 
 # --- ClickHouse (embedded chDB: the real engine, in-process) -----------------------------------
