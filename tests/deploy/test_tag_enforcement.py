@@ -1,6 +1,10 @@
-"""Tag enforcement: the ValidatingAdmissionPolicy's CEL (match conditions, variables,
-validation, audit annotation), evaluated with cel-python against sample pods as the API server
-would, and the enforce / audit-only bindings."""
+"""Tag enforcement, the fast check: the ValidatingAdmissionPolicy's CEL (match conditions,
+variables, validation, audit annotation) evaluated with cel-python against sample pods, in
+milliseconds, and the enforce / audit-only bindings read as YAML.
+
+cel-python is more lenient than the API server (it accepted an audit annotation that
+kube-apiserver refuses to compile): the proof is test_tag_enforcement_apiserver.py, where a real
+kube-apiserver compiles the policy and admits or rejects the same pods."""
 
 from __future__ import annotations
 
@@ -63,7 +67,8 @@ def admit(pod: dict[str, Any], namespace_labels: dict[str, str] | None = None) -
             message = str(evaluate(validation["messageExpression"], activation))
     (annotation,) = spec["auditAnnotations"]
     audit = evaluate(annotation["valueExpression"], activation)
-    return Admission(True, allowed, message, None if audit is None else str(audit))
+    # The API server omits an annotation whose value is null or empty.
+    return Admission(True, allowed, message, str(audit) if audit else None)
 
 
 def pod(
@@ -74,6 +79,7 @@ def pod(
     init_limits: dict[str, str] | None = None,
     runtime_class: str | None = None,
     node_selector: dict[str, str] | None = None,
+    node_affinity: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     def container(name: str, lim: dict[str, str] | None, req: dict[str, str] | None) -> Any:
         c: dict[str, Any] = {"name": name, "image": "vllm/vllm-openai:v0.6.0"}
@@ -89,6 +95,11 @@ def pod(
         spec["runtimeClassName"] = runtime_class
     if node_selector:
         spec["nodeSelector"] = node_selector
+    if node_affinity is not None:
+        required = {"nodeSelectorTerms": [{"matchExpressions": node_affinity}]}
+        spec["affinity"] = {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}
+        }
     metadata: dict[str, Any] = {"name": "vllm-0", "namespace": "search"}
     if labels is not None:
         metadata["labels"] = labels
@@ -148,8 +159,19 @@ def test_namespace_labels_count_as_gpuledger_resolves_them() -> None:
         pod({}, runtime_class="nvidia"),
         pod({}, node_selector={"nvidia.com/gpu.present": "true"}),
         pod({}, node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}),
+        pod({}, node_affinity=[{"key": "nvidia.com/gpu.present", "operator": "Exists"}]),
+        pod({}, node_affinity=[{"key": "nvidia.com/gpu.count", "operator": "Gt", "values": ["3"]}]),
     ],
-    ids=["mig-limit", "gpu-request", "init-container", "runtime-class", "gpu-present", "product"],
+    ids=[
+        "mig-limit",
+        "gpu-request",
+        "init-container",
+        "runtime-class",
+        "gpu-present",
+        "product",
+        "affinity-exists",
+        "affinity-count",
+    ],
 )
 def test_every_way_onto_a_gpu_node_is_matched(gpu_pod: dict[str, Any]) -> None:
     result = admit(gpu_pod, {})
@@ -162,8 +184,12 @@ def test_every_way_onto_a_gpu_node_is_matched(gpu_pod: dict[str, Any]) -> None:
         pod({}),
         pod({}, limits={"cpu": "2", "memory": "4Gi"}),
         pod({}, runtime_class="gvisor", node_selector={"kubernetes.io/arch": "amd64"}),
+        pod({}, node_affinity=[{"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]),
+        pod(
+            {}, node_affinity=[{"key": "kubernetes.io/arch", "operator": "In", "values": ["arm64"]}]
+        ),
     ],
-    ids=["no-resources", "cpu-only", "other-runtime"],
+    ids=["no-resources", "cpu-only", "other-runtime", "affinity-away", "affinity-other"],
 )
 def test_pods_off_gpu_nodes_are_not_matched(cpu_pod: dict[str, Any]) -> None:
     assert admit(cpu_pod, {}) == Admission(False, True, None, None)
