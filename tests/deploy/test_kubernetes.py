@@ -36,6 +36,7 @@ NAMESPACED_NOT = {
     "ValidatingAdmissionPolicyBinding",
 }
 WORKLOADS = {"Deployment", "DaemonSet", "StatefulSet"}
+AGENT_NAMESPACE = "gpuledger-agent"  # the privileged Pod Security level, for the agent alone
 KUSTOMIZATIONS = [
     "deploy/kubernetes",
     "deploy/kubernetes/base",
@@ -103,11 +104,20 @@ def test_the_parts_are_all_there(rendered: list[dict[str, Any]]) -> None:
         "gpuledger-tokens",
     }
     assert {"gpuledger-config", "gpuledger-price-book"} <= set(by_kind(rendered, "ConfigMap"))
+    assert set(by_kind(rendered, "Namespace")) == {"gpuledger", AGENT_NAMESPACE}
     for doc in rendered:
+        name = doc["metadata"]["name"]
         if doc["kind"] in NAMESPACED_NOT:
-            assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
+            assert "namespace" not in doc["metadata"], name
+        elif name == "gpuledger-agent" or (
+            doc["kind"] in ("ConfigMap", "NetworkPolicy")
+            and doc["metadata"]["namespace"] != "gpuledger"
+        ):
+            # The agent's DaemonSet, ServiceAccount and Service; its copy of the settings and
+            # its NetworkPolicy.
+            assert doc["metadata"]["namespace"] == AGENT_NAMESPACE, (doc["kind"], name)
         else:
-            assert doc["metadata"]["namespace"] == "gpuledger", doc["metadata"]["name"]
+            assert doc["metadata"]["namespace"] == "gpuledger", (doc["kind"], name)
     args = {w["metadata"]["name"]: containers(w)[0]["args"][0] for w in workloads(rendered)}
     assert sorted(args.values()) == ["agent", "pods", "tokens", "worker"]
 
@@ -350,3 +360,57 @@ def test_the_worker_exposes_metrics_and_health_but_never_costs(
     assert probes == ["/healthz", "/healthz"]
     service = by_kind(rendered, "Service")["gpuledger-worker"]
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(9108, "metrics")]
+
+
+def test_the_config_shows_tls_to_kafka_and_clickhouse(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The commented TLS lines of base/config.yaml, switched on, are settings every part
+    reads: SASL_SSL to Kafka with the CA from the mounted gpuledger-kafka Secret, and HTTPS to
+    ClickHouse (a port clickhouse-connect speaks TLS on) with the CA from gpuledger-clickhouse."""
+    import re
+    from urllib.parse import parse_qs, urlsplit
+
+    import clickhouse_connect
+
+    from runtime.kafka import kafka_settings_from
+
+    text = (K8S / "base" / "config.yaml").read_text()
+    tls = dict(re.findall(r"^  # (GPULEDGER_[A-Z_]+): (\S+)$", text, re.M))
+    assert tls["GPULEDGER_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    config = {**by_kind(rendered, "ConfigMap")["gpuledger-config"]["data"], **tls}
+    password = tmp_path / "sasl-password"
+    password.write_text("secret")
+    for w in workloads(rendered):
+        (c,) = containers(w)
+        env = {**config, **{e["name"]: e.get("value", "node-1") for e in c.get("env", [])}}
+        env["GPULEDGER_KAFKA_SASL_PASSWORD_FILE"] = str(password)
+        kafka = kafka_settings_from(build_parser(env).parse_args(c["args"]))
+        assert kafka.security_protocol == "SASL_SSL" and kafka.sasl_mechanism == "SCRAM-SHA-512"
+        assert kafka.bootstrap.endswith(":9093") and kafka.sasl_password == "secret"
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert kafka.ssl_cafile == f"{mounts['kafka-credentials']}/ca.crt", w["metadata"]["name"]
+
+    worker = by_kind(rendered, "Deployment")["gpuledger-worker"]
+    (c,) = containers(worker)
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    dsn = urlsplit(tls["GPULEDGER_CLICKHOUSE_DSN"])
+    assert dsn.scheme == "https" and dsn.port == 8443
+    assert parse_qs(dsn.query)["ca_cert"] == [f"{mounts['clickhouse-credentials']}/ca.crt"]
+    # clickhouse-connect speaks TLS on that port (it goes by the port, not the scheme): the
+    # same DSN aimed at a closed local port fails as an HTTPS connection.
+    local = dsn._replace(netloc="gpuledger@127.0.0.1:8443", query="").geturl()
+    with pytest.raises(Exception, match="HTTPSConnectionPool"):
+        clickhouse_connect.get_client(dsn=local, connect_timeout=1, query_retries=0)
+
+
+def test_the_agents_namespace_gets_the_same_settings(rendered: list[dict[str, Any]]) -> None:
+    configs = {
+        d["metadata"]["namespace"]: d["data"]
+        for d in rendered
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "gpuledger-config"
+    }
+    assert set(configs) == {"gpuledger", AGENT_NAMESPACE}
+    assert configs[AGENT_NAMESPACE] == configs["gpuledger"]
+    agent = by_kind(rendered, "DaemonSet")["gpuledger-agent"]
+    assert agent["metadata"]["namespace"] == AGENT_NAMESPACE

@@ -197,24 +197,25 @@ def test_pods_off_gpu_nodes_are_not_matched(cpu_pod: dict[str, Any]) -> None:
 
 def test_gpuledgers_own_agent_passes_its_own_policy() -> None:
     docs = {
-        d["kind"]: d
+        (d["kind"], d["metadata"]["name"]): d
         for p in (REPO / "deploy" / "kubernetes" / "base").glob("*.yaml")
         for d in yaml.safe_load_all(p.read_text())
-        if isinstance(d, dict) and "kind" in d
+        if isinstance(d, dict) and "metadata" in d
     }
-    agent = docs["DaemonSet"]["spec"]["template"]
-    namespace_labels = docs["Namespace"]["metadata"]["labels"]
+    daemonset = docs[("DaemonSet", "gpuledger-agent")]
+    agent, namespace = daemonset["spec"]["template"], daemonset["metadata"]["namespace"]
+    namespace_labels = docs[("Namespace", namespace)]["metadata"]["labels"]
     as_pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {**agent["metadata"], "namespace": "gpuledger"},
+        "metadata": {**agent["metadata"], "namespace": namespace},
         "spec": agent["spec"],
     }
     result = admit(as_pod, namespace_labels)
     assert result.matched, "the agent uses the NVIDIA runtime, so the policy sees it"
     assert result.allowed
     # ... and would be rejected without the labels on its pod template and namespace.
-    bare = {**as_pod, "metadata": {"name": "agent", "namespace": "gpuledger"}}
+    bare = {**as_pod, "metadata": {"name": "agent", "namespace": namespace}}
     assert not admit(bare, {}).allowed
 
 
