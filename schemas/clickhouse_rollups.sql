@@ -2,7 +2,10 @@
 -- Sealed hours only: an hour is aggregated once every correction for it is in (older than the
 -- correction retention), by INSERT ... SELECT ... FROM <base> FINAL. Re-sealing an hour writes
 -- the very same keys and values, and readers use FINAL, so a repeated seal never double counts.
--- {db} is replaced by the database name.
+-- {db} is replaced by the database name. These tables are derived: when a table here exists
+-- with other columns than below (an upgrade changed its shape), the store drops every table of
+-- this file at start (ClickHouseStore.create_schema) and the worker's next seal rebuilds them
+-- from the base rows.
 
 CREATE TABLE IF NOT EXISTS {db}.gpu_cost_hourly
 (
@@ -11,7 +14,9 @@ CREATE TABLE IF NOT EXISTS {db}.gpu_cost_hourly
     node              LowCardinality(String),
     device_uuid       String,
     gpu_model         LowCardinality(String),
+    mig_profile       LowCardinality(String),
     pricing           LowCardinality(String),
+    price_per_hour    Decimal(38, 15),
     namespace         LowCardinality(String),
     pod               String,
     pod_uid           String,
@@ -29,7 +34,7 @@ CREATE TABLE IF NOT EXISTS {db}.gpu_cost_hourly
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, device_uuid, pod_uid, kind, team, product, cost_center, namespace, pod, pricing,
-          cluster, node, gpu_model);
+          price_per_hour, cluster, node, gpu_model, mig_profile);
 
 CREATE TABLE IF NOT EXISTS {db}.token_cost_hourly
 (

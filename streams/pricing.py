@@ -22,6 +22,7 @@ PRICING_CLASSES = ("on_demand", "spot", "reserved", "custom")
 EXAMPLE_PRICE_BOOK = Path(__file__).resolve().parent.parent / "schemas" / "price_book.example.yaml"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MAX_ENTRY_ID_CHARS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,28 @@ class PriceEntry:
     pricing: str
     price_per_hour_usd: Decimal
     effective_from_ms: int  # Unix ms at UTC midnight of effective_from; 0 when not given
+    entry_id: str = ""  # the entry's `id`, or `entry_id_for(...)` when the book gives none
+
+    def __post_init__(self) -> None:
+        if not self.entry_id:
+            object.__setattr__(
+                self, "entry_id", entry_id_for(self.gpu_model, self.pricing, self.effective_from_ms)
+            )
+
+
+DEFAULT_ENTRY_ID = "default"
+
+
+def entry_id_for(gpu_model: str, pricing: str, effective_from_ms: int) -> str:
+    """The stable id of an entry the book names no `id` for: model, class and the date (or
+    time) it takes effect, e.g. `NVIDIA H200|on_demand|2026-01-01`; `always` when undated."""
+    if effective_from_ms == 0:
+        since = "always"
+    else:
+        moment = _EPOCH + dt.timedelta(milliseconds=effective_from_ms)
+        since = moment.strftime("%Y-%m-%d") if moment.time() == dt.time() else moment.isoformat()
+        since = since.replace("+00:00", "Z")
+    return f"{gpu_model}|{pricing}|{since}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +74,9 @@ class PriceBook:
     _index: dict[tuple[str, str], tuple[list[int], list[Decimal]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _entries: dict[tuple[str, str], list[PriceEntry]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         grouped: dict[tuple[str, str], list[PriceEntry]] = {}
@@ -62,6 +88,7 @@ class PriceBook:
                 [e.effective_from_ms for e in items],
                 [e.price_per_hour_usd for e in items],
             )
+            self._entries[key] = items
 
     def pricing_class(self, node_labels: Mapping[str, str]) -> str:
         """The first label in the book's list that the node carries decides the class."""
@@ -94,6 +121,15 @@ class PriceBook:
             if at < len(starts):
                 hi = min(hi, starts[at])
         return self.quote(gpu_model, pricing, time_ms), lo, hi
+
+    def entry_at(self, gpu_model: str, pricing: str, time_ms: int) -> PriceEntry | None:
+        """The entry whose price `quote` applied to a device billed as `pricing` (the class a
+        cost row records, after any fallback) at `time_ms`; None when the default price was."""
+        series = self._index.get((gpu_model, pricing))
+        if series is None:
+            return None
+        at = bisect_right(series[0], time_ms)
+        return self._entries[(gpu_model, pricing)][at - 1] if at else None
 
     def _lookup(self, gpu_model: str, pricing: str, time_ms: int) -> Decimal | None:
         series = self._index.get((gpu_model, pricing))
@@ -180,6 +216,7 @@ def parse_price_book(text: str, *, source: str = "<price book>") -> PriceBook:
             raise fail("each entry of prices must be a mapping", doc)
         entries.append(_entry(item, source))
     seen: set[tuple[str, str, int]] = set()
+    ids: set[str] = {DEFAULT_ENTRY_ID}
     for entry, item in zip(entries, raw_prices, strict=True):
         key = (entry.gpu_model, entry.pricing, entry.effective_from_ms)
         if key in seen:
@@ -187,6 +224,9 @@ def parse_price_book(text: str, *, source: str = "<price book>") -> PriceBook:
                 f"duplicate price for {entry.gpu_model!r} / {entry.pricing} at the same date", item
             )
         seen.add(key)
+        if entry.entry_id in ids:
+            raise fail(f"id {entry.entry_id!r} is used by another entry (or is reserved)", item)
+        ids.add(entry.entry_id)
 
     rules = doc.get("pricing_from_node_labels", {}) or {}
     if not isinstance(rules, dict):
@@ -239,7 +279,14 @@ def _entry(item: _LineDict, source: str) -> PriceEntry:
                 "effective_from must be a date such as 2026-01-01", path=source, line=item.line
             )
         start_ms = (moment - _EPOCH) // dt.timedelta(milliseconds=1)
-    return PriceEntry(model, pricing, price, start_ms)
+    entry_id = item.get("id", "")
+    if not isinstance(entry_id, str) or len(entry_id) > MAX_ENTRY_ID_CHARS:
+        raise PriceBookError(
+            f"id must be text of at most {MAX_ENTRY_ID_CHARS} characters",
+            path=source,
+            line=item.line,
+        )
+    return PriceEntry(model, pricing, price, start_ms, entry_id)
 
 
 def _money(value: Any, name: str, where: _LineDict, source: str) -> Decimal:

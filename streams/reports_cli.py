@@ -1,4 +1,4 @@
-"""`gpuledger report showback|tags|unit-economics|html` and `gpuledger export chargeback`.
+"""`gpuledger report showback|tags|unit-economics|html`, `gpuledger export chargeback|invoice`.
 
 Every failure ends in one line on stderr and a non-zero exit: 2 for bad arguments, 1 when the
 store cannot be read, 3 when an embedded folder is held by a running worker or demo (the line
@@ -16,20 +16,28 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedError
 from runtime.options import add_env_option
 from runtime.redaction import redact
-from streams.reports.chargeback import ChargebackSettings, chargeback
-from streams.reports.focus_files import export_bytes
+from streams.pricing import load_price_book
+from streams.reports.chargeback import ChargebackSettings, ExportTotals, chargeback, invoice
+from streams.reports.focus_columns import plain
+from streams.reports.focus_files import FORMATS as FOCUS_FORMATS
+from streams.reports.focus_files import check_format, write_rows
 from streams.reports.html_report import html_report
+from streams.reports.invoice import INVOICE_BY
 from streams.reports.limits import MAX_PERIOD_DAYS
 from streams.reports.params import (
+    DAY_MS,
     DIMENSIONS,
-    EXPORT_FORMATS,
     FORMATS,
+    Period,
     check_choice,
     format_ms,
     parse_month,
@@ -47,7 +55,7 @@ from streams.store import (
     split_dsn,
     store_from_args,
 )
-from streams.worker_cli import add_policy_options
+from streams.worker_cli import add_label_options, add_policy_options, add_price_book_option
 
 EXIT_ARGS, EXIT_STORE, EXIT_LOCKED = 2, 1, 3
 _DEFAULTS = ChargebackSettings()
@@ -95,12 +103,32 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         p.set_defaults(handler=_handler(name))
     report.set_defaults(handler=_usage(report))
 
-    export = subparsers.add_parser("export", help="chargeback export (FOCUS 1.3)")
+    export = subparsers.add_parser("export", help="chargeback (FOCUS 1.3) and invoice")
     targets = export.add_subparsers(dest="export", metavar="EXPORT")
-    p = targets.add_parser("chargeback", help="one FOCUS charge per team/product/model/pricing")
+    p = targets.add_parser(
+        "chargeback", help="FOCUS 1.3 rows: each device-hour split among its owners"
+    )
+    _add_export_options(p, env, formats=FOCUS_FORMATS, default_format="focus-csv")
+    p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_export)
+    p = targets.add_parser("invoice", help="what each team or cost centre owes, in cents")
+    _add_export_options(p, env, formats=FORMATS, default_format="table")
+    p.add_argument("--by", default="team", help=f"one of {', '.join(INVOICE_BY)}")
+    p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_invoice)
+    export.set_defaults(handler=_usage(export))
+
+
+def _add_export_options(
+    p: argparse.ArgumentParser,
+    env: Mapping[str, str],
+    *,
+    formats: tuple[str, ...],
+    default_format: str,
+) -> None:
     add_clickhouse_option(p, env)
     p.add_argument("--period", required=True, metavar="YYYY-MM", help="billing month")
-    p.add_argument("--format", default="focus-csv", help=f"one of {', '.join(EXPORT_FORMATS)}")
+    p.add_argument("--format", default=default_format, help=f"one of {', '.join(formats)}")
     p.add_argument("--output", "-o", metavar="FILE", help="write here, not to stdout")
     add_env_option(
         p,
@@ -108,7 +136,15 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         "--billing-account",
         env="GPULEDGER_BILLING_ACCOUNT",
         default=_DEFAULTS.billing_account_id,
-        help=f"FOCUS BillingAccountId (default {_DEFAULTS.billing_account_id})",
+        help=f"FOCUS BillingAccountId: who is billed (default {_DEFAULTS.billing_account_id})",
+    )
+    add_env_option(
+        p,
+        env,
+        "--billing-account-name",
+        env="GPULEDGER_BILLING_ACCOUNT_NAME",
+        default=_DEFAULTS.billing_account_name,
+        help=f"FOCUS BillingAccountName (default {_DEFAULTS.billing_account_name!r})",
     )
     add_env_option(
         p,
@@ -121,20 +157,33 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     add_env_option(
         p,
         env,
+        "--service-provider",
+        env="GPULEDGER_SERVICE_PROVIDER",
+        default=_DEFAULTS.service_provider_name,
+        help=(
+            "FOCUS ServiceProviderName, InvoiceIssuerName: the platform that re-bills its GPUs "
+            f"(default {_DEFAULTS.service_provider_name!r})"
+        ),
+    )
+    add_env_option(
+        p,
+        env,
         "--host-provider",
         env="GPULEDGER_HOST_PROVIDER",
-        default=_DEFAULTS.host_provider_name,
-        help=f"FOCUS HostProviderName (default {_DEFAULTS.host_provider_name})",
+        default="",
+        help=(
+            "FOCUS HostProviderName: the cloud provider whose instances hold the GPUs, e.g. "
+            "'Amazon Web Services' (default: the service provider, for devices it owns)"
+        ),
     )
+    add_price_book_option(p, env)
+    add_label_options(p, env)
     add_policy_options(
         p,
         env,
         share_help="share policy the worker ran with, named in each charge (default dominant)",
         idle_help="idle policy the worker ran with, named in each charge (default platform)",
     )
-    p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(handler=_run_export)
-    export.set_defaults(handler=_usage(export))
 
 
 def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -154,6 +203,10 @@ def _handler(name: str) -> Callable[[argparse.Namespace], int]:
 
 def _run_export(args: argparse.Namespace) -> int:
     return _guarded("gpuledger export chargeback", args, lambda: _export(args))
+
+
+def _run_invoice(args: argparse.Namespace) -> int:
+    return _guarded("gpuledger export invoice", args, lambda: _invoice(args))
 
 
 def _guarded(command: str, args: argparse.Namespace, body: Callable[[], int]) -> int:
@@ -229,27 +282,108 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
         store.close()
 
 
-def _export(args: argparse.Namespace) -> int:
-    fmt = check_choice(args.format, EXPORT_FORMATS, "--format")
-    period = parse_month(args.period)
-    settings = ChargebackSettings(
+def _settings(args: argparse.Namespace) -> ChargebackSettings:
+    return ChargebackSettings(
         billing_account_id=args.billing_account,
+        billing_account_name=args.billing_account_name,
         currency=args.currency,
+        service_provider_name=args.service_provider,
         host_provider_name=args.host_provider,
         share_policy=args.share_policy,
         idle_policy=args.idle_policy,
+        team_label=args.team_label,
+        product_label=args.product_label,
+        cost_center_label=args.cost_center_label,
     )
+
+
+@contextlib.contextmanager
+def _day_progress(period: Period, what: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar over the days of `period` on stderr (when it is a terminal)."""
+    days = max(1, -(-(period.end_ms - period.start_ms) // DAY_MS))
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(what, total=days)
+        yield lambda _day_ms: bar.advance(task)
+
+
+def _export(args: argparse.Namespace) -> int:
+    fmt = check_format(args.format)
+    period = parse_month(args.period)
+    settings = _settings(args)
+    book = load_price_book(args.price_book)
     if fmt == "focus-parquet" and not args.output and sys.stdout.isatty():
         raise ConfigError("focus-parquet is binary: give --output FILE")
     store = _open(args)
+    totals = ExportTotals()
     try:
-        data = export_bytes(
-            chargeback(store, period, settings, use_rollups=not args.base_only), fmt
-        )
+        with _output(args.output) as out, _day_progress(period, "exporting days") as on_day:
+            rows = chargeback(
+                store,
+                period,
+                settings,
+                book,
+                use_rollups=not args.base_only,
+                totals=totals,
+                on_day=on_day,
+            )
+            write_rows(rows, fmt, out)
     finally:
         store.close()
-    _write(data, args.output)
+    kinds = ", ".join(
+        f"{kind} {format(plain(amount), 'f')}"
+        for kind, amount in sorted(totals.by_kind_usd.items())
+    )
+    print(
+        f"{totals.rows:,} charges, BilledCost total {format(plain(totals.total_usd), 'f')} "
+        f"{settings.currency}"
+        + (f" ({kinds})" if kinds else "")
+        + (f"; wrote {args.output}" if args.output else ""),
+        file=sys.stderr,
+    )
     return 0
+
+
+def _invoice(args: argparse.Namespace) -> int:
+    fmt = check_choice(args.format, FORMATS, "--format")
+    check_choice(args.by, INVOICE_BY, "--by")
+    period = parse_month(args.period)
+    settings = _settings(args)
+    store = _open(args)
+    try:
+        with _day_progress(period, "reading days") as on_day:
+            bill = invoice(
+                store, period, settings, args.by, use_rollups=not args.base_only, on_day=on_day
+            )
+    finally:
+        store.close()
+    _write(render(bill, fmt).encode("utf-8"), args.output)
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[IO[bytes]]:
+    """The file to write (replaced only once it is complete), or stdout."""
+    if not path:
+        yield sys.stdout.buffer
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with partial.open("wb") as out:
+            yield out
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _write(data: bytes, output: str | None) -> None:
@@ -312,6 +446,9 @@ def _locked_line(args: argparse.Namespace) -> str:
 def _http_path(args: argparse.Namespace) -> str:
     if getattr(args, "export", None) == "chargeback":
         return "/export/chargeback?" + urlencode({"period": args.period, "format": args.format})
+    if getattr(args, "export", None) == "invoice":
+        wanted = {"period": args.period, "by": args.by, "format": args.format}
+        return "/export/invoice?" + urlencode(wanted)
     name = args.report
     query: dict[str, str] = {}
     for key, value in (("from", args.start), ("to", args.end)):

@@ -89,14 +89,32 @@ def clickhouse_password(args: argparse.Namespace) -> str | None:
     return secret.reveal() if secret is not None else None
 
 
-def ddl_statements(database: str) -> list[str]:
-    """Statements of every schemas/clickhouse*.sql file, in file-name order."""
+DERIVED_SCHEMA = "clickhouse_rollups.sql"  # tables rebuilt from the others when reshaped
+_CREATE_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS \S+?\.(\w+)\s*\((.*?)\)\s*ENGINE", re.S)
+
+
+def ddl_statements(database: str, *, only: str | None = None) -> list[str]:
+    """Statements of every schemas/clickhouse*.sql file (or of the file `only`), in file-name
+    order."""
     statements = []
     for path in sorted(SCHEMA_DIR.glob("clickhouse*.sql")):
+        if only is not None and path.name != only:
+            continue
         text = path.read_text(encoding="utf-8")
         body = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("--"))
         statements += [s.strip().replace("{db}", database) for s in body.split(";") if s.strip()]
     return statements
+
+
+def table_columns(statements: Iterable[str]) -> dict[str, list[str]]:
+    """Each CREATE TABLE's table name and its column names, in order."""
+    tables = {}
+    for statement in statements:
+        found = _CREATE_TABLE.search(statement)
+        if found:
+            lines = (ln.strip() for ln in found.group(2).splitlines())
+            tables[found.group(1)] = [ln.split()[0] for ln in lines if ln]
+    return tables
 
 
 SCHEMES = ("chdb", "http", "https")
@@ -223,8 +241,26 @@ class ClickHouseStore:
             self._limit = None
 
     def create_schema(self) -> None:
+        self._drop_reshaped_derived_tables()
         for statement in ddl_statements(self.database):
             self.command(statement)
+
+    def _drop_reshaped_derived_tables(self) -> list[str]:
+        """Drop the derived tables (DERIVED_SCHEMA) when one of them exists with other columns
+        than the DDL says: they are rebuilt from the base rows, which they only summarise."""
+        wanted = table_columns(ddl_statements(self.database, only=DERIVED_SCHEMA))
+        names = ", ".join(f"'{name}'" for name in wanted)
+        found: dict[str, list[str]] = {}
+        for table, column in self.query_rows(
+            f"SELECT table, name FROM system.columns WHERE database = '{self.database}' "
+            f"AND table IN ({names}) ORDER BY table, position"
+        ):
+            found.setdefault(str(table), []).append(str(column))
+        if all(found.get(table, columns) == columns for table, columns in wanted.items()):
+            return []
+        for table in wanted:
+            self.command(f"DROP TABLE IF EXISTS {self.database}.{table}")
+        return sorted(wanted)
 
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         with self._lock:

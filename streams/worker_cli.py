@@ -56,8 +56,7 @@ def add_policy_options(
     )
 
 
-def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
-    """Options every part that allocates cost shares (worker, demo)."""
+def add_price_book_option(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     add_env_option(
         parser,
         env,
@@ -67,24 +66,10 @@ def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, st
         metavar="FILE",
         help="price book YAML (default: the shipped example)",
     )
-    add_policy_options(parser, env)
-    add_env_option(
-        parser,
-        env,
-        "--sm-weight",
-        env="GPULEDGER_SM_WEIGHT",
-        type=float,
-        default=0.5,
-        help="weight of SM utilisation under --share-policy weighted (default 0.5)",
-    )
-    add_env_option(
-        parser,
-        env,
-        "--platform-team",
-        env="GPULEDGER_PLATFORM_TEAM",
-        default="platform",
-        help="team that pays for idle capacity under --idle-policy platform (default platform)",
-    )
+
+
+def add_label_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """--team-label, --product-label, --cost-center-label: the pod labels that name an owner."""
     add_env_option(
         parser,
         env,
@@ -109,6 +94,30 @@ def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, st
         default="cost-center",
         help="pod or namespace label naming the cost centre (default cost-center)",
     )
+
+
+def add_allocation_options(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Options every part that allocates cost shares (worker, demo)."""
+    add_price_book_option(parser, env)
+    add_policy_options(parser, env)
+    add_env_option(
+        parser,
+        env,
+        "--sm-weight",
+        env="GPULEDGER_SM_WEIGHT",
+        type=float,
+        default=0.5,
+        help="weight of SM utilisation under --share-policy weighted (default 0.5)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--platform-team",
+        env="GPULEDGER_PLATFORM_TEAM",
+        default="platform",
+        help="team that pays for idle capacity under --idle-policy platform (default platform)",
+    )
+    add_label_options(parser, env)
     add_env_option(
         parser,
         env,

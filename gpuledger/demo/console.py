@@ -144,3 +144,13 @@ def print_outcome(console: Console, outcome: DemoOutcome) -> None:
         f"Ask again: gpuledger report showback --clickhouse {outcome.dsn} {span} --by product",
         soft_wrap=True,
     )
+    month = format_ms(outcome.period.start_ms)[:7]
+    console.print(
+        f"Chargeback (FOCUS 1.3): gpuledger export chargeback --clickhouse {outcome.dsn} "
+        f"--period {month} -o gpuledger-chargeback-{month}.csv",
+        soft_wrap=True,
+    )
+    console.print(
+        f"Invoice: gpuledger export invoice --clickhouse {outcome.dsn} --period {month} --by team",
+        soft_wrap=True,
+    )

@@ -1,58 +1,191 @@
-"""FOCUS files: CSV (null = empty field) and Parquet (decimals as decimal128, times as UTC
-timestamps, JSON columns as strings)."""
+"""FOCUS files written as the rows come: CSV (null = empty field), Parquet (exact decimals,
+UTC timestamps, JSON columns as strings) and JSON Lines (one object per row, decimals as exact
+JSON numbers). Every format has the same columns (focus_columns.COLUMNS) in the same order,
+whether the period has rows or not: an empty month is a header, a schema, or no lines."""
 
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import IO, Any
 
 from runtime.errors import ConfigError
-from streams.reports.chargeback import ChargebackExport
-from streams.reports.render import to_csv, to_json
+from streams.reports.focus_columns import COLUMNS, FOCUS_VERSION, json_text
+from streams.reports.render import csv_line
 
-_TIME_COLUMNS = ("BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd")
-_MONEY_COLUMNS = ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost")
-_INT_COLUMNS = ("x_PromptTokens", "x_CompletionTokens", "x_Requests")
+FORMATS = ("focus-csv", "focus-parquet", "focus-jsonl")
+CONTENT_TYPES = {
+    "focus-csv": "text/csv; charset=utf-8",
+    "focus-parquet": "application/vnd.apache.parquet",
+    "focus-jsonl": "application/jsonl",
+}
+_PARQUET_BATCH_ROWS = 20_000
+# Decimal scales: a unit price has at most 15 places, a quantity 12, so a cost at most 27.
+_SCALES = {"cost": 27, "price": 15, "quantity": 12}
+_TENTH = Decimal("0.1")
 
 
-def export_bytes(export: ChargebackExport, fmt: str) -> bytes:
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        shown = fmt if len(fmt) <= 40 else fmt[:40] + "…"
+        raise ConfigError(f"--format {shown!r} is not one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def write_rows(
+    rows: Iterable[dict[str, Any]], fmt: str, out: IO[bytes], *, max_rows: int | None = None
+) -> int:
+    """Write every row to `out` in `fmt`; the number written. Past `max_rows` it stops with
+    a ConfigError (what was written so far is then incomplete)."""
+    check_format(fmt)
+    counted = _counted(rows, max_rows)
     if fmt == "focus-csv":
-        return to_csv(export).encode("utf-8")
-    if fmt == "focus-parquet":
-        return to_parquet(export)
-    if fmt == "json":
-        return to_json(export).encode("utf-8")
-    raise ConfigError(f"--format {fmt!r} is not one of focus-csv, focus-parquet, json")
+        return _write_csv(counted, out)
+    if fmt == "focus-jsonl":
+        return _write_jsonl(counted, out)
+    return _write_parquet(counted, out)
 
 
-def to_parquet(export: ChargebackExport) -> bytes:
+def export_bytes(rows: Iterable[dict[str, Any]], fmt: str, *, max_rows: int | None = None) -> bytes:
+    sink = io.BytesIO()
+    write_rows(rows, fmt, sink, max_rows=max_rows)
+    return sink.getvalue()
+
+
+def _counted(rows: Iterable[dict[str, Any]], max_rows: int | None) -> Iterator[dict[str, Any]]:
+    for n, row in enumerate(rows, start=1):
+        if max_rows is not None and n > max_rows:
+            raise ConfigError(
+                f"the export has more than {max_rows:,} charges, the most one answer holds; "
+                f"write it to a file with `gpuledger export chargeback -o FILE`"
+            )
+        yield row
+
+
+def _cell(kind: str, value: Any) -> Any:
+    """A CSV cell: booleans as true/false; decimals always with a decimal point, so a reader
+    that guesses types from the text (the FOCUS validator does) never takes them for integers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if kind in _SCALES and isinstance(value, Decimal):
+        exponent = value.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= 0:
+            return value.quantize(_TENTH)
+    return value
+
+
+def _write_csv(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
+    out.write(csv_line(COLUMNS).encode("utf-8"))
+    count = 0
+    for row in rows:
+        out.write(csv_line(_cell(k, row[c]) for c, k in COLUMNS.items()).encode("utf-8"))
+        count += 1
+    return count
+
+
+def _write_jsonl(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
+    count = 0
+    for row in rows:
+        out.write((json_text({c: row[c] for c in COLUMNS}) + "\n").encode("utf-8"))
+        count += 1
+    return count
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa  # type: ignore[import-untyped]
+
+    types = {
+        "text": pa.string(),
+        "json": pa.string(),
+        "time": pa.timestamp("s", tz="UTC"),
+        "int": pa.int64(),
+        "bool": pa.bool_(),
+    }
+    fields = [
+        pa.field(c, types[k] if k in types else pa.decimal128(38, _SCALES[k]))
+        for c, k in COLUMNS.items()
+    ]
+    return pa.schema(fields, metadata={"focus_version": FOCUS_VERSION, "dataset": "CostAndUsage"})
+
+
+def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
     try:
-        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow as pa
         import pyarrow.parquet as pq  # type: ignore[import-untyped]
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         raise ConfigError("focus-parquet needs pyarrow (pip install pyarrow)") from None
-    records = export.records()
-    columns = list(records[0]) if records else []
-    arrays: dict[str, Any] = {}
-    for name in columns:
-        values = [r[name] for r in records]
-        if name in _TIME_COLUMNS:
-            arrays[name] = pa.array(
-                [datetime.fromisoformat(v.replace("Z", "+00:00")) for v in values],
-                pa.timestamp("ms", tz="UTC"),
-            )
-        elif name in _MONEY_COLUMNS:
-            arrays[name] = pa.array(values, pa.decimal128(18, 2))
-        elif name in _INT_COLUMNS:
-            arrays[name] = pa.array(values, pa.int64())
-        elif any(isinstance(v, Decimal) for v in values):
-            arrays[name] = pa.array(values, pa.decimal128(38, 15))
-        else:
-            arrays[name] = pa.array(values, pa.string())
-    table = pa.table(arrays) if arrays else pa.table({})
-    table = table.replace_schema_metadata({"focus_version": "1.3", "dataset": "CostAndUsage"})
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    return sink.getvalue()
+    schema = parquet_schema()
+    count = 0
+    with pq.ParquetWriter(out, schema) as writer:
+        batch: list[dict[str, Any]] = []
+
+        def flush() -> None:
+            columns = {c: [_parquet_value(k, row[c]) for row in batch] for c, k in COLUMNS.items()}
+            writer.write_table(pa.Table.from_pydict(columns, schema=schema))
+            batch.clear()
+
+        for row in rows:
+            batch.append(row)
+            count += 1
+            if len(batch) >= _PARQUET_BATCH_ROWS:
+                flush()
+        if batch or count == 0:
+            flush()
+    return count
+
+
+def _parquet_value(kind: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind == "time":
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if kind in _SCALES and isinstance(value, Decimal):
+        return value.quantize(Decimal(1).scaleb(-_SCALES[kind]))
+    return value
+
+
+def read_rows(data: bytes, fmt: str) -> list[dict[str, Any]]:
+    """The rows of an export as written: for checks and tests. Numbers come back as Decimal,
+    times as `YYYY-MM-DDTHH:MM:SSZ`, nulls as None, in every format."""
+    check_format(fmt)
+    if fmt == "focus-jsonl":
+        return [
+            json.loads(line, parse_float=Decimal, parse_int=Decimal)
+            for line in data.decode("utf-8").splitlines()
+            if line
+        ]
+    if fmt == "focus-csv":
+        import csv
+
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+        return [
+            {c: _from_text(COLUMNS.get(c, "text"), v) for c, v in row.items()} for row in reader
+        ]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    out = []
+    for record in table.to_pylist():
+        row: dict[str, Any] = {}
+        for c, v in record.items():
+            if isinstance(v, datetime):
+                row[c] = v.strftime("%Y-%m-%dT%H:%M:%SZ")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                row[c] = Decimal(v)
+            else:
+                row[c] = v
+        out.append(row)
+    return out
+
+
+def _from_text(kind: str, text: str) -> Any:
+    if text == "":
+        return None
+    if kind in _SCALES or kind == "int":
+        return Decimal(text)
+    if kind == "bool":
+        return text == "true"
+    return text

@@ -5,7 +5,8 @@
     GET /report/tags?from=..&to=..&format=..
     GET /report/unit-economics?from=..&to=..&format=..
     GET /report/html?from=..&to=..
-    GET /export/chargeback?period=2026-11&format=focus-csv|focus-parquet|json
+    GET /export/chargeback?period=2026-11&format=focus-csv|focus-parquet|focus-jsonl
+    GET /export/invoice?period=2026-11&by=team|cost_center&format=table|csv|json
 
 with (status, content type, body). Bad parameters, and results past the limits of
 streams.reports.limits, give 400 and one line of text; a store failure gives 503. Whatever text
@@ -18,10 +19,12 @@ import time
 from collections.abc import Mapping
 
 from runtime.errors import ConfigError, StoreError
-from streams.reports.chargeback import ChargebackSettings, chargeback
-from streams.reports.focus_files import export_bytes
+from streams.reports.chargeback import ChargebackSettings, chargeback, invoice
+from streams.reports.focus_files import CONTENT_TYPES as FOCUS_CONTENT_TYPES
+from streams.reports.focus_files import check_format, export_bytes
 from streams.reports.html_report import html_report
-from streams.reports.params import EXPORT_FORMATS, FORMATS, check_choice, parse_month, parse_period
+from streams.reports.limits import MAX_HTTP_EXPORT_ROWS
+from streams.reports.params import FORMATS, check_choice, parse_month, parse_period
 from streams.reports.render import Report, render
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
@@ -33,8 +36,7 @@ CONTENT_TYPES = {
     "table": TEXT,
     "csv": "text/csv; charset=utf-8",
     "json": "application/json",
-    "focus-csv": "text/csv; charset=utf-8",
-    "focus-parquet": "application/vnd.apache.parquet",
+    **FOCUS_CONTENT_TYPES,
 }
 REPORT_PATHS = (
     "/report/showback",
@@ -42,6 +44,7 @@ REPORT_PATHS = (
     "/report/unit-economics",
     "/report/html",
     "/export/chargeback",
+    "/export/invoice",
 )
 
 
@@ -56,10 +59,16 @@ def handle_report_request(
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     try:
         if path == "/export/chargeback":
-            fmt = check_choice(query.get("format", "focus-csv"), EXPORT_FORMATS, "format")
+            fmt = check_format(query.get("format", "focus-csv"))
             period = parse_month(query.get("period", ""))
-            export = chargeback(store, period, settings)
-            return 200, CONTENT_TYPES[fmt], export_bytes(export, fmt)
+            rows = chargeback(store, period, settings)
+            body = export_bytes(rows, fmt, max_rows=MAX_HTTP_EXPORT_ROWS)
+            return 200, CONTENT_TYPES[fmt], body
+        if path == "/export/invoice":
+            fmt = check_choice(query.get("format", "json"), FORMATS, "format")
+            period = parse_month(query.get("period", ""))
+            bill = invoice(store, period, settings, query.get("by", "team"))
+            return 200, CONTENT_TYPES[fmt], render(bill, fmt).encode("utf-8")
         period = parse_period(query.get("from"), query.get("to"), now_ms=now)
         if path == "/report/html":
             return 200, "text/html; charset=utf-8", html_report(store, period).encode()

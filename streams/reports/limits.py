@@ -13,9 +13,10 @@ MAX_PERIOD_DAYS = 400  # a year and a month: a year-over-year comparison still f
 EARLIEST_MS = 0  # 1970-01-01T00:00:00Z: no window starts before the Unix epoch
 LATEST_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z, well inside ClickHouse's DateTime
 MAX_UNIX_MS_DIGITS = 13  # Unix ms up to LATEST_MS have 13 digits
-MAX_RESULT_ROWS = 10_000  # lines of a report, charges of an export, pods of the tags report
+MAX_RESULT_ROWS = 10_000  # lines of a report, pods of the tags report
 MAX_SERIES_POINTS = 50_000  # (line, bucket) points behind a trend or a chart over time
-MAX_SOURCE_ROWS = 200_000  # (pod, device, labels) parts an export splits into its charges
+MAX_SOURCE_ROWS = 200_000  # (hour, device, pod, labels) parts of one day of an export
+MAX_HTTP_EXPORT_ROWS = 200_000  # FOCUS rows one HTTP answer holds (a file has no limit)
 MAX_CHART_BUCKETS = 200  # bars of a chart over time; the bucket widens to stay under it
 
 

@@ -8,24 +8,29 @@ amount, then the earlier line). The lines then add up exactly to the rounded tot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Context, Decimal, localcontext
 
 CENT = Decimal("0.01")
 _ZERO = Decimal(0)
+# Wide enough for exact sums of FOCUS amounts (27 decimal places) without rounding them.
+_WIDE = Context(prec=80)
 
 
 def round_total(amount: Decimal) -> Decimal:
-    return amount.quantize(CENT, ROUND_HALF_UP)
+    with localcontext(_WIDE):
+        return amount.quantize(CENT, ROUND_HALF_UP)
 
 
 def largest_remainder_cents(amounts: Sequence[Decimal]) -> list[Decimal]:
     """Each amount in cents; the results add up to `round_total(sum(amounts))` exactly."""
     if not amounts:
         return []
-    target = round_total(sum(amounts, _ZERO))
-    floors = [a.quantize(CENT, ROUND_FLOOR) for a in amounts]
-    left = int((target - sum(floors, _ZERO)) / CENT)
-    order = sorted(range(len(amounts)), key=lambda i: (-(amounts[i] - floors[i]), -amounts[i], i))
+    with localcontext(_WIDE):
+        target = round_total(sum(amounts, _ZERO))
+        floors = [a.quantize(CENT, ROUND_FLOOR) for a in amounts]
+        left = int((target - sum(floors, _ZERO)) / CENT)
+        rests = [a - f for a, f in zip(amounts, floors, strict=True)]
+    order = sorted(range(len(amounts)), key=lambda i: (-rests[i], -amounts[i], i))
     for n in range(left):
         floors[order[n % len(order)]] += CENT
     return floors

@@ -100,12 +100,12 @@ def to_csv(report: Report) -> str:
     records = report.records()
     if not records:
         return ""
-    lines = [_csv_line(records[0])]
-    lines += [_csv_line(record.values()) for record in records]
+    lines = [csv_line(records[0])]
+    lines += [csv_line(record.values()) for record in records]
     return "".join(lines)
 
 
-def _csv_line(values: Iterable[Any]) -> str:
+def csv_line(values: Iterable[Any]) -> str:
     """RFC 4180 quoting: a cell holding a comma, a quote, CR or LF is quoted (the csv module
     leaves a CR bare when lines end in LF, and a reader then splits the row there)."""
     return ",".join(_quoted(csv_cell(v)) for v in values) + "\n"
@@ -125,7 +125,7 @@ _NEEDS_QUOTES = re.compile(r'[,"\r\n]')
 def csv_cell(value: Any) -> str:
     """One CSV cell. Text that a spreadsheet would run as a formula gets a leading `'` (names,
     labels and ids come from tenants' pods and annotations); numbers stay numbers, so a credit
-    of -12.50 is still a decimal; None is an empty cell. Quoting is `_csv_line`'s."""
+    of -12.50 is still a decimal; None is an empty cell. Quoting is `csv_line`'s."""
     if value is None:
         return ""
     if isinstance(value, Decimal):

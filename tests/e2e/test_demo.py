@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from focus_validator import GPULEDGER_CRITERIA, run_validator
+
+from streams.reports.focus_files import read_rows
+from streams.reports.focus_rules import check_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -138,6 +142,39 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
     assert facts["models_with_tokens"] >= 3
     assert_self_contained_report(tmp_path / "report.html")
     assert time.monotonic() - started < 120
+    assert_month_exports(out, tmp_path)
+
+
+def printed_command(stdout: str, prefix: str) -> list[str]:
+    line = next(ln for ln in stdout.splitlines() if ln.startswith(prefix))
+    words = line.removeprefix(prefix).split()
+    assert words[0] == "gpuledger"
+    return [sys.executable, "-m", "gpuledger.cli", *words[1:]]
+
+
+def assert_month_exports(stdout: str, tmp: Path) -> None:
+    """The chargeback and invoice commands the demo prints work on its folder: the FOCUS file
+    passes the FOCUS validator and the 1.3 rules, and the invoice adds up to it."""
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp, env=clean_env(), timeout=120
+        )
+
+    export = run(printed_command(stdout, "Chargeback (FOCUS 1.3): "))
+    assert export.returncode == 0, export.stderr
+    (path,) = tmp.glob("gpuledger-chargeback-*.csv")
+    rows = read_rows(path.read_bytes(), "focus-csv")
+    assert rows and check_rows(rows) == []
+    assert {r["ResourceType"] for r in rows} == {"GPU", "MIG instance"}
+    assert {r["x_CostKind"] for r in rows} == {"allocated", "untagged", "host", "idle"}
+    report = run_validator(path, criteria=GPULEDGER_CRITERIA)
+    assert report.passed > 0 and not report.unexpected_failures(), report.summary()
+    bill = run([*printed_command(stdout, "Invoice: "), "--format", "json"])
+    assert bill.returncode == 0, bill.stderr
+    doc = json.loads(bill.stdout)
+    exact = sum((r["BilledCost"] for r in rows), Decimal(0))
+    assert Decimal(doc["exact_total"]) == exact
+    assert sum(Decimal(line["amount"]) for line in doc["lines"]) == Decimal(doc["total"])
 
 
 def test_ctrl_c_stops_cleanly_and_still_reports(tmp_path: Path) -> None:

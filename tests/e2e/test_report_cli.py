@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,35 @@ def test_export_parquet_and_reports(dsn: str, tmp_path: Path) -> None:
         "2026-11-02",
     )
     assert units.returncode == 0 and "llama-3-70b" in units.stdout
+
+
+def test_export_invoice_adds_up_to_the_chargeback_file(dsn: str, tmp_path: Path) -> None:
+    out = tmp_path / "nov.jsonl"
+    export = gpuledger(
+        "export", "chargeback", "--clickhouse", dsn, "--period", "2026-11",
+        "--format", "focus-jsonl", "-o", str(out), "--host-provider", "Amazon Web Services",
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    rows = [json.loads(line, parse_float=Decimal) for line in out.read_text().splitlines()]
+    assert rows and {r["HostProviderName"] for r in rows} == {"Amazon Web Services"}
+    assert {r["InvoiceIssuerName"] for r in rows} == {"Internal GPU platform"}
+    exact = sum(r["BilledCost"] for r in rows)
+    assert f"{len(rows):,} charges, BilledCost total {exact.normalize():f} USD" in export.stderr
+    assert not list(tmp_path.glob(".*partial"))
+    bill = gpuledger(
+        "export", "invoice", "--clickhouse", dsn, "--period", "2026-11", "--by", "team",
+        "--format", "json",
+    )  # fmt: skip
+    assert bill.returncode == 0, bill.stderr
+    doc = json.loads(bill.stdout, parse_float=Decimal)
+    assert Decimal(doc["exact_total"]) == exact
+    assert sum(Decimal(line["amount"]) for line in doc["lines"]) == Decimal(doc["total"])
+    assert Decimal(doc["total"]) == exact.quantize(Decimal("0.01"), ROUND_HALF_UP)
+    table = gpuledger("export", "invoice", "--clickhouse", dsn, "--period", "2026-11")
+    assert table.returncode == 0 and "gpuledger-2026-11" in table.stdout
+    assert "(idle GPU time)" in table.stdout
+    wrong = gpuledger("export", "invoice", "--clickhouse", dsn, "--period", "2026-11", "--by", "x")
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and "--by" in wrong.stderr
 
 
 @pytest.mark.parametrize(

@@ -133,7 +133,7 @@ def test_hostile_model_names_are_text_in_every_csv(store: ClickHouseStore) -> No
     for row in rows:
         assert not any(cell.startswith(("=", "+", "@")) for cell in row.values()), row
         Decimal(row["BilledCost"])
-        Decimal(row["x_UnroundedCost"])
+        Decimal(row["x_MeteredCost"])
 
 
 def _offset(minutes: int) -> str:

@@ -13,8 +13,10 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, corrected, fresh_store
 
-from streams.reports.chargeback import chargeback
-from streams.reports.focus_files import export_bytes
+from streams.reports.chargeback import ExportTotals, chargeback, invoice
+from streams.reports.focus_columns import COLUMNS
+from streams.reports.focus_files import FORMATS as FOCUS_FORMATS
+from streams.reports.focus_files import export_bytes, read_rows
 from streams.reports.focus_rules import check_rows
 from streams.reports.http import handle_report_request
 from streams.reports.params import Period, parse_month
@@ -203,8 +205,7 @@ def test_empty_period(loaded) -> None:
     assert "total" in to_json(report)
     assert tag_compliance(store, empty).untagged_usd == 0
     assert unit_economics(store, empty).lines == ()
-    export = chargeback(store, Period(empty.start_ms, empty.end_ms))
-    assert export.rows == () and export.total_cents_usd == 0
+    assert list(chargeback(store, Period(empty.start_ms, empty.end_ms))) == []
 
 
 def test_idle_only_period() -> None:
@@ -214,10 +215,11 @@ def test_idle_only_period() -> None:
     report = showback(store, PERIOD, "team")
     assert [line.line_kind for line in report.lines] == ["idle"]
     assert report.idle_usd == report.total_usd == sum(r.cost_usd for r in idle)
-    export = chargeback(store, parse_month("2026-11"))
-    assert {r["x_CostKind"] for r in export.rows} == {"idle"}
-    assert all(r["AllocatedResourceId"] is None for r in export.rows)
-    assert check_rows(export.records()) == []
+    rows = list(chargeback(store, parse_month("2026-11")))
+    assert rows and {r["x_CostKind"] for r in rows} == {"idle"}
+    assert all(r["AllocatedResourceId"] is None for r in rows)
+    assert all(r["AllocatedMethodId"] is not None for r in rows)
+    assert check_rows(rows) == []
     assert unit_economics(store, PERIOD).lines == ()
 
 
@@ -269,77 +271,108 @@ def test_unit_economics_matches_raw_rows(loaded) -> None:
     assert "ESTIMATE" in "".join(n for t in report.table() for n in t.notes)
 
 
-def test_chargeback_lines_reconcile_to_the_cent(loaded) -> None:
+def test_chargeback_adds_up_to_the_raw_rows(loaded) -> None:
     store, rows = loaded
-    export = chargeback(store, parse_month("2026-11"))
-    assert check_rows(export.records()) == []
+    totals = ExportTotals()
+    export = list(chargeback(store, parse_month("2026-11"), totals=totals))
+    assert check_rows(export) == []
     costs = [r for r in rows if isinstance(r, CostRow)]
-    total = sum(r.cost_usd for r in costs)
-    assert export.total_usd == total
-    billed = sum(r["BilledCost"] for r in export.rows)
-    assert billed == total.quantize(CENT, ROUND_HALF_UP) == export.total_cents_usd
-    assert sum(r["x_UnroundedCost"] for r in export.rows) == total
-    for row in export.rows:  # largest remainder: each line within a cent of its exact amount
-        assert abs(row["BilledCost"] - row["x_UnroundedCost"]) < CENT
-    kinds = defaultdict(Decimal)
-    for row in export.rows:
-        kinds[row["x_CostKind"]] += row["x_UnroundedCost"]
+    metered = sum(r.cost_usd for r in costs)
+    assert totals.metered_usd == metered == sum(r["x_MeteredCost"] for r in export)
+    billed = sum(r["BilledCost"] for r in export)
+    assert billed == totals.total_usd
+    origins = {(r["ResourceId"], r["ChargePeriodStart"], r["SkuPriceId"]) for r in export}
+    # price x quantity in 1e-12 device-hours differs from the meter's sums by less than a
+    # quantity step per origin charge
+    assert abs(billed - metered) <= Decimal("7e-12") * len(origins)
+    assert {r["ChargePeriodStart"][11:] for r in export} == {f"{h:02}:00:00Z" for h in range(HOURS)}
+    kinds: dict[str, Decimal] = defaultdict(Decimal)
+    for row in export:
+        kinds[row["x_CostKind"]] += row["x_MeteredCost"]
     assert kinds["idle"] == sum(r.cost_usd for r in costs if r.kind == "idle")
     assert kinds["host"] == sum(r.cost_usd for r in costs if r.kind == "host")
-    by_model = defaultdict(Decimal)
-    for row in export.rows:
-        by_model[row["x_Model"]] += row["x_UnroundedCost"]
+    by_model: dict[str | None, Decimal] = defaultdict(Decimal)
+    for row in export:
+        by_model[row["x_Model"]] += row["x_MeteredCost"]
     cpt = [r for r in rows if isinstance(r, TokenCostRow)]
     assert by_model["llama-3-70b"] == sum(r.cost_usd for r in cpt if r.model == "llama-3-70b")
-    assert any(
-        r["x_Team"] == "récommandations" and r["x_Product"] == "猫-feed" for r in export.rows
-    )
-    # tokens of every model land on exactly one line
+    assert any(r["x_Team"] == "récommandations" and r["x_Product"] == "猫-feed" for r in export)
+    # tokens of every model land on exactly one charge per hour
     for model in ("llama-3-70b", "mistral-7b", "llama-3-8b"):
         want = sum(r.prompt_tokens for r in cpt if r.model == model)
-        assert sum(r["x_PromptTokens"] for r in export.rows if r["x_Model"] == model) == want
+        assert sum(r["x_PromptTokens"] for r in export if r["x_Model"] == model) == want
+    # the corrected untagged pod is billed to its late team; untagged rows carry no owner
+    assert any(r["x_Team"] == "sandbox-team" for r in export)
+    assert all(r["AllocatedResourceId"] is None for r in export if r["x_CostKind"] != "allocated")
 
 
-def test_chargeback_files_pass_the_focus_rules(loaded) -> None:
+def test_invoice_lines_add_up_to_the_rounded_total_of_the_file(loaded) -> None:
     store, _ = loaded
-    export = chargeback(store, parse_month("2026-11"))
-    rows_csv = list(csv.DictReader(io.StringIO(export_bytes(export, "focus-csv").decode())))
-    assert check_rows(rows_csv) == []
-    assert "猫-feed" in rows_csv[0]["AllocatedTags"] + rows_csv[1]["AllocatedTags"]
-    doc = json.loads(export_bytes(export, "json"))
-    assert doc["focus_version"] == "1.3" and check_rows(doc["rows"]) == []
-    import pyarrow.parquet as pq
+    export = list(chargeback(store, parse_month("2026-11")))
+    exact = sum(r["BilledCost"] for r in export)
+    for by in ("team", "cost_center"):
+        bill = invoice(store, parse_month("2026-11"), by=by)
+        assert bill.exact_total_usd == exact
+        assert bill.total_usd == exact.quantize(CENT, ROUND_HALF_UP)
+        assert sum(line.amount_usd for line in bill.lines) == bill.total_usd
+        for line in bill.lines:
+            assert line.amount_usd == line.amount_usd.quantize(CENT)
+            assert abs(line.amount_usd - line.exact_usd) < CENT
+        assert bill.invoice_id == "gpuledger-2026-11" == export[0]["InvoiceId"]
+    by_team = {line.label: line for line in invoice(store, parse_month("2026-11")).lines}
+    want = sum(r["BilledCost"] for r in export if r["x_Team"] == "search")
+    assert by_team["search"].exact_usd == want
+    assert {"(idle GPU time)", "(host processes)"} <= set(by_team)
 
-    table = pq.read_table(io.BytesIO(export_bytes(export, "focus-parquet")))
-    parquet_rows = table.to_pylist()
-    for r in parquet_rows:
-        for col in (
-            "BillingPeriodStart",
-            "BillingPeriodEnd",
-            "ChargePeriodStart",
-            "ChargePeriodEnd",
-        ):
-            r[col] = r[col].strftime("%Y-%m-%dT%H:%M:%SZ")
-    assert check_rows(parquet_rows) == []
-    assert sum(r["BilledCost"] for r in parquet_rows) == export.total_cents_usd
+
+@pytest.mark.parametrize("fmt", FOCUS_FORMATS)
+def test_chargeback_files_hold_the_same_rows_and_pass_the_1_3_rules(loaded, fmt: str) -> None:
+    store, _ = loaded
+    month = parse_month("2026-11")
+    rows = list(chargeback(store, month))
+    written = read_rows(export_bytes(chargeback(store, month), fmt), fmt)
+    assert check_rows(written) == []
+    assert len(written) == len(rows)
+    assert list(written[0]) == list(COLUMNS)
+    for got, want in zip(written, rows, strict=True):
+        for column, value in want.items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = Decimal(value)
+            assert got[column] == value, (fmt, column)
+    assert any("猫-feed" in (r["AllocatedTags"] or "") for r in written)
+
+
+@pytest.mark.parametrize("fmt", FOCUS_FORMATS)
+def test_an_empty_month_is_a_valid_empty_file(loaded, fmt: str) -> None:
+    store, _ = loaded
+    data = export_bytes(chargeback(store, parse_month("2026-10")), fmt)
+    assert read_rows(data, fmt) == []
+    if fmt == "focus-csv":
+        assert data.decode().splitlines() == [",".join(COLUMNS)]
+    elif fmt == "focus-parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        assert table.num_rows == 0 and table.column_names == list(COLUMNS)
+        assert table.schema.metadata[b"focus_version"] == b"1.3"
+    else:
+        assert data == b""
 
 
 def test_focus_rules_catch_a_broken_export(loaded) -> None:
     store, _ = loaded
-    records = chargeback(store, parse_month("2026-11")).records()
-    broken = [dict(r) for r in records]
+    broken = [dict(r) for r in chargeback(store, parse_month("2026-11"))]
     broken[0]["ChargeCategory"] = "Use"
     broken[1]["BillingPeriodStart"] = "2026-11-01"
-    broken[2]["AllocatedMethodDetails"] = (
-        broken[2]["AllocatedMethodDetails"]
-        .replace('"AllocatedRatio":', '"AllocatedRatio":0.5', 1)
-        .replace("0.50.", "0.5", 1)
-    )
+    broken[2]["ListCost"] += Decimal("1e-27")
     del broken[3]["BilledCost"]
+    broken[4]["ContractedUnitPrice"] = Decimal("9.99")
     problems = check_rows(broken)
     assert any("ChargeCategory" in p for p in problems)
     assert any("BillingPeriodStart" in p for p in problems)
+    assert any("ListCost" in p and "exactly" in p for p in problems)
     assert any("mandatory column BilledCost" in p for p in problems)
+    assert any("differ in ContractedUnitPrice" in p for p in problems)
 
 
 def test_http_handler(loaded) -> None:
@@ -361,6 +394,15 @@ def test_http_handler(loaded) -> None:
         store, "/export/chargeback", {"period": "2026-11", "format": "focus-parquet"}
     )
     assert status == 200 and body[:4] == b"PAR1"
+    status, ctype, body = handle_report_request(
+        store, "/export/invoice", {"period": "2026-11", "by": "cost_center", "format": "json"}
+    )
+    assert status == 200 and ctype == "application/json"
+    assert json.loads(body)["invoice_id"] == "gpuledger-2026-11"
+    status, _, body = handle_report_request(
+        store, "/export/invoice", {"period": "2026-11", "by": "x"}
+    )
+    assert status == 400 and b"--by" in body
     assert (
         handle_report_request(store, "/report/html", {"from": "2026-11-01", "to": "2026-11-02"})[0]
         == 200

@@ -174,3 +174,42 @@ def test_relative_embedded_folders_are_made_absolute(
     assert embedded_dsn("chdb://./ledger") == f"chdb://{tmp_path}/ledger"
     assert embedded_dsn("chdb://ledger") == f"chdb://{tmp_path}/ledger"
     assert embedded_dsn("chdb:///var/lib/ledger") == "chdb:///var/lib/ledger"
+
+
+OLD_COST_HOURLY = """
+CREATE TABLE {db}.gpu_cost_hourly
+(
+    hour DateTime('UTC'), cluster LowCardinality(String), node LowCardinality(String),
+    device_uuid String, gpu_model LowCardinality(String), pricing LowCardinality(String),
+    namespace LowCardinality(String), pod String, pod_uid String, team LowCardinality(String),
+    product LowCardinality(String), cost_center LowCardinality(String),
+    kind LowCardinality(String), device_seconds Float64, sm_pct_window_s Float64,
+    window_s Float64, cost_usd Decimal(38, 15), idle_cost_usd Decimal(38, 15), windows UInt64
+)
+ENGINE = ReplacingMergeTree ORDER BY (hour, device_uuid, pod_uid)
+"""
+
+
+def test_rollups_of_an_older_shape_are_rebuilt_from_the_base_rows(
+    store: ClickHouseStore,
+) -> None:
+    from streams.rollups import read_horizon, seal_hours
+
+    db = store.database
+    store.insert_rows([cost_row()])
+    seal_hours(store, T0 + 3 * 3_600_000, retention_s=0)
+    assert read_horizon(store) is not None
+    # an installation from before the hourly rows knew their device's price
+    store.command(f"DROP TABLE {db}.gpu_cost_hourly")
+    store.command(OLD_COST_HOURLY.replace("{db}", db))
+    store.create_schema()
+    columns = [r[0] for r in store.query_rows(
+        f"SELECT name FROM system.columns WHERE database = '{db}' AND table = 'gpu_cost_hourly'"
+    )]
+    assert "price_per_hour" in columns and "mig_profile" in columns
+    assert read_horizon(store) is None  # so the next seal rolls every hour up again
+    seal_hours(store, T0 + 3 * 3_600_000, retention_s=0)
+    rows = store.query_rows(f"SELECT price_per_hour, cost_usd FROM {db}.gpu_cost_hourly FINAL")
+    assert rows == [(Decimal("3.6"), Decimal("0.015"))]
+    store.create_schema()  # a schema of today's shape is left as it is
+    assert read_horizon(store) is not None

@@ -37,6 +37,7 @@ EXPECTED = {
     "GPULEDGER_AGENT_INTERVAL": "--interval",
     "GPULEDGER_AGENT_METRICS_PORT": "--metrics-port",
     "GPULEDGER_BILLING_ACCOUNT": "--billing-account",
+    "GPULEDGER_BILLING_ACCOUNT_NAME": "--billing-account-name",
     "GPULEDGER_BUFFER_MAX_EVENTS": "--buffer-max-events",
     "GPULEDGER_CLICKHOUSE_DSN": "--clickhouse",
     "GPULEDGER_CLICKHOUSE_PASSWORD": "",
@@ -52,6 +53,7 @@ EXPECTED = {
     "GPULEDGER_GRACE_S": "--grace-s",
     "GPULEDGER_GROUP_ID": "--group-id",
     "GPULEDGER_HOST_PROVIDER": "--host-provider",
+    "GPULEDGER_SERVICE_PROVIDER": "--service-provider",
     "GPULEDGER_HTTP_HOST": "--http-host",
     "GPULEDGER_IDLE_FLUSH_S": "--idle-flush-s",
     "GPULEDGER_IDLE_POLICY": "--idle-policy",
@@ -126,7 +128,8 @@ def one_line(text: str) -> str:
 
 def test_every_command_is_found() -> None:
     assert ["worker"] in COMMANDS and ["agent"] in COMMANDS and ["report", "html"] in COMMANDS
-    assert ["export", "chargeback"] in COMMANDS and len(COMMANDS) == 10
+    assert ["export", "chargeback"] in COMMANDS and ["export", "invoice"] in COMMANDS
+    assert len(COMMANDS) == 11
 
 
 def test_the_declared_variables_are_the_contract() -> None:
@@ -201,6 +204,7 @@ def test_top_level_help_works_whatever_the_variables_say() -> None:
         (["demo"], {"GPULEDGER_DEMO_MINUTES", "GPULEDGER_PRICE_BOOK"}),
         (["report", "showback"], {"GPULEDGER_CLICKHOUSE_DSN"}),
         (["export", "chargeback"], {"GPULEDGER_CURRENCY", "GPULEDGER_SHARE_POLICY"}),
+        (["export", "invoice"], {"GPULEDGER_PRICE_BOOK", "GPULEDGER_TEAM_LABEL"}),
     ],
 )
 def test_each_command_shows_its_variables(

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from decimal import Decimal
 
 import pytest
+from focus_builders import cost_row, token_row
 
-from streams.reports.chargeback import ChargebackSettings, CostPart, ModelPart, build_export
+from streams.reports.focus_charges import allocate_hours
+from streams.reports.focus_columns import COLUMNS, ChargebackSettings, focus_row
 from streams.reports.focus_files import export_bytes
 from streams.reports.params import Period, parse_month
 from streams.reports.render import csv_cell, to_csv
 from streams.reports.showback import ShowbackLine, ShowbackReport
 
 HOSTILE = ['=HYPERLINK("http://x","y")', "@SUM(1)", "+1", "-1+1", "\t=1", "\r=1"]
-COSTS = ["2", "-12.50", "1", "1", "1", "1"]  # pod-1 has a credit
 T0_MS = 1_793_491_200_000
 
 
@@ -77,46 +79,37 @@ def test_showback_csv_neutralises_hostile_model_names() -> None:
 
 
 def test_focus_csv_neutralises_hostile_names_and_keeps_amounts_decimal() -> None:
-    parts = [
-        CostPart("c1", f"pod-{i}", "d1", name, "-1+1", "on_demand", "usage", Decimal(c), 600.0)
-        for i, (name, c) in enumerate(zip(HOSTILE, COSTS, strict=True))
-    ]
-    models = [
-        ModelPart(f"pod-{i}", name, "-1+1", name, Decimal("0.5"), 10, 5, 1)
+    rows = [
+        cost_row(pod=f"pod-{i}", team=name, product="-1+1", cost_center=name, seconds=600.0)
         for i, name in enumerate(HOSTILE)
-        if i != 1  # pod-1 has a credit and no tokens
     ]
-    export = build_export(parse_month("2026-11"), ChargebackSettings(), parts, models)
-    text = export_bytes(export, "focus-csv").decode("utf-8")
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
-    assert rows
+    tokens = [
+        token_row(pod=f"pod-{i}", team=name, product="-1+1", cost_center=name, model=name)
+        for i, name in enumerate(HOSTILE)
+        if i != 1  # pod-1 served no tokens
+    ]
+    charges = allocate_hours(rows, tokens)
+    month = parse_month("2026-11")
+    text = export_bytes(
+        (focus_row(c, month, ChargebackSettings(), None) for c in charges), "focus-csv"
+    ).decode("utf-8")
+    rows_read = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert rows_read
     dangerous = ("=", "+", "-", "@", "\t", "\r")
-    numeric = {
-        "BilledCost",
-        "EffectiveCost",
-        "ListCost",
-        "ContractedCost",
-        "ListUnitPrice",
-        "ContractedUnitPrice",
-        "PricingQuantity",
-        "ConsumedQuantity",
-        "x_PromptTokens",
-        "x_CompletionTokens",
-        "x_Requests",
-        "x_CostPer1MTokens",
-        "x_UnroundedCost",
-    }
-    for row in rows:
+    numeric = {c for c, kind in COLUMNS.items() if kind in ("cost", "price", "quantity", "int")}
+    for row in rows_read:
         for column, cell in row.items():
             if column in numeric:
                 if cell:
                     Decimal(cell)  # still a number
             else:
                 assert not cell.startswith(dangerous), (column, cell)
-    assert {r["x_Model"] for r in rows if r["x_Model"]} == {"'" + n for n in HOSTILE} - {
+    assert {r["x_Model"] for r in rows_read if r["x_Model"]} == {"'" + n for n in HOSTILE} - {
         "'" + HOSTILE[1]
     }
-    assert {r["x_Team"] for r in rows} == {"'" + n for n in HOSTILE}
-    assert {r["x_Product"] for r in rows} == {"'-1+1"}
-    assert any(Decimal(r["BilledCost"]) < 0 for r in rows)
-    assert any(Decimal(r["x_UnroundedCost"]) == Decimal("-12.50") for r in rows)
+    assert {r["x_Team"] for r in rows_read} == {"'" + n for n in HOSTILE}
+    assert {r["x_Product"] for r in rows_read} == {"'-1+1"}
+    # the labels themselves are kept exactly where FOCUS reads them as data: JSON and ids
+    tags = [json.loads(r["AllocatedTags"]) for r in rows_read]
+    assert {t["team"] for t in tags} == set(HOSTILE)
+    assert all(Decimal(r["BilledCost"]) > 0 for r in rows_read)

@@ -118,3 +118,34 @@ def test_bad_files_name_the_line(text: str, line: int, fragment: str) -> None:
 def test_unreadable_file_is_a_clear_error(tmp_path: object) -> None:
     with pytest.raises(PriceBookError, match="cannot read price book"):
         load_price_book("/nonexistent/prices.yaml")
+
+
+def test_every_entry_has_a_stable_id_and_the_entry_in_force_is_found() -> None:
+    book = load_price_book(EXAMPLE_PRICE_BOOK)
+    ids = [e.entry_id for e in book.entries]
+    assert len(set(ids)) == len(ids)
+    assert f"{H100}|on_demand|2026-07-01" in ids
+    again = load_price_book(EXAMPLE_PRICE_BOOK)
+    assert [e.entry_id for e in again.entries] == ids  # derived, so the same on every load
+    june = book.entry_at(H100, "on_demand", JUNE_2026_MS)
+    aug = book.entry_at(H100, "on_demand", AUG_2026_MS)
+    assert june is not None and june.entry_id == f"{H100}|on_demand|2026-01-01"
+    assert aug is not None and aug.price_per_hour_usd == Decimal("4.00")
+    assert book.entry_at("NVIDIA B200", "on_demand", AUG_2026_MS) is None  # the default price
+    assert book.entry_at(H100, "on_demand", 0) is None  # before the first entry
+
+
+def test_an_explicit_id_is_kept_and_must_be_unique() -> None:
+    text = (
+        "default_price_per_hour: 1\n"
+        "prices:\n"
+        "  - {gpu_model: A, price_per_hour: 1, id: contract-7/a}\n"
+        "  - {gpu_model: B, price_per_hour: 2}\n"
+    )
+    book = parse_price_book(text)
+    assert [e.entry_id for e in book.entries] == ["contract-7/a", "B|on_demand|always"]
+    second_b = "{gpu_model: B, price_per_hour: 2, id: contract-7/a}"
+    with pytest.raises(PriceBookError, match=":4: id 'contract-7/a' is used by another entry"):
+        parse_price_book(text.replace("{gpu_model: B, price_per_hour: 2}", second_b))
+    with pytest.raises(PriceBookError, match="reserved"):
+        parse_price_book(text.replace("contract-7/a", "default"))
