@@ -22,7 +22,7 @@ from streams.reports.focus_charges import (
     HourTokens,
     allocate_hours,
 )
-from streams.reports.focus_columns import FOCUS_VERSION, ChargebackSettings, focus_row
+from streams.reports.focus_columns import FOCUS_VERSION, ChargebackSettings, FocusRows
 from streams.reports.invoice import INVOICE_BY, Invoice, build_invoice
 from streams.reports.limits import MAX_SOURCE_ROWS, query_bounded
 from streams.reports.params import DAY_MS, Period, check_choice, check_period, format_ms
@@ -146,11 +146,11 @@ def chargeback(
 ) -> Iterator[dict[str, Any]]:
     """The FOCUS rows of `period` (see `period_charges`); `totals`, if given, adds up what was
     yielded."""
-    settings = settings or ChargebackSettings()
+    maker = FocusRows(period, settings or ChargebackSettings(), book)
     for charge in period_charges(store, period, use_rollups=use_rollups, on_day=on_day):
         if totals is not None:
             totals.add(charge)
-        yield focus_row(charge, period, settings, book)
+        yield maker.row(charge)
 
 
 def invoice(

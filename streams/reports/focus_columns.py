@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ from streams.reports.focus_charges import (
     UNTAGGED_KIND,
     WIDE,
     AllocatedCharge,
+    OriginCharge,
     Owner,
 )
 from streams.reports.params import Period, format_ms
@@ -219,9 +221,149 @@ def _description(charge: AllocatedCharge) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
-def sku_id(charge: AllocatedCharge) -> str:
-    origin = charge.origin
+def sku_id(origin: OriginCharge) -> str:
     return origin.gpu_model + (f"|{origin.mig_profile}" if origin.mig_profile else "")
+
+
+class FocusRows:
+    """Turns the allocated charges of one export into FOCUS rows. What every row of the export
+    shares is worked out once, what every part of an origin charge shares once per origin, and
+    what an owner's rows share once per owner (owners repeat hour after hour)."""
+
+    MAX_CACHED = 50_000  # owners remembered; past it the cache starts again
+
+    def __init__(
+        self, period: Period, settings: ChargebackSettings, book: PriceBook | None
+    ) -> None:
+        self.settings = settings
+        self.book = book
+        provider = settings.service_provider_name
+        self._constant: dict[str, Any] = {
+            "AllocatedMethodId": settings.allocated_method_id,
+            "BillingAccountId": settings.billing_account_id,
+            "BillingAccountName": settings.billing_account_name,
+            "BillingCurrency": settings.currency,
+            "BillingPeriodEnd": format_ms(period.end_ms),
+            "BillingPeriodStart": format_ms(period.start_ms),
+            "ChargeCategory": "Usage",
+            "ChargeClass": None,
+            "ChargeFrequency": "Usage-Based",
+            "ConsumedUnit": GPU_HOURS,
+            "HostProviderName": settings.host_provider,
+            "InvoiceId": settings.invoice_id(period),
+            "InvoiceIssuerName": settings.invoice_issuer,
+            "PricingUnit": GPU_HOURS,
+            "ProviderName": provider,
+            "PublisherName": provider,
+            "ResourceName": None,  # a GPU has only its system-generated UUID
+            "ServiceCategory": settings.service_category,
+            "ServiceName": settings.service_name,
+            "ServiceProviderName": provider,
+            "ServiceSubcategory": settings.service_subcategory,
+            "SkuMeter": "GPU device time",
+            "Tags": None,  # a device has no tags of its own; owners' labels are AllocatedTags
+            INTERNAL_MARKER: True,
+        }
+        self._origin: OriginCharge | None = None
+        self._origin_columns: dict[str, Any] = {}
+        self._owners: dict[tuple[Owner, str, str, str], dict[str, Any]] = {}
+
+    def row(self, charge: AllocatedCharge) -> dict[str, Any]:
+        origin, owner = charge.origin, charge.owner
+        if origin is not self._origin:
+            self._origin = origin
+            self._origin_columns = self._columns_of_origin(origin)
+        key = (owner, origin.gpu_model, origin.mig_profile, origin.pricing)
+        owner_columns = self._owners.get(key)
+        if owner_columns is None:
+            if len(self._owners) >= self.MAX_CACHED:
+                self._owners.clear()
+            owner_columns = self._owners[key] = self._columns_of_owner(charge)
+        cost = plain(charge.cost_usd)
+        quantity = plain(charge.quantity_hours)
+        tokens = charge.prompt_tokens + charge.completion_tokens
+        per_1m = None
+        if tokens:
+            with localcontext(WIDE):
+                per_1m = plain(
+                    (charge.cost_usd * _MILLION / tokens).quantize(_PER_1M_PLACES, ROUND_HALF_EVEN)
+                )
+        details = (
+            '{"Elements":[{"AllocatedRatio":'
+            + format(plain(charge.ratio), "f")
+            + f',"UsageUnit":"{GPU_HOURS}","UsageQuantity":'
+            + format(plain(charge.used_hours), "f")
+            + "}]}"
+        )
+        row = dict(self._origin_columns)
+        row.update(owner_columns)
+        row["AllocatedMethodDetails"] = details
+        row["BilledCost"] = row["ContractedCost"] = row["EffectiveCost"] = cost
+        row["ListCost"] = cost
+        row["ConsumedQuantity"] = row["PricingQuantity"] = quantity
+        row["x_PromptTokens"] = charge.prompt_tokens
+        row["x_CompletionTokens"] = charge.completion_tokens
+        row["x_Requests"] = charge.requests
+        row["x_CostPer1MTokens"] = per_1m
+        row["x_MeteredCost"] = plain(charge.metered_cost_usd)
+        return row
+
+    def _columns_of_origin(self, origin: OriginCharge) -> dict[str, Any]:
+        book = self.book
+        entry = book.entry_at(origin.gpu_model, origin.pricing, origin.hour_ms) if book else None
+        price = plain(origin.unit_price_usd)
+        sku_details: dict[str, Any] = {"x_GpuModel": origin.gpu_model}
+        if origin.mig_profile:
+            sku_details["x_MigProfile"] = origin.mig_profile
+        else:
+            sku_details["GpuCount"] = 1
+        sku_details["x_PricingClass"] = origin.pricing
+        columns: dict[str, Any] = dict.fromkeys(COLUMNS)  # every row in COLUMNS order
+        columns.update(self._constant)
+        columns.update(
+            {
+                "ChargePeriodEnd": _hour_text(origin.hour_ms + _HOUR_MS),
+                "ChargePeriodStart": _hour_text(origin.hour_ms),
+                "ContractedUnitPrice": price,
+                "ListUnitPrice": price,
+                "PricingCategory": PRICING_CATEGORY.get(origin.pricing, "Other"),
+                "ResourceId": origin.device_uuid,
+                "ResourceType": "MIG instance" if origin.mig_profile else "GPU",
+                "SkuId": sku_id(origin),
+                "SkuPriceDetails": json_text(sku_details),
+                "SkuPriceId": f"{sku_id(origin)}|{origin.pricing}",
+                "SubAccountId": origin.cluster,
+                "SubAccountName": origin.cluster,
+                "x_Node": origin.node,
+                "x_GpuModel": origin.gpu_model,
+                "x_MigProfile": origin.mig_profile or None,
+                "x_PricingClass": origin.pricing,
+                "x_PriceBookEntryId": (
+                    entry.entry_id if entry is not None else DEFAULT_ENTRY_ID if book else None
+                ),
+            }
+        )
+        return columns
+
+    def _columns_of_owner(self, charge: AllocatedCharge) -> dict[str, Any]:
+        owner = charge.owner
+        tags = owner_tags(owner, self.settings)
+        return {
+            "AllocatedResourceId": owner_id(owner),
+            "AllocatedResourceName": owner_name(owner),
+            "AllocatedTags": json_text(tags) if tags else None,
+            "ChargeDescription": _description(charge),
+            "x_CostKind": owner.kind,
+            "x_Team": owner.team,
+            "x_Product": owner.product,
+            "x_CostCenter": owner.cost_center,
+            "x_Model": owner.model,
+        }
+
+
+@lru_cache(maxsize=4096)
+def _hour_text(time_ms: int) -> str:
+    return format_ms(time_ms)
 
 
 def focus_row(
@@ -230,94 +372,5 @@ def focus_row(
     settings: ChargebackSettings,
     book: PriceBook | None,
 ) -> dict[str, Any]:
-    origin, owner = charge.origin, charge.owner
-    cost = plain(charge.cost_usd)
-    quantity = plain(charge.quantity_hours)
-    price = plain(origin.unit_price_usd)
-    entry = book.entry_at(origin.gpu_model, origin.pricing, origin.hour_ms) if book else None
-    tokens = charge.prompt_tokens + charge.completion_tokens
-    per_1m = None
-    if tokens:
-        with localcontext(WIDE):
-            per_1m = plain(
-                (charge.cost_usd * _MILLION / tokens).quantize(_PER_1M_PLACES, ROUND_HALF_EVEN)
-            )
-    details: dict[str, Any] = {
-        "AllocatedRatio": charge.ratio,
-        "UsageUnit": GPU_HOURS,
-        "UsageQuantity": charge.used_hours,
-    }
-    sku_details: dict[str, Any] = {"x_GpuModel": origin.gpu_model}
-    if origin.mig_profile:
-        sku_details["x_MigProfile"] = origin.mig_profile
-    else:
-        sku_details["GpuCount"] = 1
-    sku_details["x_PricingClass"] = origin.pricing
-    tags = owner_tags(owner, settings)
-    provider = settings.service_provider_name
-    return {
-        "AllocatedMethodDetails": json_text({"Elements": [details]}),
-        "AllocatedMethodId": settings.allocated_method_id,
-        "AllocatedResourceId": owner_id(owner),
-        "AllocatedResourceName": owner_name(owner),
-        "AllocatedTags": json_text(tags) if tags else None,
-        "BilledCost": cost,
-        "BillingAccountId": settings.billing_account_id,
-        "BillingAccountName": settings.billing_account_name,
-        "BillingCurrency": settings.currency,
-        "BillingPeriodEnd": format_ms(period.end_ms),
-        "BillingPeriodStart": format_ms(period.start_ms),
-        "ChargeCategory": "Usage",
-        "ChargeClass": None,
-        "ChargeDescription": _description(charge),
-        "ChargeFrequency": "Usage-Based",
-        "ChargePeriodEnd": format_ms(origin.hour_ms + _HOUR_MS),
-        "ChargePeriodStart": format_ms(origin.hour_ms),
-        "ConsumedQuantity": quantity,
-        "ConsumedUnit": GPU_HOURS,
-        "ContractedCost": cost,
-        "ContractedUnitPrice": price,
-        "EffectiveCost": cost,
-        "HostProviderName": settings.host_provider,
-        "InvoiceId": settings.invoice_id(period),
-        "InvoiceIssuerName": settings.invoice_issuer,
-        "ListCost": cost,
-        "ListUnitPrice": price,
-        "PricingCategory": PRICING_CATEGORY.get(origin.pricing, "Other"),
-        "PricingQuantity": quantity,
-        "PricingUnit": GPU_HOURS,
-        "ProviderName": provider,
-        "PublisherName": provider,
-        "ResourceId": origin.device_uuid,
-        "ResourceName": None,  # a GPU has only its system-generated UUID
-        "ResourceType": "MIG instance" if origin.mig_profile else "GPU",
-        "ServiceCategory": settings.service_category,
-        "ServiceName": settings.service_name,
-        "ServiceProviderName": provider,
-        "ServiceSubcategory": settings.service_subcategory,
-        "SkuId": sku_id(charge),
-        "SkuMeter": "GPU device time",
-        "SkuPriceDetails": json_text(sku_details),
-        "SkuPriceId": f"{sku_id(charge)}|{origin.pricing}",
-        "SubAccountId": origin.cluster,
-        "SubAccountName": origin.cluster,
-        "Tags": None,  # a device carries no tags of its own; owners' labels are AllocatedTags
-        INTERNAL_MARKER: True,
-        "x_CostKind": owner.kind,
-        "x_Team": owner.team,
-        "x_Product": owner.product,
-        "x_CostCenter": owner.cost_center,
-        "x_Model": owner.model,
-        "x_Node": origin.node,
-        "x_GpuModel": origin.gpu_model,
-        "x_MigProfile": origin.mig_profile or None,
-        "x_PricingClass": origin.pricing,
-        "x_PriceBookEntryId": (
-            entry.entry_id if entry is not None else DEFAULT_ENTRY_ID if book else None
-        ),
-        "x_PromptTokens": charge.prompt_tokens,
-        "x_CompletionTokens": charge.completion_tokens,
-        "x_Requests": charge.requests,
-        "x_CostPer1MTokens": per_1m,
-        "x_MeteredCost": plain(charge.metered_cost_usd),
-    }
+    """The FOCUS row of one charge (`FocusRows` makes many)."""
+    return FocusRows(period, settings, book).row(charge)

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from decimal import Decimal
 from typing import IO, Any
 
 from runtime.errors import ConfigError
 from streams.reports.focus_columns import COLUMNS, FOCUS_VERSION, json_text
-from streams.reports.render import csv_line
+from streams.reports.render import csv_line, quoted_cell
 
 FORMATS = ("focus-csv", "focus-parquet", "focus-jsonl")
 CONTENT_TYPES = {
@@ -25,7 +25,6 @@ CONTENT_TYPES = {
 _PARQUET_BATCH_ROWS = 20_000
 # Decimal scales: a unit price has at most 15 places, a quantity 12, so a cost at most 27.
 _SCALES = {"cost": 27, "price": 15, "quantity": 12}
-_TENTH = Decimal("0.1")
 
 
 def check_format(fmt: str) -> str:
@@ -65,24 +64,55 @@ def _counted(rows: Iterable[dict[str, Any]], max_rows: int | None) -> Iterator[d
         yield row
 
 
-def _cell(kind: str, value: Any) -> Any:
-    """A CSV cell: booleans as true/false; decimals always with a decimal point, so a reader
-    that guesses types from the text (the FOCUS validator does) never takes them for integers."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if kind in _SCALES and isinstance(value, Decimal):
-        exponent = value.as_tuple().exponent
-        if isinstance(exponent, int) and exponent >= 0:
-            return value.quantize(_TENTH)
-    return value
+def _decimal_cell(value: Any) -> str:
+    """A decimal always with a decimal point, so a reader that guesses types from the text (the
+    FOCUS validator does) never takes a column of whole numbers for integers."""
+    if value is None:
+        return ""
+    text = format(value, "f")
+    return text if "." in text else text + ".0"
+
+
+class _TextCells:
+    """CSV cells of one text column, remembered: names, ids and JSON repeat row after row."""
+
+    __slots__ = ("cells",)
+    MAX = 10_000
+
+    def __init__(self) -> None:
+        self.cells: dict[Any, str] = {}
+
+    def __call__(self, value: Any) -> str:
+        cell = self.cells.get(value)
+        if cell is None:
+            if len(self.cells) >= self.MAX:
+                self.cells.clear()
+            cell = self.cells[value] = quoted_cell(value)
+        return cell
+
+
+def _encoder(kind: str) -> Callable[[Any], str]:
+    if kind in _SCALES:
+        return _decimal_cell
+    if kind == "int":
+        return lambda v: "" if v is None else str(int(v))
+    if kind == "bool":
+        return lambda v: "" if v is None else ("true" if v else "false")
+    return _TextCells()
 
 
 def _write_csv(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
     out.write(csv_line(COLUMNS).encode("utf-8"))
+    encoders = [(c, _encoder(k)) for c, k in COLUMNS.items()]
     count = 0
+    lines: list[str] = []
     for row in rows:
-        out.write(csv_line(_cell(k, row[c]) for c, k in COLUMNS.items()).encode("utf-8"))
+        lines.append(",".join([encode(row[c]) for c, encode in encoders]) + "\n")
         count += 1
+        if len(lines) >= 1000:
+            out.write("".join(lines).encode("utf-8"))
+            lines.clear()
+    out.write("".join(lines).encode("utf-8"))
     return count
 
 

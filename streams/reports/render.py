@@ -108,7 +108,12 @@ def to_csv(report: Report) -> str:
 def csv_line(values: Iterable[Any]) -> str:
     """RFC 4180 quoting: a cell holding a comma, a quote, CR or LF is quoted (the csv module
     leaves a CR bare when lines end in LF, and a reader then splits the row there)."""
-    return ",".join(_quoted(csv_cell(v)) for v in values) + "\n"
+    return ",".join(quoted_cell(v) for v in values) + "\n"
+
+
+def quoted_cell(value: Any) -> str:
+    """`csv_cell(value)`, quoted as `csv_line` quotes it."""
+    return _quoted(csv_cell(value))
 
 
 def _quoted(cell: str) -> str:

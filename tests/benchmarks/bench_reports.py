@@ -9,10 +9,13 @@ timed on rollups and on base rows only.
 from __future__ import annotations
 
 import argparse
+import resource
+import tempfile
 import time
 
-from streams.reports.chargeback import chargeback
-from streams.reports.params import parse_month
+from streams.reports.chargeback import chargeback, invoice
+from streams.reports.focus_files import write_rows
+from streams.reports.params import Period, parse_month
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
@@ -89,8 +92,7 @@ def main() -> None:
     month = parse_month("2026-11")
     end_ms = month.start_ms + args.days * 86_400_000
     timed("seal_hours (whole period)", lambda: seal_hours(store, end_ms + 2 * 3_600_000))
-    from streams.reports.params import Period
-
+    print(f"peak RSS after generating and sealing: {peak_rss_mib():,.0f} MiB", flush=True)
     period = Period(month.start_ms, end_ms)
     for use_rollups in (True, False):
         if not use_rollups and args.skip_base:
@@ -109,10 +111,24 @@ def main() -> None:
             f"unit-economics, {tag}",
             lambda u=use_rollups: unit_economics(store, period, use_rollups=u),
         )
+        timed(f"chargeback FOCUS CSV, {tag}", lambda u=use_rollups: export_csv(store, month, u))
         timed(
-            f"chargeback, {tag}",
-            lambda u=use_rollups: sum(1 for _ in chargeback(store, month, use_rollups=u)),
+            f"invoice by team, {tag}",
+            lambda u=use_rollups: invoice(store, month, by="team", use_rollups=u),
         )
+    print(f"peak RSS of the process: {peak_rss_mib():,.0f} MiB", flush=True)
+
+
+def export_csv(store: ClickHouseStore, month: Period, use_rollups: bool) -> None:
+    """The month's FOCUS CSV written to a temporary file, as `gpuledger export` writes it."""
+    with tempfile.TemporaryFile() as out:
+        rows = write_rows(chargeback(store, month, use_rollups=use_rollups), "focus-csv", out)
+        size = out.tell()
+    print(f"  {rows:,} FOCUS rows, {size / 2**20:,.1f} MiB of CSV", flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":
