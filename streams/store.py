@@ -203,8 +203,12 @@ class ClickHouseStore:
             extra: dict[str, Any] = {}
             if self._password is not None:
                 extra["password"] = self._password
+            # The scheme decides TLS: clickhouse-connect would infer it from the port alone
+            # (https on 443 and 8443 only), so https://host:9440 would go out as plain HTTP.
             return clickhouse_connect.get_client(
                 dsn=parts._replace(path="/default").geturl(),
+                interface=parts.scheme,
+                secure=parts.scheme == "https",
                 connect_timeout=5,
                 settings=settings,
                 **extra,

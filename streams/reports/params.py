@@ -15,7 +15,6 @@ from streams.reports.limits import EARLIEST_MS, LATEST_MS, MAX_PERIOD_DAYS, MAX_
 
 DIMENSIONS = ("team", "product", "model", "namespace", "cost_center")
 FORMATS = ("table", "csv", "json")
-EXPORT_FORMATS = ("focus-csv", "focus-parquet", "json")
 DAY_MS = 86_400_000
 # ASCII digits only: str.isdigit() and \d also take '²' and digits of other scripts.
 _DIGITS = re.compile(r"[0-9]+")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from decimal import Decimal
 
@@ -213,3 +214,24 @@ def test_rollups_of_an_older_shape_are_rebuilt_from_the_base_rows(
     assert rows == [(Decimal("3.6"), Decimal("0.015"))]
     store.create_schema()  # a schema of today's shape is left as it is
     assert read_horizon(store) is not None
+
+
+def test_an_https_dsn_speaks_tls_on_any_port() -> None:
+    """clickhouse-connect picks TLS by port (443, 8443); the DSN's scheme must decide it."""
+    import socket
+    import threading
+
+    def connect(port: int) -> None:
+        with contextlib.suppress(StoreError):
+            ClickHouseStore(f"https://u@127.0.0.1:{port}/ledger")
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(10)
+        threading.Thread(target=connect, args=(server.getsockname()[1],), daemon=True).start()
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(10)
+            first = conn.recv(8)
+    assert first[:1] == b"\x16", first  # a TLS handshake record, not "POST /..."
