@@ -397,8 +397,8 @@ def test_the_config_shows_tls_to_kafka_and_clickhouse(
     dsn = urlsplit(tls["GPULEDGER_CLICKHOUSE_DSN"])
     assert dsn.scheme == "https" and dsn.port == 8443
     assert parse_qs(dsn.query)["ca_cert"] == [f"{mounts['clickhouse-credentials']}/ca.crt"]
-    # clickhouse-connect speaks TLS on that port (it goes by the port, not the scheme): the
-    # same DSN aimed at a closed local port fails as an HTTPS connection.
+    # the store speaks TLS for an https:// DSN (tests/integration/test_store.py checks it on a
+    # port of its own); aimed at a closed local port it fails as an HTTPS connection.
     local = dsn._replace(netloc="gpuledger@127.0.0.1:8443", query="").geturl()
     with pytest.raises(Exception, match="HTTPSConnectionPool"):
         clickhouse_connect.get_client(dsn=local, connect_timeout=1, query_retries=0)
