@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +17,8 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
+
+from processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_VERSION = (REPO_ROOT / ".ci" / "kafka-version").read_text().strip()
@@ -201,13 +202,7 @@ class KafkaBroker:
     def stop(self) -> None:
         process, self._process = self._process, None
         try:
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=self.stop_timeout_s)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=self.stop_timeout_s)
+            stop_process(process, self.stop_timeout_s)
         finally:
             if self.work_dir is not None:
                 shutil.rmtree(self.work_dir, ignore_errors=True)

@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -33,6 +32,7 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / ".ci" / "build-kubernetes"
@@ -393,7 +393,7 @@ class KubeApiServer:
     def restart_apiserver(self) -> None:
         """Stop kube-apiserver and start it again on the same port and etcd (an upgrade, say):
         watches break, and their resourceVersions are older than the new watch cache."""
-        self._stop_process(self._apiserver)
+        stop_process(self._apiserver, self.stop_timeout_s)
         self._apiserver = None
         self._start_apiserver()
 
@@ -420,8 +420,8 @@ class KubeApiServer:
         etcd, self._etcd = self._etcd, None
         self._api = None
         try:
-            self._stop_process(apiserver)
-            self._stop_process(etcd)
+            stop_process(apiserver, self.stop_timeout_s)
+            stop_process(etcd, self.stop_timeout_s)
         finally:
             if self.work_dir is not None:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
@@ -438,16 +438,6 @@ class KubeApiServer:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def _stop_process(self, process: subprocess.Popen[bytes] | None) -> None:
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=self.stop_timeout_s)
 
     def _write_files(self) -> None:
         work = self._work_dir()
