@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
+from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
 
 from streams.allocation import split_exact
+from streams.reports.money import WIDE, largest_remainder
 from streams.rows import HOST, IDLE, KIND_HOST, KIND_IDLE, UNKNOWN, UNTAGGED
 
 QUANTITY_PLACES = 12  # device-hours: 3.6 ns, finer than the meter's nanosecond device time
@@ -37,7 +38,6 @@ _SECONDS_PER_HOUR = Decimal(3600)
 _NANOSECOND = Decimal("1e-9")
 # Products and sums of exact decimals: wide enough never to round, and told to fail if it would.
 EXACT = Context(prec=80, traps=[Inexact])
-WIDE = Context(prec=80)  # for the quotients that are rounded on purpose
 
 ALLOCATED, UNTAGGED_KIND, HOST_KIND, IDLE_KIND = "allocated", "untagged", "host", "idle"
 PLACEHOLDERS = frozenset({UNTAGGED, UNKNOWN, HOST, IDLE})
@@ -149,27 +149,6 @@ def owner_of(row: HourCost, model: str | None) -> Owner:
     team, product = real_label(row.team), real_label(row.product)
     kind = ALLOCATED if team is not None and product is not None else UNTAGGED_KIND
     return Owner(kind, team, product, real_label(row.cost_center), model or None)
-
-
-def largest_remainder(
-    total: Decimal, weights: Sequence[Decimal], quantum: Decimal
-) -> list[Decimal]:
-    """`total` (a multiple of `quantum`) split by non-negative weights into multiples of
-    `quantum` that add up to it exactly; equal parts when every weight is zero."""
-    if not weights:
-        return []
-    whole = sum(weights, _ZERO)
-    with localcontext(WIDE):
-        if whole > 0:
-            exact = [total * w / whole for w in weights]
-        else:
-            exact = [total / len(weights)] * len(weights)
-        floors = [e.quantize(quantum, ROUND_FLOOR) for e in exact]
-        left = int((total - sum(floors, _ZERO)) / quantum)
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - floors[i]), i))
-    for n in range(max(0, left)):
-        floors[order[n % len(order)]] += quantum
-    return floors
 
 
 def nanoseconds(seconds: float) -> Decimal:

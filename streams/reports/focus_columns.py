@@ -21,11 +21,11 @@ from streams.reports.focus_charges import (
     HOST_KIND,
     IDLE_KIND,
     UNTAGGED_KIND,
-    WIDE,
     AllocatedCharge,
     OriginCharge,
     Owner,
 )
+from streams.reports.money import WIDE
 from streams.reports.params import Period, format_ms
 
 FOCUS_VERSION = "1.3"

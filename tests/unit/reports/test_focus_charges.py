@@ -20,10 +20,10 @@ from streams.reports.focus_charges import (
     UNTAGGED_KIND,
     AllocatedCharge,
     allocate_hours,
-    largest_remainder,
 )
 from streams.reports.focus_columns import ChargebackSettings, focus_row, owner_id
 from streams.reports.focus_rules import check_rows
+from streams.reports.money import largest_remainder
 from streams.reports.params import parse_month
 
 NOV = parse_month("2026-11")
