@@ -5,7 +5,6 @@ privilege for the agent and in RBAC, commands the CLI accepts."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from deploy_tools import (
     CLICKHOUSE_PASSWORD_KEYS,
     PASSWORD_NOT_READ,
     REPO,
-    kustomize_command,
     read_by_code,
 )
+from kube_manifests import render
 
 from gpuledger.cli import build_parser
 from streams.pricing import load_price_book, parse_price_book
@@ -45,21 +44,9 @@ KUSTOMIZATIONS = [
 ]
 
 
-def build(path: str) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        [*kustomize_command(), str(REPO / path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, f"kustomize {path}: {result.stderr}"
-    return [d for d in yaml.safe_load_all(result.stdout) if d]
-
-
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
-    return build("deploy/kubernetes")
+    return render("deploy/kubernetes")
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -77,7 +64,7 @@ def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_every_kustomization_builds_and_validates_against_the_schemas(path: str) -> None:
-    docs = build(path)
+    docs = render(path)
     assert docs
     for doc in docs:
         try:
@@ -276,7 +263,7 @@ def test_pod_watcher_rbac_is_part_of_the_base() -> None:
         "deploy/kubernetes/base/pods-rbac.yaml (the pod watcher's RBAC) is missing"
     )
     assert "pods-rbac.yaml" in kustomization["resources"]
-    docs = build("deploy/kubernetes/base")
+    docs = render("deploy/kubernetes/base")
     bound = [
         b
         for b in by_kind(docs, "ClusterRoleBinding").values()
