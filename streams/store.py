@@ -315,6 +315,24 @@ class ClickHouseStore:
             written += len(batch)
         return written
 
+    def insert_values(
+        self,
+        table: str,
+        columns: list[str],
+        values: Sequence[tuple[Any, ...]],
+        *,
+        dedup_token: str | None = None,
+    ) -> int:
+        """Insert plain tuples into `table` (of this database) in one insert; see insert_rows
+        for `dedup_token`."""
+        if not values:
+            return 0
+        settings: dict[str, Any] = {}
+        if dedup_token is not None:
+            settings = {"insert_deduplicate": 1, "insert_deduplication_token": dedup_token}
+        self._insert(table, columns, values, settings)
+        return len(values)
+
     def _insert(
         self,
         table: str,
