@@ -7,19 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 from runtime.errors import ConfigError
+from streams.billing.slices import KIND_NON_GPU, KIND_UNMETERED, latest_versions_sql
 from streams.reports.limits import MAX_RESULT_ROWS, query_bounded
-from streams.reports.money import largest_remainder_cents, ratio, round_total
+from streams.reports.money import WIDE, largest_remainder_cents, ratio, round_total
 from streams.reports.params import DIMENSIONS, Period, check_choice, check_period, format_ms
 from streams.reports.render import Tabular, display, money, num, pct
 from streams.reports.sources import cost_source, read_plan, token_source
+from streams.rollups import COST_DIMENSIONS
 from streams.rows import KIND_HOST, KIND_IDLE, UNKNOWN, UNTAGGED
 from streams.store import ClickHouseStore
 
 ALLOCATED, UNTAGGED_LINE, HOST_LINE, IDLE_LINE = "allocated", "untagged", "host", "idle"
+NON_GPU_LINE, UNMETERED_LINE = "non_gpu", "unmetered"  # billed basis only
+BASES = ("list", "billed")
 NO_MODEL_LINE = "no_model"  # by model only; part of the allocated total
 NO_MODEL = "__no_model__"
 _ZERO = Decimal(0)
@@ -29,7 +33,7 @@ _MILLION = Decimal(1_000_000)
 @dataclass(frozen=True, slots=True)
 class ShowbackLine:
     key: str
-    line_kind: str  # allocated | no_model | untagged | host | idle
+    line_kind: str  # allocated | no_model | untagged | host | idle | non_gpu | unmetered
     cost_usd: Decimal
     cost_cents_usd: Decimal  # largest-remainder cents: lines add up to the rounded total
     share_pct: float
@@ -56,17 +60,28 @@ class ShowbackReport:
     gpu_hours: float
     no_model_usd: Decimal = _ZERO
     notes: tuple[str, ...] = field(default=())
+    basis: str = "list"  # list: the price book (metered); billed: the provider's bill
+    currency: str = "USD"
+    non_gpu_usd: Decimal = _ZERO  # billed basis: kept off GPU users by the non-GPU rule
+    unmetered_usd: Decimal = _ZERO  # billed basis: GPU instances billed with no metering
 
     @property
     def reconciles(self) -> bool:
-        parts = self.allocated_usd + self.untagged_usd + self.host_usd + self.idle_usd
+        parts = (
+            self.allocated_usd
+            + self.untagged_usd
+            + self.host_usd
+            + self.idle_usd
+            + self.non_gpu_usd
+            + self.unmetered_usd
+        )
         cents = sum((line.cost_cents_usd for line in self.lines), _ZERO)
         return parts == self.total_usd and cents == self.total_cents_usd
 
     def table(self) -> Sequence[Tabular]:
         headers = (
             self.by.replace("_", " "),
-            "cost USD",
+            f"cost {self.currency}",
             "share",
             "GPU-hours",
             "avg SM",
@@ -90,7 +105,9 @@ class ShowbackReport:
         )
         footer = (
             (
-                "total (all metered GPU cost)",
+                "total (all metered GPU cost)"
+                if self.basis == "list"
+                else "total (the bill's EffectiveCost of GPU instances)",
                 money(self.total_cents_usd),
                 pct(100.0 if self.total_usd else None),
                 num(self.gpu_hours, places),
@@ -107,17 +124,27 @@ class ShowbackReport:
             allocated += (
                 f" (models {money(cents[ALLOCATED])} + no model {money(cents[NO_MODEL_LINE])})"
             )
+        billed_parts = ""
+        if self.basis == "billed":
+            billed_parts = (
+                f" + non-GPU part {money(cents[NON_GPU_LINE])} + unmetered "
+                f"{money(cents[UNMETERED_LINE])}"
+            )
         notes = (
             f"allocated {allocated} + untagged {money(cents[UNTAGGED_LINE])} + host "
-            f"{money(cents[HOST_LINE])} + idle {money(cents[IDLE_LINE])} = "
+            f"{money(cents[HOST_LINE])} + idle {money(cents[IDLE_LINE])}{billed_parts} = "
             f"{money(self.total_cents_usd)} ({check}; lines rounded to cents by largest "
             "remainder)",
             "avg SM: SM utilisation of the line's pods, weighted by window time; "
-            "none for idle GPU time",
+            "none for idle GPU time"
+            if self.basis == "list"
+            else "billed basis: each hour's bill for a GPU instance split over its metered "
+            "rows by metered cost (gpuledger bill import)",
             *self.notes,
         )
         title = (
-            f"GPU showback by {self.by.replace('_', ' ')}, "
+            f"GPU showback by {self.by.replace('_', ' ')}"
+            f"{', billed basis' if self.basis == 'billed' else ''}, "
             f"{format_ms(self.period.start_ms)} to {format_ms(self.period.end_ms)}"
         )
         return (Tabular(title, headers, rows, footer, notes),)
@@ -158,6 +185,8 @@ class ShowbackReport:
             "from": format_ms(self.period.start_ms),
             "to": format_ms(self.period.end_ms),
             "by": self.by,
+            "basis": self.basis,
+            "currency": self.currency,
             "lines": self.records(),
             "totals": {
                 "allocated_usd": self.allocated_usd,
@@ -165,6 +194,8 @@ class ShowbackReport:
                 "untagged_usd": self.untagged_usd,
                 "host_usd": self.host_usd,
                 "idle_usd": self.idle_usd,
+                "non_gpu_usd": self.non_gpu_usd,
+                "unmetered_usd": self.unmetered_usd,
                 "total_usd": self.total_usd,
                 "total_usd_cents": self.total_cents_usd,
                 "gpu_hours": round(self.gpu_hours, 6),
@@ -182,6 +213,10 @@ def line_label(line: ShowbackLine) -> str:
         return "(host processes, no pod)"
     if line.line_kind == NO_MODEL_LINE:
         return "(no model)"
+    if line.line_kind == NON_GPU_LINE:
+        return "(non-GPU part of GPU instances)"
+    if line.line_kind == UNMETERED_LINE:
+        return "(unmetered GPU spend)"
     return display(line.key)
 
 
@@ -215,22 +250,45 @@ class _Acc:
 
 
 def showback(
-    store: ClickHouseStore, period: Period, by: str, *, use_rollups: bool = True
+    store: ClickHouseStore,
+    period: Period,
+    by: str,
+    *,
+    use_rollups: bool = True,
+    basis: str = "list",
 ) -> ShowbackReport:
+    """Showback on the price-book basis (`list`: metered cost) or on the provider's bill
+    (`billed`: the true-up of imported bills, with the non-GPU part and unmetered GPU spend
+    on lines of their own)."""
     check_choice(by, DIMENSIONS, "--by")
+    check_choice(basis, BASES, "--basis")
     check_period(period)
+    if basis == "billed" and by == "model":
+        raise ConfigError(
+            "--basis billed has no model split yet: use --by team, product, namespace or "
+            "cost_center, or --basis list"
+        )
     db = store.database
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(db, plan)
     tokens = token_source(db, plan)
     dim = "''" if by == "model" else by
     # Idle and host time are one line each whatever the dimension: one row per line.
-    key_sql = f"if(kind IN ('{KIND_IDLE}', '{KIND_HOST}'), '', {dim})"
+    lone = (KIND_IDLE, KIND_HOST, KIND_NON_GPU, KIND_UNMETERED)
+    key_sql = f"if(kind IN ({', '.join(repr(k) for k in lone)}), '', {dim})"
     what, narrow = f"showback by {by}", "give a shorter period or a coarser --by"
+    notes: list[str] = []
+    currency = "USD"
+    metered_of: dict[tuple[str, str], Decimal] = {}
+    if basis == "billed":
+        currency, source, billed_notes = _billed_source(store, period, costs)
+        notes += billed_notes
+        costs = source
     cost_rows = query_bounded(
         store,
         f"SELECT {key_sql} AS key, kind, sum(cost_usd), sum(idle_cost_usd), sum(device_seconds), "
-        f"sum(sm_pct_window_s), sum(window_s) FROM {costs} GROUP BY key, kind",
+        f"sum(sm_pct_window_s), sum(window_s), sum(metered_cost_usd) FROM {costs} "
+        "GROUP BY key, kind",
         limit=MAX_RESULT_ROWS,
         what=what,
         narrow=narrow,
@@ -245,11 +303,13 @@ def showback(
         narrow=narrow,
     )
     groups: dict[tuple[str, str], _Acc] = {}
-    for key, kind, cost, idle, secs, sm, win in cost_rows:
+    for key, kind, cost, idle, secs, sm, win, metered in cost_rows:
         line_kind = _classify(kind, key)
         group_key = key if line_kind in (ALLOCATED, UNTAGGED_LINE) else ""
         groups.setdefault((line_kind, group_key), _Acc()).add(cost, idle, secs, sm, win)
-    notes: list[str] = []
+        metered_of[(line_kind, group_key)] = metered_of.get((line_kind, group_key), _ZERO) + (
+            metered or _ZERO
+        )
     if by == "model":
         _split_by_model(store, costs, tokens, groups)
         notes.append(
@@ -261,13 +321,65 @@ def showback(
         acc = groups.setdefault((line_kind, key), _Acc())
         acc.tokens += int(n_tokens)
         acc.requests += int(requests)
+        if basis == "billed":  # the tokens' metered cost at the line's billed/metered rate
+            metered = metered_of.get((line_kind, key), _ZERO)
+            with localcontext(WIDE):
+                token_cost = token_cost * acc.cost / metered if metered else _ZERO
         acc.token_cost += token_cost
     if len(groups) > MAX_RESULT_ROWS:
         raise ConfigError(
             f"{what} has {len(groups):,} lines, more than the {MAX_RESULT_ROWS:,} rows one "
             f"report returns; {narrow}"
         )
-    return _build(period, by, groups, tuple(notes))
+    return _build(period, by, groups, tuple(notes), basis=basis, currency=currency)
+
+
+def _billed_source(
+    store: ClickHouseStore, period: Period, metered_costs: str
+) -> tuple[str, str, list[str]]:
+    """The billed rows of `period` shaped as a cost source, their currency, and notes: which
+    bill versions they come from, and the metered cost no imported bill covers."""
+    db = store.database
+    hours = (
+        f"hour >= toDateTime({period.start_ms // 1000}, 'UTC') "
+        f"AND hour < toDateTime({-(-period.end_ms // 1000)}, 'UTC')"
+    )
+    latest = latest_versions_sql(db)
+    currencies = [
+        str(r[0])
+        for r in store.query_rows(
+            f"SELECT DISTINCT billing_currency FROM {db}.billed_cost_hourly "
+            f"WHERE {latest} AND {hours} ORDER BY 1"
+        )
+    ]
+    if len(currencies) > 1:
+        raise ConfigError(
+            f"the bills of this period are in {', '.join(currencies)}: give a period or "
+            "bills in one currency"
+        )
+    dims = ", ".join(COST_DIMENSIONS)
+    source = (
+        f"(SELECT hour, {dims}, device_seconds, 0.0 AS sm_pct_window_s, 0.0 AS window_s, "
+        "effective_cost AS cost_usd, toDecimal128(0, 15) AS idle_cost_usd, "
+        "toUInt64(0) AS windows, metered_cost_usd "
+        f"FROM {db}.billed_cost_hourly FINAL WHERE {latest} AND {hours})"
+    )
+    found = store.query_rows(
+        f"SELECT (SELECT sum(cost_usd) FROM {metered_costs}), (SELECT sum(metered_cost_usd) "
+        f"FROM {source}), (SELECT count(DISTINCT slice) FROM {db}.billed_cost_hourly "
+        f"WHERE {latest} AND {hours})"
+    )
+    metered_all, metered_billed, slices = found[0]
+    notes = [f"billed basis: the newest version of {int(slices)} imported bill(s)"]
+    uncovered = (metered_all or _ZERO) - (metered_billed or _ZERO)
+    if not slices:
+        notes.append("no imported bill covers this period: gpuledger bill import FILE")
+    if uncovered:
+        notes.append(
+            f"metered cost on no imported bill (nodes or hours the bills do not cover): "
+            f"{money(round_total(uncovered))} USD, not in this total"
+        )
+    return (currencies[0] if currencies else "USD"), source, notes
 
 
 def _classify(kind: str, key: str) -> str:
@@ -275,6 +387,10 @@ def _classify(kind: str, key: str) -> str:
         return IDLE_LINE
     if kind == KIND_HOST:
         return HOST_LINE
+    if kind == KIND_NON_GPU:
+        return NON_GPU_LINE
+    if kind == KIND_UNMETERED:
+        return UNMETERED_LINE
     if key in (UNTAGGED, UNKNOWN):
         return UNTAGGED_LINE
     return ALLOCATED
@@ -327,11 +443,25 @@ def _split_by_model(
         groups[(NO_MODEL_LINE, NO_MODEL)] = rest
 
 
-_ORDER = {ALLOCATED: 0, NO_MODEL_LINE: 1, UNTAGGED_LINE: 2, HOST_LINE: 3, IDLE_LINE: 4}
+_ORDER = {
+    ALLOCATED: 0,
+    NO_MODEL_LINE: 1,
+    UNTAGGED_LINE: 2,
+    HOST_LINE: 3,
+    IDLE_LINE: 4,
+    NON_GPU_LINE: 5,
+    UNMETERED_LINE: 6,
+}
 
 
 def _build(
-    period: Period, by: str, groups: dict[tuple[str, str], _Acc], notes: tuple[str, ...]
+    period: Period,
+    by: str,
+    groups: dict[tuple[str, str], _Acc],
+    notes: tuple[str, ...],
+    *,
+    basis: str = "list",
+    currency: str = "USD",
 ) -> ShowbackReport:
     items = sorted(groups.items(), key=lambda kv: (_ORDER[kv[0][0]], -kv[1].cost, kv[0][1]))
     total = sum((acc.cost for _, acc in items), _ZERO)
@@ -349,7 +479,7 @@ def _build(
                 share_pct=float(acc.cost / total * 100) if total else 0.0,
                 gpu_hours=acc.seconds / 3600,
                 avg_sm_util_pct=acc.sm_pct_s / acc.window_s
-                if acc.window_s > 0 and line_kind != IDLE_LINE
+                if acc.window_s > 0 and line_kind not in (IDLE_LINE, NON_GPU_LINE)
                 else None,
                 idle_share_usd=acc.idle_share,
                 tokens=acc.tokens,
@@ -373,4 +503,8 @@ def _build(
         gpu_hours=sum(acc.seconds for _, acc in items) / 3600,
         no_model_usd=sums[NO_MODEL_LINE],
         notes=notes,
+        basis=basis,
+        currency=currency,
+        non_gpu_usd=sums[NON_GPU_LINE],
+        unmetered_usd=sums[UNMETERED_LINE],
     )

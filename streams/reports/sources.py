@@ -68,7 +68,8 @@ def _union(parts: list[str], empty: str) -> str:
 
 def cost_source(database: str, plan: ReadPlan) -> str:
     """A subquery of hourly cost rows: hour, the COST_DIMENSIONS, device_seconds,
-    sm_pct_window_s, window_s, cost_usd, idle_cost_usd, windows."""
+    sm_pct_window_s, window_s, cost_usd, idle_cost_usd, windows, and metered_cost_usd (the
+    same as cost_usd here; the billed basis's source has both)."""
     cols = (
         "hour, " + ", ".join(COST_DIMENSIONS) + ", device_seconds, sm_pct_window_s, window_s, "
         "cost_usd, idle_cost_usd, windows"
@@ -81,7 +82,7 @@ def cost_source(database: str, plan: ReadPlan) -> str:
     if base:
         parts.append(f"SELECT {cols} FROM ({cost_hourly_select(database, base)})")
     empty = f"SELECT {cols} FROM {database}.gpu_cost_hourly WHERE 0"
-    return _union(parts, empty)
+    return f"(SELECT *, cost_usd AS metered_cost_usd FROM {_union(parts, empty)})"
 
 
 def token_source(database: str, plan: ReadPlan) -> str:

@@ -219,3 +219,30 @@ def test_a_meter_correction_is_picked_up_by_retrue_up(
     weights = retrue_up(store, ImportOptions(rule=NonGpuRule("weights")))
     assert weights[0].status == "recomputed" and weights[0].non_gpu_cost > 0
     assert weights[0].gpu_effective_cost == done.gpu_effective_cost
+
+
+def test_billed_showback_adds_up_to_the_bills_gpu_effective_cost(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    from streams.reports.params import Period
+    from streams.reports.showback import UNMETERED_LINE, showback
+
+    (done,) = import_bills(store, [write_csv(tmp_path / "b.csv", bill())], ImportOptions()).slices
+    period = Period(T0_MS, T0_MS + 3 * HOUR_MS)
+    listed = showback(store, period, "team")
+    billed = showback(store, period, "team", basis="billed")
+    assert billed.reconciles and listed.reconciles
+    assert billed.total_usd == done.gpu_effective_cost
+    assert billed.unmetered_usd == Decimal("36.75")
+    (unmetered,) = [line for line in billed.lines if line.line_kind == UNMETERED_LINE]
+    assert unmetered.cost_cents_usd == Decimal("36.75")
+    # The same teams on both bases; the billed basis carries the bill's dollars.
+    assert {ln.key for ln in listed.lines} <= {ln.key for ln in billed.lines}
+    assert listed.total_usd != billed.total_usd
+    table = billed.table()[0]
+    assert "billed basis" in table.title
+    assert any("(unmetered GPU spend)" in row[0] for row in table.rows)
+    weights = retrue_up(store, ImportOptions(rule=NonGpuRule("weights")))
+    billed = showback(store, period, "product", basis="billed")
+    assert billed.non_gpu_usd == weights[0].non_gpu_cost > 0
+    assert billed.total_usd == done.gpu_effective_cost and billed.reconciles
