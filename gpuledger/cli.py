@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("agents.pods_cli", ("pods",)),
     ("agents.tokens_cli", ("tokens",)),
     ("streams.reports_cli", ("report", "export")),
+    ("streams.bill_cli", ("bill",)),
 )
 
 

@@ -44,7 +44,7 @@ from streams.reports.params import (
     parse_period,
 )
 from streams.reports.render import Report, render
-from streams.reports.showback import showback
+from streams.reports.showback import BASES, showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
 from streams.store import (
@@ -90,6 +90,14 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         )
         if name == "showback":
             p.add_argument("--by", default="team", help=f"one of {', '.join(DIMENSIONS)}")
+            p.add_argument(
+                "--basis",
+                default="list",
+                help=(
+                    "list: metered cost at the price book's rates (default); billed: the "
+                    "provider's bill, from `gpuledger bill import`, split over the metered rows"
+                ),
+            )
         if name == "html":
             p.add_argument("--output", "-o", default="gpuledger-report.html", metavar="FILE")
         else:
@@ -196,20 +204,21 @@ def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
 
 def _handler(name: str) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
-        return _guarded(f"gpuledger report {name}", args, lambda: _run_report(name, args))
+        return guarded(f"gpuledger report {name}", args, lambda: _run_report(name, args))
 
     return handler
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    return _guarded("gpuledger export chargeback", args, lambda: _export(args))
+    return guarded("gpuledger export chargeback", args, lambda: _export(args))
 
 
 def _run_invoice(args: argparse.Namespace) -> int:
-    return _guarded("gpuledger export invoice", args, lambda: _invoice(args))
+    return guarded("gpuledger export invoice", args, lambda: _invoice(args))
 
 
-def _guarded(command: str, args: argparse.Namespace, body: Callable[[], int]) -> int:
+def guarded(command: str, args: argparse.Namespace, body: Callable[[], int]) -> int:
+    """`body()`, with every gpuledger error as one line on stderr and its exit code."""
     try:
         return body()
     except StoreLockedError:
@@ -231,7 +240,9 @@ def _guarded(command: str, args: argparse.Namespace, body: Callable[[], int]) ->
         return EXIT_STORE
 
 
-def _open(args: argparse.Namespace) -> ClickHouseStore:
+def open_store(args: argparse.Namespace) -> ClickHouseStore:
+    """The store of `--clickhouse`; an embedded folder held by a running worker or demo raises
+    StoreLockedError (guarded names its URL)."""
     dsn: str = args.clickhouse
     split_dsn(dsn)  # a DSN of no known scheme is refused here, its password masked
     # clickhouse-connect logs connection failures itself; the one line below says it all
@@ -261,7 +272,8 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
         fmt = check_choice(args.format, FORMATS, "--format")
     if name == "showback":
         check_choice(args.by, DIMENSIONS, "--by")
-    store = _open(args)
+        check_choice(args.basis, BASES, "--basis")
+    store = open_store(args)
     try:
         if name == "html":
             Path(args.output).write_text(
@@ -271,7 +283,7 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
             return 0
         report: Report
         if name == "showback":
-            report = showback(store, period, args.by, use_rollups=use_rollups)
+            report = showback(store, period, args.by, use_rollups=use_rollups, basis=args.basis)
         elif name == "tags":
             report = tag_compliance(store, period, use_rollups=use_rollups)
         else:
@@ -322,7 +334,7 @@ def _export(args: argparse.Namespace) -> int:
     book = load_price_book(args.price_book)
     if fmt == "focus-parquet" and not args.output and sys.stdout.isatty():
         raise ConfigError("focus-parquet is binary: give --output FILE")
-    store = _open(args)
+    store = open_store(args)
     totals = ExportTotals()
     try:
         with _output(args.output) as out, _day_progress(period, "exporting days") as on_day:
@@ -357,7 +369,7 @@ def _invoice(args: argparse.Namespace) -> int:
     check_choice(args.by, INVOICE_BY, "--by")
     period = parse_month(args.period)
     settings = _settings(args)
-    store = _open(args)
+    store = open_store(args)
     try:
         with _day_progress(period, "reading days") as on_day:
             bill = invoice(
@@ -456,9 +468,11 @@ def _http_path(args: argparse.Namespace) -> str:
             query[key] = value
     if name == "showback":
         query["by"] = args.by
+        if args.basis != "list":
+            query["basis"] = args.basis
     if name != "html":
         query["format"] = args.format
     return f"/report/{name}" + ("?" + urlencode(query) if query else "")
 
 
-__all__ = ["format_ms", "redact", "register"]
+__all__ = ["format_ms", "guarded", "open_store", "redact", "register"]

@@ -75,7 +75,9 @@ def handle_report_request(
         fmt = check_choice(query.get("format", "json"), FORMATS, "format")
         report: Report
         if path == "/report/showback":
-            report = showback(store, period, query.get("by", "team"))
+            report = showback(
+                store, period, query.get("by", "team"), basis=query.get("basis", "list")
+            )
         elif path == "/report/tags":
             report = tag_compliance(store, period)
         elif path == "/report/unit-economics":
