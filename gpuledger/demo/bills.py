@@ -1,0 +1,134 @@
+"""Provider-shaped FOCUS Cost and Usage bills for given GPU nodes and hours (pure, deterministic),
+and their CSV and Parquet files: what `gpuledger bill import` is tested with and the demo uses.
+
+Each usage line carries the instance as its provider's FOCUS export names it (AWS the instance
+id, or its EC2 ARN; Azure the VM's or scale set's ARM id, in lower case; Google Cloud the
+Compute Engine full resource name with the instance name as ResourceName). Amounts are exact
+Decimals with at most 10 decimal places; the same arguments give the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from gpuledger.demo.bill_columns import AMOUNT_COLUMNS, columns, x_columns
+from gpuledger.demo.bill_instances import BillNode, Pricing, Provider
+from gpuledger.demo.bill_lines import (
+    HOUR_MS,
+    FocusVersion,
+    Granularity,
+    LineBuilder,
+    spot_price_per_hour,
+    usage_groups,
+)
+
+__all__ = [
+    "BillNode",
+    "FocusVersion",
+    "Granularity",
+    "Pricing",
+    "Provider",
+    "bill_rows",
+    "restate",
+    "spot_price_per_hour",
+    "write_bill",
+]
+Row = dict[str, Any]
+_PLACES = Decimal("1e-10")
+DEFAULT_BILLING_ACCOUNTS: Mapping[str, str] = {
+    "aws": "123456789012",
+    "azure": "8a1b2c3d-0000-4a00-9000-00000000d3e0",
+    "gcp": "01A2B3-C4D5E6-F70819",
+}
+
+
+def bill_rows(
+    provider: Provider,
+    focus_version: FocusVersion,
+    nodes: Sequence[BillNode],
+    hour_starts_ms: Iterable[int],
+    *,
+    billing_account_id: str = "",
+    unmetered: Sequence[BillNode] = (),
+    extras: bool = True,
+    granularity: Granularity = "hourly",
+    aws_resource_id: Literal["instance_id", "arn"] = "instance_id",
+    provider_columns: bool = True,
+    seed: int = 0,
+) -> list[Row]:
+    """FOCUS rows (column -> value: str, Decimal, UTC datetime or None) for `nodes` and
+    `unmetered` (GPU instances the cluster does not meter) over the hours starting at
+    `hour_starts_ms` (whole UTC hours): one usage line per billed resource per hour (per day
+    with `granularity="daily"`, grouped by unit price), the commitments' recurring purchase
+    lines, and with `extras` disks, data transfer, a daily tax line and a monthly credit.
+    `provider_columns` adds the provider's x_ columns to the FOCUS version's columns."""
+    hours = sorted(set(hour_starts_ms))
+    if any(h % HOUR_MS for h in hours):
+        raise ValueError("hour_starts_ms must be whole UTC hours")
+    everything = [*nodes, *unmetered]
+    for node in everything:
+        if node.provider != provider:
+            raise ValueError(f"{node.provider_id} is not a {provider} instance")
+    account = billing_account_id or DEFAULT_BILLING_ACCOUNTS[provider]
+    span_hours = 1 if granularity == "hourly" else 24
+    builder = LineBuilder(provider, focus_version, account, seed, span_hours)
+    rows: list[Row] = []
+    fees: dict[tuple[str, int], tuple[BillNode, Decimal, Decimal]] = {}
+    for resource_id, node, start_ms, hours_n, unit_price, count in usage_groups(
+        everything, hours, granularity, aws_resource_id, seed
+    ):
+        rows.append(builder.usage(node, resource_id, start_ms, hours_n, unit_price, count))
+        if node.pricing in ("savings_plan", "reserved"):
+            key = (builder.commitment(node)["id"], start_ms)
+            _, fee, quantity = fees.get(key, (node, Decimal(0), Decimal(0)))
+            fees[key] = (node, fee + unit_price * hours_n * count, quantity + hours_n * count)
+    for (_, start_ms), (node, fee, quantity) in sorted(fees.items(), key=lambda kv: kv[0]):
+        rows.append(builder.purchase(node, start_ms, fee, quantity))
+    if extras and hours:
+        rows.extend(builder.extras(everything, hours, rows))
+    names = columns(focus_version) + (x_columns(provider) if provider_columns else ())
+    return [{name: row.get(name) for name in names} for row in rows]
+
+
+def restate(
+    rows: Sequence[Row], changed_hour_starts_ms: Iterable[int], usage_fraction: Decimal
+) -> list[Row]:
+    """The month re-issued with a late correction: the GPU usage lines charged in the given
+    hours keep `usage_fraction` of their quantities and amounts (the instance ran that share of
+    the hour); every other line is unchanged. The result is the whole month, as providers
+    re-issue it."""
+    changed = {_utc(ms) for ms in changed_hour_starts_ms}
+    out: list[Row] = []
+    for row in rows:
+        row = dict(row)
+        if (
+            row.get("ChargeCategory") == "Usage"
+            and row.get("ChargePeriodStart") in changed
+            and row.get("SkuMeter") == "Compute"
+        ):
+            for name in AMOUNT_COLUMNS:
+                value = row.get(name)
+                if isinstance(value, Decimal) and not name.endswith("UnitPrice"):
+                    row[name] = (value * usage_fraction).quantize(_PLACES)
+        out.append(row)
+    return out
+
+
+def write_bill(path: str | Path, rows: Sequence[Row], fmt: Literal["csv", "parquet"]) -> None:
+    """Write `rows` as the provider writes its export (see `gpuledger.demo.bill_files`)."""
+    from gpuledger.demo.bill_files import write_csv, write_parquet
+
+    if fmt == "csv":
+        write_csv(path, rows)
+    elif fmt == "parquet":
+        write_parquet(path, rows)
+    else:
+        raise ValueError(f"unknown bill format {fmt!r}: csv or parquet")
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
