@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streams.billing.slices import KIND_NON_GPU, KIND_UNMETERED, latest_versions_sql
+
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 PLUGIN_TYPE = "grafana-clickhouse-datasource"
 DATASOURCE_UID = "gpuledger-clickhouse"  # deploy/grafana/provisioning/datasources/gpuledger.yaml
@@ -44,6 +46,18 @@ MISSING_KEYS = (
     f"if(product IN {UNTAGGED_VALUES}, 'product', ''), "
     f"if(cost_center IN {UNTAGGED_VALUES}, 'cost-center', '')])), k), "
     "['team', 'product', 'cost-center']), ' ')"
+)
+
+
+# Provider bills: only the newest finished version of each bill slice counts.
+BILLED = "gpuledger.billed_cost_hourly FINAL"
+NEWEST = latest_versions_sql("gpuledger")
+GPU_KINDS = "kind IN ('usage', 'idle', 'host')"
+HOUR = "toStartOfHour(window_start)"
+IN_BILL_PERIODS = (
+    f"arrayExists(p -> {HOUR} >= p.1 AND {HOUR} < p.2, (SELECT "
+    "groupArray((billing_period_start, billing_period_end)) FROM gpuledger.bill_versions FINAL "
+    f"WHERE {NEWEST}))"
 )
 
 
@@ -389,11 +403,132 @@ def tag_compliance() -> Dashboard:
     )
 
 
+def billing_reconciliation() -> Dashboard:
+    filters = where("cluster", "team", time_column="hour")
+    gpu_rows = f"{BILLED} WHERE {NEWEST} AND {GPU_KINDS} AND {filters}"
+    versus = (
+        "sum(metered_cost_usd) AS metered_usd, sum(effective_cost) AS effective, "
+        "effective - metered_usd AS variance, "
+        "100 * variance / nullIf(metered_usd, 0) AS variance_pct"
+    )
+    return Dashboard(
+        uid="gpuledger-billing-reconciliation",
+        title="gpuledger / Billing reconciliation",
+        description="The provider's bill (EffectiveCost, newest version of each bill slice) "
+        "allocated over the metered GPU rows, beside their price-book cost; the bill's GPU "
+        "instances nothing metered, the non-GPU part of GPU instances, and metered nodes the "
+        "bill has no line for. Amounts in the bill's currency.",
+        variables=(cluster_variable(), cost_variable("team", "Team")),
+        panels=(
+            Panel(
+                "Bill in range",
+                "stat",
+                "SELECT billing_currency AS currency, sum(effective_cost) AS bill_total, "
+                f"sumIf(effective_cost, {GPU_KINDS}) AS gpu_users, "
+                f"sumIf(metered_cost_usd, {GPU_KINDS}) AS metered_usd, "
+                f"sumIf(effective_cost, kind = '{KIND_NON_GPU}') AS non_gpu_part, "
+                f"sumIf(effective_cost, kind = '{KIND_UNMETERED}') AS unmetered "
+                f"FROM {BILLED} WHERE {NEWEST} AND {where('cluster', time_column='hour')} "
+                "GROUP BY currency ORDER BY currency",
+                FORMAT_TABLE,
+                description="bill total = GPU users + non-GPU part + unmetered; metered: the "
+                "price-book cost of the rows the GPU users' part was allocated over. With a "
+                "cluster selected, unmetered instances (no cluster) drop out.",
+                width=24,
+                height=5,
+                decimals=2,
+            ),
+            Panel(
+                "Billed vs metered cost by team",
+                "table",
+                f"SELECT {LINE.format(dim='team')} AS team, billing_currency AS currency, "
+                f"{versus}, sum(billed_cost) AS invoiced FROM {gpu_rows} "
+                "GROUP BY team, currency ORDER BY effective DESC, team, currency",
+                FORMAT_TABLE,
+                description="Billed basis: each team's share of the bill's EffectiveCost (and "
+                "BilledCost, invoiced) beside the price-book cost of the same rows.",
+                width=24,
+            ),
+            Panel(
+                "Billed vs metered over time",
+                "timeseries",
+                "SELECT $__timeInterval(hour) AS time, sum(effective_cost) AS billed, "
+                f"sum(metered_cost_usd) AS metered FROM {gpu_rows} GROUP BY time ORDER BY time",
+                FORMAT_TIME_SERIES,
+                description="The GPU users' part of the bill and its price-book cost.",
+            ),
+            Panel(
+                "Variance by GPU model and pricing class",
+                "table",
+                "SELECT gpu_model, mig_profile, pricing, billing_currency AS currency, "
+                f"sum(device_seconds) / 3600 AS device_hours, {versus}, "
+                "toFloat64(metered_usd) / nullIf(device_hours, 0) AS book_rate, "
+                "toFloat64(effective) / nullIf(device_hours, 0) AS bill_rate "
+                f"FROM {gpu_rows} GROUP BY gpu_model, mig_profile, pricing, currency "
+                "ORDER BY abs(variance) DESC, gpu_model, mig_profile, pricing",
+                FORMAT_TABLE,
+                description="Rates per device-hour; variance = billed - metered, in percent "
+                "of metered. Compare only where the bill is in the price book's currency.",
+            ),
+            Panel(
+                "Unmetered GPU spend",
+                "table",
+                "SELECT resource_key, instance_type, billing_currency AS currency, "
+                "uniqExact(hour) AS charge_hours, sum(effective_cost) AS effective "
+                f"FROM {BILLED} WHERE {NEWEST} AND kind = '{KIND_UNMETERED}' "
+                "AND $__timeFilter(hour) GROUP BY resource_key, instance_type, currency "
+                "ORDER BY effective DESC, resource_key",
+                FORMAT_TABLE,
+                description="GPU instances on the bill with no metering: no agent ran there. "
+                "charge_hours: hours in which a charge starts.",
+            ),
+            Panel(
+                "Non-GPU part of GPU instances",
+                "table",
+                "SELECT cluster, node, resource_key, instance_type, billing_currency AS currency, "
+                f"sum(effective_cost) AS effective FROM {BILLED} WHERE {NEWEST} "
+                f"AND kind = '{KIND_NON_GPU}' AND {where('cluster', time_column='hour')} "
+                "GROUP BY cluster, node, resource_key, instance_type, currency "
+                "ORDER BY effective DESC, cluster, node",
+                FORMAT_TABLE,
+                description="What the non-GPU rule keeps off the GPU users (vCPUs, memory).",
+            ),
+            Panel(
+                "Metered nodes without a bill line",
+                "table",
+                f"SELECT cluster, node, uniqExact({HOUR}) AS hours, sum(cost_usd) AS metered_usd "
+                f"FROM {COSTS} WHERE {where('cluster')} AND {IN_BILL_PERIODS} "
+                f"AND ({HOUR}, cluster, node) NOT IN (SELECT hour, cluster, node FROM {BILLED} "
+                f"WHERE {NEWEST}) GROUP BY cluster, node ORDER BY metered_usd DESC, cluster, node",
+                FORMAT_TABLE,
+                unit="currencyUSD",
+                description="Node-hours inside the imported bills' periods that the meter saw "
+                "and no bill line covers (another account, or a bill not imported yet).",
+            ),
+            Panel(
+                "Bill slices: newest version",
+                "table",
+                "SELECT slice, provider, billing_account_id, billing_period_start, "
+                "billing_period_end, billing_currency AS currency, version AS newest_version, "
+                "imported_at, lines AS bill_lines FROM gpuledger.bill_versions FINAL "
+                f"WHERE {NEWEST} AND billing_period_end > $__fromTime "
+                "AND billing_period_start <= $__toTime "
+                "ORDER BY billing_period_start DESC, slice",
+                FORMAT_TABLE,
+                description="Per slice (provider, billing account, month), the newest finished "
+                "import: what every panel here reads.",
+                width=24,
+            ),
+        ),
+    )
+
+
 DASHBOARDS = {
     "showback.json": showback,
     "unit-economics.json": unit_economics,
     "gpu-efficiency.json": gpu_efficiency,
     "tag-compliance.json": tag_compliance,
+    "billing-reconciliation.json": billing_reconciliation,
 }
 
 

@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -22,9 +23,11 @@ import yaml
 from deploy_scenario import START_MS, WINDOW_S, Scenario, build
 from grafana_sql import ALL, QueryContext, render
 
+from streams.billing.slices import latest_versions_sql
 from streams.reports.params import Period
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
+from streams.reports.variance import variance
 from streams.rows import CostRow, TokenCostRow
 from streams.store import ClickHouseStore
 
@@ -37,6 +40,7 @@ FROM_S = START_MS // 1000 + 10 * WINDOW_S
 TO_S = START_MS // 1000 + 100 * WINDOW_S + 30
 INTERVAL_S = 300
 EXACT = Decimal("1e-12")
+NEWEST = latest_versions_sql("gpuledger")
 
 
 def _load_generator() -> ModuleType:
@@ -95,6 +99,7 @@ def loaded(chdb_dsn: str, scenario: Scenario) -> Iterator[ClickHouseStore]:
     store.create_schema()
     for batch in scenario.inserts:
         store.insert_rows(batch)
+    insert_bill(store, scenario)
     try:
         yield store
     finally:
@@ -159,6 +164,7 @@ def test_the_four_dashboards_and_their_variables() -> None:
         "gpuledger / Unit economics",
         "gpuledger / GPU efficiency",
         "gpuledger / Tag compliance",
+        "gpuledger / Billing reconciliation",
     }
     variables = {
         d["title"]: {v["name"] for v in d["templating"]["list"]} for d in DASHBOARDS.values()
@@ -173,6 +179,7 @@ def test_the_four_dashboards_and_their_variables() -> None:
     }
     assert "cluster" in variables["gpuledger / GPU efficiency"]
     assert "cluster" in variables["gpuledger / Tag compliance"]
+    assert variables["gpuledger / Billing reconciliation"] >= {"datasource", "cluster", "team"}
     uids = [d["uid"] for d in DASHBOARDS.values()]
     assert len(set(uids)) == len(uids)
 
@@ -195,10 +202,25 @@ def test_every_target_is_plugin_sql_on_final_tables() -> None:
                 if panel["type"] == "timeseries":
                     assert target["format"] == 0 and "AS time" in target["rawSql"]
     for name, where, sql in _all_queries():
-        tables = re.findall(r"gpuledger\.(\w+)(\s+FINAL)?", sql)
+        # Bill tables are read only through the newest-version rule (whose max(version) over
+        # bill_versions needs no FINAL).
+        marked = sql.replace(NEWEST, "<newest>")
+        for read in re.finditer(
+            r"gpuledger\.(billed_cost_hourly|bill_versions|bill_lines)\b", marked
+        ):
+            assert marked[read.end() :].startswith(" FINAL WHERE <newest>"), (
+                f"{name} / {where} reads gpuledger.{read.group(1)} without the newest versions"
+            )
+        tables = re.findall(r"gpuledger\.(\w+)(\s+FINAL)?", sql.replace(NEWEST, ""))
         assert tables, f"{name} / {where} reads no gpuledger table"
         for table, final in tables:
-            assert table in {"gpu_cost_windows", "cost_per_token_windows", "token_windows"}
+            assert table in {
+                "gpu_cost_windows",
+                "cost_per_token_windows",
+                "token_windows",
+                "billed_cost_hourly",
+                "bill_versions",
+            }
             assert final, f"{name} / {where} reads gpuledger.{table} without FINAL"
 
 
@@ -554,3 +576,165 @@ def test_untagged_over_time_splits_pod_cost(loaded: ClickHouseStore, scenario: S
             want[bucket_of(r.window_start_ms)][0 if _untagged(r) else 1] += r.cost_usd
     got = {ts(r["time"]): [r["untagged_usd"], r["tagged_usd"]] for r in rows}
     assert got == {k: v for k, v in want.items()}
+
+
+# --- Billing reconciliation --------------------------------------------------------------------
+
+BILL_SLICE = "aws|acct-1|2026-09-01T00:00:00Z"
+BILLED_NODES = {("prod-eu", "gpu-a"), ("prod-eu", "gpu-b")}  # prod-us/gpu-c has no bill line
+BILL_FROM_S = START_MS // 1000
+BILL_TO_S = BILL_FROM_S + 2 * 3600 - 1  # the scenario's two hours; Grafana's range is closed
+NON_GPU_USD, UNMETERED_USD = Decimal("7.25"), Decimal("32.50")
+BILL_DIMS = (
+    "cluster", "node", "device_uuid", "gpu_model", "mig_profile", "pricing", "price_per_hour",
+    "namespace", "pod", "pod_uid", "team", "product", "cost_center", "kind",
+)  # fmt: skip
+BILL_COLUMNS = [
+    "slice", "version", "hour", "resource_key", "instance_type", *BILL_DIMS, "device_seconds",
+    "metered_cost_usd", "effective_cost", "billed_cost", "billing_currency",
+]  # fmt: skip
+
+
+def metered_hours(scenario: Scenario) -> dict[tuple[Any, ...], list[Any]]:
+    """The scenario's final cost rows summed per hour and gpu_cost_hourly dimensions."""
+    out: dict[tuple[Any, ...], list[Any]] = defaultdict(lambda: [0.0, Decimal(0)])
+    for r in scenario.final_costs:
+        hour_ms = r.window_start_ms - r.window_start_ms % 3_600_000
+        key = (hour_ms, *(getattr(r, d) for d in BILL_DIMS))
+        out[key][0] += r.device_seconds
+        out[key][1] += r.cost_usd
+    return dict(out)
+
+
+def bill_rows(scenario: Scenario, version: int, factor: int) -> list[tuple[Any, ...]]:
+    """A true-up whose EffectiveCost is `factor` times the metered cost of the billed nodes, a
+    non-GPU part and an unmetered GPU instance."""
+    rows = []
+    for (hour_ms, *dims), (seconds, cost) in metered_hours(scenario).items():
+        if (dims[0], dims[1]) not in BILLED_NODES:
+            continue
+        hour = datetime.fromtimestamp(hour_ms / 1000, UTC)
+        rows.append(
+            (BILL_SLICE, version, hour, f"i-{dims[1]}", "p5.48xlarge", *dims, seconds, cost,
+             cost * factor, cost * factor, "USD")
+        )  # fmt: skip
+    start = datetime.fromtimestamp(START_MS / 1000, UTC)
+    empty = ("",) * 6 + (Decimal(0),) + ("",) * 6
+    non_gpu = ("prod-eu", "gpu-a", *empty[2:])
+    rows.append(
+        (BILL_SLICE, version, start, "i-gpu-a", "p5.48xlarge", *non_gpu, "non_gpu", 0.0,
+         Decimal(0), NON_GPU_USD * factor, NON_GPU_USD * factor, "USD")
+    )  # fmt: skip
+    rows.append(
+        (BILL_SLICE, version, start, "i-0unmetered", "p4d.24xlarge", *empty, "unmetered", 0.0,
+         Decimal(0), UNMETERED_USD * factor, UNMETERED_USD * factor, "USD")
+    )  # fmt: skip
+    return rows
+
+
+def insert_bill(store: ClickHouseStore, scenario: Scenario) -> None:
+    """Version 1 (superseded), version 2 (the newest finished) and version 3 (never finished:
+    no bill_versions row) of one slice."""
+    for version, factor in ((1, 5), (2, 2), (3, 9)):
+        store.insert_values(
+            "billed_cost_hourly", BILL_COLUMNS, bill_rows(scenario, version, factor)
+        )
+    for version in (1, 2):
+        store.insert_values(
+            "bill_versions",
+            ["slice", "provider", "billing_account_id", "billing_period_start",
+             "billing_period_end", "billing_currency", "version", "fingerprint", "lines",
+             "changed_periods", "source_files", "imported_at"],
+            [(BILL_SLICE, "aws", "acct-1", datetime(2026, 9, 1, tzinfo=UTC),
+              datetime(2026, 10, 1, tzinfo=UTC), "USD", version, f"fp{version}", 40 + version, 1,
+              ["cur.parquet"], datetime(2026, 10, 2, version, tzinfo=UTC))],
+        )  # fmt: skip
+
+
+def run_bill(store: ClickHouseStore, title: str, **variables: list[str]) -> list[dict[str, Any]]:
+    sql = _panel("billing-reconciliation.json", title)
+    return run(store, sql, variables, from_s=BILL_FROM_S, to_s=BILL_TO_S)
+
+
+def _billed_metered(scenario: Scenario) -> Decimal:
+    return sum(
+        (cost for (_, c, n, *_), (_, cost) in metered_hours(scenario).items()
+         if (c, n) in BILLED_NODES),
+        Decimal(0),
+    )  # fmt: skip
+
+
+def test_bill_total_is_the_newest_version_of_the_inserted_bill(
+    loaded: ClickHouseStore, scenario: Scenario
+) -> None:
+    (got,) = run_bill(loaded, "Bill in range")
+    metered = _billed_metered(scenario)
+    inserted = sum((r[-3] for r in bill_rows(scenario, 2, 2)), Decimal(0))
+    assert got["bill_total"] == inserted == 2 * (metered + NON_GPU_USD + UNMETERED_USD)
+    assert got["gpu_users"] == 2 * metered and got["metered_usd"] == metered
+    assert (got["non_gpu_part"], got["unmetered"]) == (2 * NON_GPU_USD, 2 * UNMETERED_USD)
+    assert got["currency"] == "USD"
+    (eu,) = run_bill(loaded, "Bill in range", cluster=["prod-eu"])
+    assert eu["bill_total"] == got["bill_total"] - got["unmetered"]
+
+
+def test_billed_vs_metered_by_team_and_over_time(
+    loaded: ClickHouseStore, scenario: Scenario
+) -> None:
+    want: dict[str, Decimal] = defaultdict(Decimal)
+    for (_, c, n, *dims), (_, cost) in metered_hours(scenario).items():
+        if (c, n) in BILLED_NODES:
+            kind, team = dims[-1], dims[-4]
+            want[
+                {"idle": "(idle GPU time)", "host": "(host processes, no pod)"}.get(kind, team)
+            ] += cost
+    rows = run_bill(loaded, "Billed vs metered cost by team")
+    assert {r["team"]: r["metered_usd"] for r in rows} == dict(want)
+    assert all(r["effective"] == 2 * r["metered_usd"] == r["invoiced"] for r in rows)
+    assert all(r["variance"] == r["metered_usd"] for r in rows)
+    assert all(float(r["variance_pct"]) == pytest.approx(100.0) for r in rows if r["metered_usd"])
+    search = run_bill(loaded, "Billed vs metered cost by team", team=["search"])
+    assert [r["team"] for r in search] == ["search"]
+    over_time = run_bill(loaded, "Billed vs metered over time")
+    assert sum((r["billed"] for r in over_time), Decimal(0)) == 2 * _billed_metered(scenario)
+    assert [ts(r["time"]) % 3600 for r in over_time] == [0] * len(over_time)
+
+
+def test_variance_panels_match_the_variance_report(
+    loaded: ClickHouseStore, scenario: Scenario
+) -> None:
+    report = variance(loaded, Period(START_MS, START_MS + 2 * 3_600_000), price_book=None)
+    rows = run_bill(loaded, "Variance by GPU model and pricing class")
+    got = {(r["gpu_model"], r["mig_profile"], r["pricing"]): r for r in rows}
+    assert set(got) == {(line.gpu_model, line.mig_profile, line.pricing) for line in report.lines}
+    for line in report.lines:
+        row = got[(line.gpu_model, line.mig_profile, line.pricing)]
+        assert (row["metered_usd"], row["effective"]) == (line.metered_usd, line.effective_cost)
+        assert row["variance"] == line.variance
+        assert float(row["device_hours"]) == pytest.approx(float(line.device_hours))
+    assert {r["gpu_model"] for r in rows} == {"NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"}
+
+    (unmetered,) = run_bill(loaded, "Unmetered GPU spend")
+    assert (unmetered["resource_key"], unmetered["effective"]) == (
+        "i-0unmetered",
+        2 * UNMETERED_USD,
+    )
+    assert [(u.resource_key, u.effective_cost) for u in report.unmetered] == [
+        ("i-0unmetered", 2 * UNMETERED_USD)
+    ]
+    (non_gpu,) = run_bill(loaded, "Non-GPU part of GPU instances")
+    assert (non_gpu["node"], non_gpu["effective"]) == ("gpu-a", 2 * NON_GPU_USD)
+
+    (missing,) = run_bill(loaded, "Metered nodes without a bill line")
+    gpu_c = [r for r in scenario.final_costs if r.node == "gpu-c"]
+    assert (missing["cluster"], missing["node"], missing["hours"]) == ("prod-us", "gpu-c", 2)
+    assert missing["metered_usd"] == sum((r.cost_usd for r in gpu_c), Decimal(0))
+    assert [(n.node, n.hours, n.metered_usd) for n in report.unbilled_nodes] == [
+        ("gpu-c", 2, missing["metered_usd"])
+    ]
+
+
+def test_bill_slices_show_the_newest_finished_version(loaded: ClickHouseStore) -> None:
+    (row,) = run_bill(loaded, "Bill slices: newest version")
+    assert (row["slice"], row["newest_version"], row["bill_lines"]) == (BILL_SLICE, 2, 42)
+    assert row["imported_at"].replace(tzinfo=UTC) == datetime(2026, 10, 2, 2, tzinfo=UTC)
