@@ -263,6 +263,21 @@ class PodsMetrics:
         self._pods = Gauge(
             "gpuledger_pods_known", "Pods currently known", labels, registry=registry
         ).labels(cluster)
+        self._node_events = Counter(
+            "gpuledger_pods_node_events",
+            "Node events produced, by kind (added, updated, deleted)",
+            (*labels, "kind"),
+            registry=registry,
+        )
+        self._nodes = Gauge(
+            "gpuledger_pods_nodes_known", "Nodes currently known", labels, registry=registry
+        ).labels(cluster)
+        self._last_node_event = Gauge(
+            "gpuledger_pods_last_node_event_timestamp_seconds",
+            "Unix time of the last node event produced",
+            labels,
+            registry=registry,
+        ).labels(cluster)
         self._last_event = Gauge(
             "gpuledger_pods_last_event_timestamp_seconds",
             "Unix time of the last pod event produced",
@@ -286,6 +301,13 @@ class PodsMetrics:
 
     def pods_known(self, count: int) -> None:
         self._pods.set(count)
+
+    def node_event(self, kind: str, now_s: float) -> None:
+        self._node_events.labels(self.cluster, kind).inc()
+        self._last_node_event.set(now_s)
+
+    def nodes_known(self, count: int) -> None:
+        self._nodes.set(count)
 
 
 class TokensMetrics:

@@ -162,10 +162,14 @@ def run_settings_from(args: argparse.Namespace) -> RunSettings:
     )
 
 
-def make_publisher(settings: RunSettings, topic: str, metrics: BufferMetrics) -> Publisher:
+def make_publisher(
+    settings: RunSettings, topic: str | Sequence[str], metrics: BufferMetrics
+) -> Publisher:
+    """A publisher to `topic` (or to each of several), which it creates where missing."""
     if settings.kafka is None:
         return DryRunPublisher(metrics)
-    specs = [t for t in default_topics(settings.topic_partitions) if t.name == topic]
+    names = {topic} if isinstance(topic, str) else set(topic)
+    specs = [t for t in default_topics(settings.topic_partitions) if t.name in names]
     return KafkaPublisher(
         settings.kafka, specs, metrics, max_buffer_events=settings.buffer_max_events
     )

@@ -185,12 +185,20 @@ PODS_MIN_COMPACTION_LAG_MS = 7 * 24 * 3600 * 1000
 
 
 def default_topics(partitions: int = 1, replication_factor: int = 1) -> list[TopicSpec]:
-    """Every topic of design §2; the pods topic is compacted, after a week."""
+    """Every topic of design §2; the pods and nodes topics are compacted, after a week (a
+    worker down for less than that still stores every node event)."""
     rf = replication_factor
     return [
         TopicSpec(events.GPU_SAMPLES_TOPIC, partitions, replication_factor=rf),
         TopicSpec(
             events.PODS_TOPIC,
+            partitions,
+            compacted=True,
+            replication_factor=rf,
+            min_compaction_lag_ms=PODS_MIN_COMPACTION_LAG_MS,
+        ),
+        TopicSpec(
+            events.NODES_TOPIC,
             partitions,
             compacted=True,
             replication_factor=rf,

@@ -86,3 +86,23 @@ ENGINE = ReplacingMergeTree(version)
 PARTITION BY toYYYYMM(window_start)
 ORDER BY (window_start, pod_uid, model)
 SETTINGS non_replicated_deduplication_window = 10000;
+
+-- One row per node event of gpuledger.nodes (the pod watcher's nodes: cloud identity and
+-- capacity), as published: a node's history, not only its latest state. A re-read event has
+-- the same (cluster, node, time, event_id) and merges away.
+CREATE TABLE IF NOT EXISTS {db}.node_events
+(
+    cluster        LowCardinality(String),
+    node           String,
+    provider_id    String,
+    instance_type  LowCardinality(String),
+    gpus           UInt32,
+    cpu_millicores UInt64,
+    memory_bytes   UInt64,
+    deleted        UInt8,
+    time           DateTime64(3, 'UTC'),
+    event_id       String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (cluster, node, time, event_id);

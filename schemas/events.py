@@ -21,10 +21,12 @@ from schemas import fields
 GPU_SAMPLE_TYPE = "io.gpuledger.gpu.sample.v1"
 POD_TYPE = "io.gpuledger.pod.v1"
 TOKENS_TYPE = "io.gpuledger.tokens.v1"
+NODE_TYPE = "io.gpuledger.node.v1"
 
 GPU_SAMPLES_TOPIC = "gpuledger.gpu-samples"
 PODS_TOPIC = "gpuledger.pods"
 TOKENS_TOPIC = "gpuledger.tokens"
+NODES_TOPIC = "gpuledger.nodes"
 COST_WINDOWS_TOPIC = "gpuledger.cost-windows"
 TOKEN_COST_WINDOWS_TOPIC = "gpuledger.token-cost-windows"
 DEAD_LETTER_TOPIC = "gpuledger.dead-letter"
@@ -58,6 +60,10 @@ IntervalS = Annotated[float, Meta(gt=0, le=fields.MAX_INTERVAL_S)]
 Tokens = Annotated[int, Meta(ge=0, le=fields.MAX_TOKENS)]
 BusyS = Annotated[float, Meta(ge=0, le=10**9)]
 Labels = Annotated[Mapping[LabelKey, LabelValue], Meta(max_length=fields.MAX_LABELS)]
+ProviderId = Annotated[str, Meta(max_length=fields.MAX_PROVIDER_ID)]  # "": none
+InstanceType = Annotated[str, Meta(max_length=fields.MAX_LABEL_VALUE)]  # "": not labelled
+Gpus = Annotated[int, Meta(ge=0, le=fields.MAX_GPUS)]
+Millicores = Annotated[int, Meta(ge=0, le=fields.MAX_MILLICORES)]
 
 
 class ProcessSample(Struct, frozen=True, forbid_unknown_fields=True):
@@ -99,6 +105,20 @@ class PodInfo(Struct, frozen=True):
     deleted: bool = False
 
 
+class NodeInfo(Struct, frozen=True, forbid_unknown_fields=True):
+    """A Kubernetes node's cloud identity and capacity; a count or size that could not be read
+    from the node is 0."""
+
+    cluster: DnsSubdomain
+    node: DnsSubdomain
+    provider_id: ProviderId
+    instance_type: InstanceType
+    gpus: Gpus
+    cpu_millicores: Millicores
+    memory_bytes: Bytes
+    deleted: bool
+
+
 class TokenDelta(Struct, frozen=True, forbid_unknown_fields=True):
     cluster: DnsSubdomain
     namespace: DnsLabel
@@ -114,8 +134,8 @@ class TokenDelta(Struct, frozen=True, forbid_unknown_fields=True):
     decode_s: BusyS | None = None
 
 
-Payload = GpuSample | PodInfo | TokenDelta
-P = TypeVar("P", GpuSample, PodInfo, TokenDelta)
+Payload = GpuSample | PodInfo | TokenDelta | NodeInfo
+P = TypeVar("P", GpuSample, PodInfo, TokenDelta, NodeInfo)
 
 
 class CloudEvent(Struct, Generic[P], frozen=True):
@@ -139,7 +159,7 @@ class Rejected(Struct, frozen=True):
     detail: str
 
 
-Decoded = Ok[GpuSample] | Ok[PodInfo] | Ok[TokenDelta] | Rejected
+Decoded = Ok[GpuSample] | Ok[PodInfo] | Ok[TokenDelta] | Ok[NodeInfo] | Rejected
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -152,6 +172,7 @@ _TYPE_OF_PAYLOAD: dict[type[Any], str] = {
     GpuSample: GPU_SAMPLE_TYPE,
     PodInfo: POD_TYPE,
     TokenDelta: TOKENS_TYPE,
+    NodeInfo: NODE_TYPE,
 }
 
 
@@ -271,6 +292,17 @@ def _payload_to_dict(data: Payload) -> dict[str, Any]:
             "namespace_labels": dict(data.namespace_labels),
             "deleted": data.deleted,
         }
+    if isinstance(data, NodeInfo):
+        return {
+            "cluster": data.cluster,
+            "node": data.node,
+            "provider_id": data.provider_id,
+            "instance_type": data.instance_type,
+            "gpus": data.gpus,
+            "cpu_millicores": data.cpu_millicores,
+            "memory_bytes": data.memory_bytes,
+            "deleted": data.deleted,
+        }
     return {
         "cluster": data.cluster,
         "namespace": data.namespace,
@@ -310,8 +342,9 @@ class _SampleEnvelope(_Envelope, frozen=True):
 
 _ENVELOPE = msgspec.json.Decoder(_Envelope)
 _SAMPLE_ENVELOPE = msgspec.json.Decoder(_SampleEnvelope)
-# The high-volume payloads. Pod events (a few per pod lifetime) take the explaining path:
-# PodInfo has defaults for convenience, which a typed decode would read as optional fields.
+# The high-volume payloads. Pod and node events (a few per pod or node lifetime) take the
+# explaining path: PodInfo has defaults for convenience, which a typed decode would read as
+# optional fields.
 _PAYLOAD_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     GPU_SAMPLE_TYPE: msgspec.json.Decoder(GpuSample),
     TOKENS_TYPE: msgspec.json.Decoder(TokenDelta),
@@ -430,6 +463,9 @@ def _decode_document(doc: Any) -> Decoded:
     if kind == TOKENS_TYPE:
         tokens = _tokens(fields.check_object(data, fields.TOKENS, "data."))
         return Ok(CloudEvent(envelope["id"], envelope["source"], kind, time_ms, tokens))
+    if kind == NODE_TYPE:
+        node = _node(fields.check_object(data, fields.NODE, "data."))
+        return Ok(CloudEvent(envelope["id"], envelope["source"], kind, time_ms, node))
     raise fields.FieldError(
         "unknown_type", f"type {fields.excerpt(kind)} is not a gpuledger event type"
     )
@@ -485,6 +521,19 @@ def _pod(d: dict[str, Any]) -> PodInfo:
         node=d["node"],
         labels=d["labels"],
         namespace_labels=d["namespace_labels"],
+        deleted=d["deleted"],
+    )
+
+
+def _node(d: dict[str, Any]) -> NodeInfo:
+    return NodeInfo(
+        cluster=d["cluster"],
+        node=d["node"],
+        provider_id=d["provider_id"],
+        instance_type=d["instance_type"],
+        gpus=d["gpus"],
+        cpu_millicores=d["cpu_millicores"],
+        memory_bytes=d["memory_bytes"],
         deleted=d["deleted"],
     )
 

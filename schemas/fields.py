@@ -15,6 +15,8 @@ from typing import Any
 MAX_INTERVAL_S = 3600.0
 MAX_BYTES = 2**50  # 1 PiB: far above any accelerator's memory, well below absurd
 MAX_TOKENS = 10**12
+MAX_GPUS = 4096  # a node's nvidia.com/gpu capacity: 8-16 GPUs, times time-slicing replicas
+MAX_MILLICORES = 10**9  # a node's cpu capacity: a million cores
 
 # Longest values, in characters (design §2, "Field limits"). Each is at or above what a valid
 # Kubernetes object, an NVML reading or a gpuledger agent can produce, so only a broken or
@@ -33,6 +35,9 @@ MAX_NVML_NAME = 256  # gpu_model and mig_profile: NVML's name buffer holds 96
 MAX_MODEL = 512  # served model names: Hugging Face ids (up to 96 + "/" + 96) or a file path
 MAX_LABEL_KEY = 317  # Kubernetes label key: DNS-subdomain prefix (253) + "/" + name (63)
 MAX_LABEL_VALUE = 63  # Kubernetes label value
+# A node's spec.providerID (Kubernetes sets no limit). The longest a cloud writes is Azure's
+# scale-set form, about 310: subscription (36), resource group (90), scale set (64), instance.
+MAX_PROVIDER_ID = 512
 MAX_LABELS = 256  # per map; Kubernetes sets no count, only the object's size (1.5 MiB)
 # Processes listed per device and sample. NVML sets no count; each CUDA context holds device
 # memory (tens to hundreds of MiB) and MPS serves at most 48 clients, so a real GPU lists a
@@ -124,6 +129,17 @@ POD = (
     _s("node", MAX_DNS_SUBDOMAIN, min_length=0),
     _labels("labels"),
     _labels("namespace_labels"),
+    Rule("deleted", "boolean"),
+)
+
+NODE = (
+    _s("cluster", MAX_DNS_SUBDOMAIN),
+    _s("node", MAX_DNS_SUBDOMAIN),
+    _s("provider_id", MAX_PROVIDER_ID, min_length=0),
+    _s("instance_type", MAX_LABEL_VALUE, min_length=0),
+    _i("gpus", 0, MAX_GPUS),
+    _i("cpu_millicores", 0, MAX_MILLICORES),
+    _i("memory_bytes", 0, MAX_BYTES),
     Rule("deleted", "boolean"),
 )
 

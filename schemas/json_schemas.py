@@ -1,4 +1,4 @@
-"""JSON Schema files for the three event types, generated from `schemas.fields`.
+"""JSON Schema files for the event types, generated from `schemas.fields`.
 
 Billing and platform teams validate the topics with these files without Python. Regenerate with
 ``python -m schemas.json_schemas``; a test fails when the shipped files are stale.
@@ -20,6 +20,7 @@ _PAYLOADS: dict[str, tuple[str, tuple[fields.Rule, ...]]] = {
     events.GPU_SAMPLE_TYPE: ("gpu-sample.v1.schema.json", fields.GPU_SAMPLE),
     events.POD_TYPE: ("pod.v1.schema.json", fields.POD),
     events.TOKENS_TYPE: ("tokens.v1.schema.json", fields.TOKENS),
+    events.NODE_TYPE: ("node.v1.schema.json", fields.NODE),
 }
 
 _CROSS_FIELD_NOTE = {
@@ -29,6 +30,7 @@ _CROSS_FIELD_NOTE = {
     ),
     events.POD_TYPE: "",
     events.TOKENS_TYPE: "",
+    events.NODE_TYPE: "",
 }
 
 

@@ -143,7 +143,40 @@ class WindowStateRow:
         return f"{self.stage}|{self.window_start_ms}|{self.unit}"
 
 
-Row = CostRow | TokenRow | TokenCostRow | WindowStateRow
+@dataclass(frozen=True, slots=True)
+class NodeEventRow:
+    """One node event of gpuledger.nodes, as published (schemas/clickhouse.sql, `node_events`):
+    a node's cloud identity and capacity from `time` on. Unversioned: the same event read again
+    is the same row, and ReplacingMergeTree keeps one per (cluster, node, time, event_id)."""
+
+    TABLE: ClassVar[str] = "node_events"
+
+    cluster: str
+    node: str
+    provider_id: str
+    instance_type: str
+    gpus: int
+    cpu_millicores: int
+    memory_bytes: int
+    deleted: bool
+    time_ms: int
+    event_id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}|{self.node}|{self.time_ms}|{self.event_id}"
+
+    @property
+    def window_start_ms(self) -> int:
+        """The time the table is partitioned by (toYYYYMM(time)), named as the other rows'."""
+        return self.time_ms
+
+    @property
+    def version(self) -> int:
+        return 0
+
+
+Row = CostRow | TokenRow | TokenCostRow | WindowStateRow | NodeEventRow
 
 
 def column_names(row_type: type[Row]) -> list[str]:

@@ -1,5 +1,7 @@
-"""The demo cluster's HTTP face on 127.0.0.1: a Kubernetes API (list and watch of namespaces and
-pods) and every inference server's `/metrics` page, both views of one `Scenario` at simulated time.
+"""The demo cluster's HTTP face on 127.0.0.1: a Kubernetes API (list and watch of namespaces,
+nodes and pods) and every inference server's `/metrics` page, both views of one `Scenario` at
+simulated time. Its nodes are the scenario's as AWS instances (`agents.demo_nodes`: providerIDs,
+instance types and their capacity).
 
 The pod watcher and the token scraper talk to it exactly as to a real cluster. Pod objects are
 the scenario's, with one change: their scrape annotations point at this server
@@ -12,11 +14,13 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from agents.demo_nodes import DemoNode, cloud_nodes
 from agents.scenario import PodSpec, Scenario
 from agents.scenario_views import metrics_page, namespace_object, pod_object
 
@@ -38,6 +42,8 @@ class SimulatedClusterApi:
         self._changed = asyncio.Condition()
         self._closing = False
         self._by_uid = {p.uid: p for p in scenario.pods}
+        self.nodes = cloud_nodes(scenario)
+        self._node_labels = {spec.name: dict(spec.labels) for spec in scenario.nodes}
 
     @property
     def url(self) -> str:
@@ -46,6 +52,7 @@ class SimulatedClusterApi:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/api/v1/namespaces", self._namespaces)
+        app.router.add_get("/api/v1/nodes", self._nodes)
         app.router.add_get("/api/v1/pods", self._pods)
         app.router.add_get("/pods/{uid}/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
@@ -93,6 +100,34 @@ class SimulatedClusterApi:
             obj["status"]["podIPs"] = [{"ip": "127.0.0.1"}]
         return obj
 
+    def _node_object(self, node: DemoNode) -> dict[str, Any]:
+        capacity = {
+            "cpu": str(node.cpu_millicores // 1000),
+            "memory": f"{node.memory_bytes // 1024}Ki",  # as the kubelet reports it
+            "nvidia.com/gpu": str(node.gpus),
+            "pods": "110",
+        }
+        return {
+            "kind": "Node",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": node.name,
+                "uid": f"node-{node.instance_id}",
+                "resourceVersion": "1",
+                "creationTimestamp": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.scenario.start_unix_s)
+                ),
+                "labels": {
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                    "topology.kubernetes.io/region": node.region,
+                    **self._node_labels[node.name],
+                },
+            },
+            "spec": {"providerID": node.provider_id},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+
     def _namespace_objects(self) -> list[dict[str, Any]]:
         return [namespace_object(self.scenario, ns.name) for ns in self.scenario.namespaces]
 
@@ -102,6 +137,12 @@ class SimulatedClusterApi:
         if request.query.get("watch"):
             return await self._watch(request, lambda _: [])  # namespaces never change here
         return _list("NamespaceList", self._namespace_objects(), str(self._version))
+
+    async def _nodes(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch"):
+            return await self._watch(request, lambda _: [])  # nodes never change here
+        items = [self._node_object(node) for node in self.nodes]
+        return _list("NodeList", items, str(self._version))
 
     async def _pods(self, request: web.Request) -> web.StreamResponse:
         if request.query.get("watch"):

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from agents.fake_nvml import FakeNvml
 from agents.kube_client import KubeClient, KubeSettings
 from agents.metrics import AgentMetrics, BufferMetrics, PodsMetrics, TokensMetrics
+from agents.node_state import NodeEmission, NodeState
 from agents.pod_state import PodEmission, PodState
 from agents.pod_watcher import PodWatcher
 from agents.publisher import KafkaPublisher
@@ -25,7 +26,7 @@ from agents.token_scraper import TokenScraper, http_fetcher, targets_from_pods
 from gpuledger.demo.cluster_api import SimulatedClusterApi
 from runtime.errors import KubeApiError
 from runtime.kafka import KafkaSettings, default_topics
-from schemas.events import GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC, make_event
+from schemas.events import GPU_SAMPLES_TOPIC, NODES_TOPIC, PODS_TOPIC, TOKENS_TOPIC, make_event
 
 # Events a publisher may hold before the simulation waits for the broker: a fast --speed slows
 # down rather than overflow the buffer (which would drop the oldest events).
@@ -38,15 +39,16 @@ class PublishedCounts:
     samples: int = 0
     pod_events: int = 0
     token_deltas: int = 0
+    node_events: int = 0
     by_topic: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.samples + self.pod_events + self.token_deltas
+        return self.samples + self.pod_events + self.token_deltas + self.node_events
 
 
-def _publisher(kafka: KafkaSettings, topic: str, metrics: BufferMetrics) -> KafkaPublisher:
-    specs = [t for t in default_topics(3) if t.name == topic]
+def _publisher(kafka: KafkaSettings, metrics: BufferMetrics, *topics: str) -> KafkaPublisher:
+    specs = [t for t in default_topics(3) if t.name in topics]
     return KafkaPublisher(
         kafka,
         specs,
@@ -101,9 +103,10 @@ class SimulatedProducers:
         self.tokens_metrics = TokensMetrics(registry, scenario.cluster, "")
         agent_buffer = AgentMetrics(CollectorRegistry(), scenario.cluster, "all").buffer
         self.publishers = {
-            GPU_SAMPLES_TOPIC: _publisher(kafka, GPU_SAMPLES_TOPIC, agent_buffer),
-            PODS_TOPIC: _publisher(kafka, PODS_TOPIC, self.pods_metrics.buffer),
-            TOKENS_TOPIC: _publisher(kafka, TOKENS_TOPIC, self.tokens_metrics.buffer),
+            GPU_SAMPLES_TOPIC: _publisher(kafka, agent_buffer, GPU_SAMPLES_TOPIC),
+            # the pod watcher's: pod and node events, as in `gpuledger pods`
+            PODS_TOPIC: _publisher(kafka, self.pods_metrics.buffer, PODS_TOPIC, NODES_TOPIC),
+            TOKENS_TOPIC: _publisher(kafka, self.tokens_metrics.buffer, TOKENS_TOPIC),
         }
         self._kube: KubeClient | None = None
         self._scrape_session: aiohttp.ClientSession | None = None
@@ -126,6 +129,8 @@ class SimulatedProducers:
             self._emit_pod,
             self.pods_metrics,
             clock=self.clock,
+            nodes=NodeState(self.scenario.cluster),
+            emit_node=self._emit_node,
         )
         self._watch_task = asyncio.create_task(self._watcher.run(self._watch_stop), name="pods")
         self._scrape_session = aiohttp.ClientSession()
@@ -171,6 +176,16 @@ class SimulatedProducers:
         )
         self.publishers[PODS_TOPIC].publish(PODS_TOPIC, emission.info.uid, event)
         self.counts.pod_events += 1
+
+    def _emit_node(self, emission: NodeEmission) -> None:
+        event = make_event(
+            emission.info,
+            event_id=emission.event_id,
+            source=f"gpuledger/pods/{self.scenario.cluster}",
+            time_ms=emission.time_ms,
+        )
+        self.publishers[PODS_TOPIC].publish(NODES_TOPIC, emission.key, event)
+        self.counts.node_events += 1
 
     async def wait_synced(self, timeout_s: float = 30.0) -> None:
         """Until the pod watcher has listed the cluster once (its first pod events are out)."""

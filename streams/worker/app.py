@@ -27,7 +27,13 @@ from runtime.kafka import (
     make_producer,
     partition_counts,
 )
-from schemas.events import DEAD_LETTER_TOPIC, GPU_SAMPLES_TOPIC, PODS_TOPIC, TOKENS_TOPIC
+from schemas.events import (
+    DEAD_LETTER_TOPIC,
+    GPU_SAMPLES_TOPIC,
+    NODES_TOPIC,
+    PODS_TOPIC,
+    TOKENS_TOPIC,
+)
 from streams.labels import DEFAULT_MAX_PODS, PodHistory
 from streams.metrics import MAX_SERIES, WorkerMetrics
 from streams.pricing import PriceBook
@@ -42,6 +48,7 @@ from streams.worker.handlers import (
 )
 from streams.worker.http import HttpEndpoint, ReadSettings
 from streams.worker.intake import DEAD_LETTER_MAX_KEYS, DeadLetterLog, Intake
+from streams.worker.nodes import NodesTable
 from streams.worker.pod_stage import PodStage
 from streams.worker.runner import StageRunner, stage_consumer
 from streams.worker.sinks import UNHEALTHY_AFTER, Backoff, Sinks
@@ -130,6 +137,7 @@ class Worker:
         self.http: HttpEndpoint | None = None
         self._owner_file: Path | None = None
         self._pods_table: PodsTable | None = None
+        self.nodes_table: NodesTable | None = None  # node events into node_events
 
     @property
     def open_windows(self) -> int:
@@ -166,10 +174,11 @@ class Worker:
         samples = stage_consumer(cfg.kafka, cfg.group_id, co_partitioned=False)
         token_costs = stage_consumer(cfg.kafka, cfg.token_costs_group, co_partitioned=True)
         pods: PodsTable | None = None
+        nodes: NodesTable | None = None
         try:
             counts = await partition_counts(
                 cfg.kafka,
-                [GPU_SAMPLES_TOPIC, PODS_TOPIC, DEAD_LETTER_TOPIC, cfg.internal_topic],
+                [GPU_SAMPLES_TOPIC, PODS_TOPIC, NODES_TOPIC, DEAD_LETTER_TOPIC, cfg.internal_topic],
             )
             await load_dead_letter_keys(cfg.kafka, counts[DEAD_LETTER_TOPIC], self.dead_letters)
             if cfg.http_port:
@@ -179,6 +188,13 @@ class Worker:
             intake = Intake(self.metrics, self.dead_letters)
             handler = PodHandler(self.pods, self.devices, self.pod_stage, intake)
             pods = PodsTable(cfg.kafka, counts[PODS_TOPIC], handler, sinks)
+            nodes = self.nodes_table = NodesTable(
+                cfg.kafka,
+                counts[NODES_TOPIC],
+                intake,
+                sinks,
+                max_clock_skew_s=cfg.stream.max_clock_skew_s,
+            )
             if not await pods.catch_up(self.stopping):
                 return
             devices = DeviceHandler(
@@ -218,6 +234,7 @@ class Worker:
             )
             loops = {
                 "pods": pods.follow(self.stopping),
+                "nodes": nodes.follow(self.stopping),  # nothing waits for it
                 "devices": device_runner.run(self.stopping),
                 "token-costs": token_runner.run(self.stopping),
                 "seal": self._seal_loop(),
@@ -233,9 +250,10 @@ class Worker:
             for consumer in (samples, token_costs):
                 with contextlib.suppress(Exception):
                     await consumer.stop()
-            if pods is not None:
-                with contextlib.suppress(Exception):
-                    await pods.stop()
+            for table in (pods, nodes):
+                if table is not None:
+                    with contextlib.suppress(Exception):
+                        await table.stop()
             await producer.stop()
             if self.http is not None:
                 await self.http.stop()

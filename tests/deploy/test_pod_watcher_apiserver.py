@@ -71,16 +71,16 @@ def _as_account(server: KubeApiServer, docs: list[dict[str, Any]], workload: str
     return server.api.as_token(server.api.service_account_token(namespace, account))
 
 
-def test_the_watchers_rbac_allows_reading_pods_and_namespaces_only(
+def test_the_watchers_rbac_allows_reading_pods_namespaces_and_nodes_only(
     kube_apiserver: KubeApiServer, shipped: list[dict[str, Any]]
 ) -> None:
     pods = _as_account(kube_apiserver, shipped, "gpuledger-pods")
-    for resource in ("pods", "namespaces"):
+    for resource in ("pods", "namespaces", "nodes"):
         for verb in ("get", "list", "watch"):
             assert pods.can_i(verb, resource), (verb, resource)
         for verb in ("create", "update", "patch", "delete"):
             assert not pods.can_i(verb, resource), (verb, resource)
-    for resource in ("secrets", "configmaps", "nodes", "serviceaccounts"):
+    for resource in ("secrets", "configmaps", "serviceaccounts"):
         assert not pods.can_i("list", resource), resource
     assert pods.request("GET", "/api/v1/pods", params={"limit": "1"}).status == 200
     assert pods.request("GET", "/api/v1/secrets").status == 403

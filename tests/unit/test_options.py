@@ -76,6 +76,7 @@ EXPECTED = {
     "GPULEDGER_PLATFORM_TEAM": "--platform-team",
     "GPULEDGER_PODS_INTERVAL": "--interval",
     "GPULEDGER_PODS_METRICS_PORT": "--metrics-port",
+    "GPULEDGER_PODS_NODES": "--nodes",
     "GPULEDGER_PRICE_BOOK": "--price-book",
     "GPULEDGER_PROC_ROOT": "--proc-root",
     "GPULEDGER_PRODUCT_LABEL": "--product-label",

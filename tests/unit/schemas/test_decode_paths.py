@@ -22,6 +22,7 @@ from schemas.events import (
     GPU_SAMPLE_TYPE,
     TOKENS_TYPE,
     GpuSample,
+    NodeInfo,
     Ok,
     PodInfo,
     ProcessSample,
@@ -42,6 +43,7 @@ STRUCTS: list[tuple[type[msgspec.Struct], tuple[fields.Rule, ...]]] = [
     (TokenDelta, fields.TOKENS),
     (_Envelope, fields.ENVELOPE),
     (PodInfo, fields.POD),  # built, never decoded by msgspec: its defaults are not optionality
+    (NodeInfo, fields.NODE),
 ]
 
 
@@ -105,7 +107,9 @@ def test_typed_fields_restate_the_rule_table(
 
 
 def test_every_string_and_collection_has_a_maximum_length() -> None:
-    tables = [fields.ENVELOPE, fields.PROCESS, fields.GPU_SAMPLE, fields.POD, fields.TOKENS]
+    tables = [
+        fields.ENVELOPE, fields.PROCESS, fields.GPU_SAMPLE, fields.POD, fields.TOKENS, fields.NODE
+    ]  # fmt: skip
     for rule in (r for table in tables for r in table):
         if rule.kind in ("string", "labels", "array"):
             assert rule.max_length is not None, rule.name
