@@ -5,6 +5,7 @@ for and the GPU instances on the bill that nothing metered."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from decimal import Decimal, localcontext
 from typing import Any
 
 from runtime.errors import ConfigError
+from schemas.fields import excerpt
 from streams.billing.slices import KIND_NON_GPU, KIND_UNMETERED, latest_versions_sql
 from streams.pricing import DEFAULT_ENTRY_ID, PriceBook
 from streams.reports.limits import MAX_RESULT_ROWS, query_bounded
@@ -96,9 +98,11 @@ _RECORD_KEYS = tuple(
 
 @dataclass(frozen=True, slots=True)
 class BillTotals:
-    """EffectiveCost of one currency by part: GPU kinds, non-GPU part, unmetered."""
+    """The bill in one currency by part (GPU kinds, non-GPU part, unmetered), and the metered
+    cost of the rows its GPU part was allocated over."""
 
     currency: str
+    metered_usd: Decimal
     gpu_effective_cost: Decimal
     gpu_billed_cost: Decimal
     non_gpu_effective_cost: Decimal
@@ -126,10 +130,6 @@ class VarianceReport:
     slices: tuple[BillSlice, ...]
     verdicts: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
-
-    @property
-    def metered_usd(self) -> Decimal:
-        return sum((line.metered_usd for line in self.lines), _ZERO)
 
     def table(self) -> Sequence[Tabular]:
         span = f"{format_ms(self.period.start_ms)} to {format_ms(self.period.end_ms)}"
@@ -295,6 +295,17 @@ class _Acc:
     effective: Decimal = _ZERO
     billed: Decimal = _ZERO
     prices: set[Decimal] = field(default_factory=set)
+
+
+def parse_threshold(text: str) -> Decimal:
+    """`--threshold` / `threshold=`: a percentage, zero or more, such as `5` or `2.5`."""
+    value = Decimal("NaN")
+    if len(text) <= 20:
+        with contextlib.suppress(ArithmeticError):
+            value = Decimal(text.strip())
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"threshold {excerpt(text)} is not a percentage of zero or more")
+    return value
 
 
 def variance(
@@ -514,7 +525,10 @@ def _build(
         threshold_pct=threshold_pct,
         book_currency=book_currency,
         lines=tuple(lines),
-        totals=tuple(BillTotals(c, *t) for c, t in sorted(totals.items())),
+        totals=tuple(
+            BillTotals(c, sum((x.metered_usd for x in lines if x.currency == c), _ZERO), *t)
+            for c, t in sorted(totals.items())
+        ),
         unbilled_nodes=tuple(
             UnbilledNode(str(c), str(n), int(h), cost, cents, int(a) * 1000, int(b) * 1000)
             for (c, n, h, cost, a, b), cents in zip(unbilled_rows, unbilled_cents, strict=True)

@@ -18,7 +18,7 @@ from streams.pricing import PriceBook, parse_price_book
 from streams.reports import variance as variance_module
 from streams.reports.params import Period
 from streams.reports.render import render
-from streams.reports.variance import VarianceReport, variance
+from streams.reports.variance import VarianceReport, parse_threshold, variance
 from streams.rollups import seal_hours
 from streams.rows import CostRow
 from streams.store import ClickHouseStore
@@ -216,6 +216,7 @@ def test_lines_per_price_book_entry_are_exact(store: ClickHouseStore) -> None:
     assert (new.book_rate, new.bill_rate) == (Decimal("1.20"), Decimal("1.30"))
     # Only version 2 counts: neither the superseded version 1 nor the unfinished version 3.
     (usd,) = report.totals
+    assert usd.metered_usd == Decimal("13.40")
     assert usd.gpu_effective_cost == Decimal("5.76") + Decimal("5.60")
     assert usd.gpu_billed_cost == 2 * usd.gpu_effective_cost
     assert (usd.non_gpu_effective_cost, usd.unmetered_effective_cost) == (
@@ -329,3 +330,14 @@ def test_an_empty_store_gives_an_empty_report() -> None:
     report = variance(fresh_store(), PERIOD, price_book=book)
     assert report.lines == () and report.unbilled_nodes == () and report.verdicts == ()
     assert render(report, "table")
+
+
+@pytest.mark.parametrize("text", ["", "x", "-1", "nan", "inf", "1" * 21, "5%"])
+def test_a_threshold_that_is_no_percentage_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="threshold"):
+        parse_threshold(text)
+
+
+def test_a_threshold_is_a_decimal_percentage() -> None:
+    assert parse_threshold(" 2.5 ") == Decimal("2.5")
+    assert parse_threshold("0") == 0
