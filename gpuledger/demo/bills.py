@@ -33,6 +33,8 @@ __all__ = [
     "Pricing",
     "Provider",
     "bill_rows",
+    "demo_bill",
+    "demo_bill_nodes",
     "restate",
     "spot_price_per_hour",
     "write_bill",
@@ -132,3 +134,46 @@ def write_bill(path: str | Path, rows: Sequence[Row], fmt: Literal["csv", "parqu
 
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+# The demo bill: the demo cluster's AWS instances at the example price book's on-demand rate
+# per GPU-hour times the instance's GPUs (p5.48xlarge: 8 x 6.88 = 55.04), so the bill and the
+# meter agree on price and differ by what the meter does not see (GPUs no pod used, the rest
+# of the instance). The H100 node is on a savings plan (28 % off), the L40S node on spot.
+_DEMO_PRICES: Mapping[str, tuple[str, str, Pricing]] = {
+    "p5.48xlarge": ("55.04", "39.6288", "savings_plan"),
+    "p4de.24xlarge": ("27.20", "27.20", "on_demand"),
+    "p4d.24xlarge": ("22.00", "22.00", "on_demand"),
+    "g6e.12xlarge": ("7.44", "3.20", "spot"),
+}
+
+
+def demo_bill_nodes() -> tuple[BillNode, ...]:
+    """The demo cluster's nodes (`agents.demo_nodes.demo_nodes()`) as the AWS bill prices them."""
+    from agents.demo_nodes import demo_nodes
+
+    nodes = []
+    for node in demo_nodes():
+        list_price, effective, pricing = _DEMO_PRICES[node.instance_type]
+        nodes.append(
+            BillNode(
+                node.provider_id,
+                node.instance_type,
+                Decimal(list_price),
+                Decimal(effective),
+                pricing,
+            )
+        )
+    return tuple(nodes)
+
+
+def demo_bill(
+    hour_starts_ms: Iterable[int], *, focus_version: FocusVersion = "1.2", seed: int = 0
+) -> list[Row]:
+    """The demo's AWS bill for the hours: its nodes, an unmetered GPU instance, the extras."""
+    unmetered = BillNode(
+        "aws:///us-east-1c/i-0fedcba9876543210", "p5.48xlarge", Decimal("55.04"), Decimal("55.04")
+    )
+    return bill_rows(
+        "aws", focus_version, demo_bill_nodes(), hour_starts_ms, unmetered=(unmetered,), seed=seed
+    )

@@ -286,3 +286,15 @@ def test_bad_nodes_are_refused() -> None:
         bill_rows("azure", "1.2", [H100], HOURS)
     with pytest.raises(ValueError, match="whole UTC hours"):
         bill_rows("aws", "1.2", [H100], [NOV + 1])
+
+
+def test_the_demo_bill_prices_the_demo_nodes_at_the_example_books_gpu_rates() -> None:
+    from agents.demo_nodes import demo_nodes
+    from gpuledger.demo.bills import demo_bill, demo_bill_nodes
+
+    nodes = demo_bill_nodes()
+    assert [n.provider_id for n in nodes] == [n.provider_id for n in demo_nodes()]
+    rows = demo_bill(HOURS[:2])
+    usage = usage_by_resource(rows)
+    assert set(usage) == {n.instance.name for n in nodes} | {"i-0fedcba9876543210"}
+    assert {r["ListUnitPrice"] for r in usage[nodes[0].instance.name]} == {Decimal("55.04")}
