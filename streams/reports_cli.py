@@ -26,6 +26,7 @@ from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedE
 from runtime.options import add_env_option
 from runtime.redaction import redact
 from streams.pricing import load_price_book
+from streams.reports.chargeback import BASES as BILL_BASES
 from streams.reports.chargeback import ChargebackSettings, ExportTotals, chargeback, invoice
 from streams.reports.focus_columns import plain
 from streams.reports.focus_files import FORMATS as FOCUS_FORMATS
@@ -184,6 +185,12 @@ def _add_export_options(
             "'Amazon Web Services' (default: the service provider, for devices it owns)"
         ),
     )
+    p.add_argument(
+        "--basis",
+        default="list",
+        help="list: EffectiveCost at the price book's rates (default); billed: EffectiveCost "
+        "and BilledCost the provider's bill, from `gpuledger bill import`",
+    )
     add_price_book_option(p, env)
     add_label_options(p, env)
     add_policy_options(
@@ -329,6 +336,7 @@ def _day_progress(period: Period, what: str) -> Iterator[Callable[[int], None]]:
 
 def _export(args: argparse.Namespace) -> int:
     fmt = check_format(args.format)
+    basis = check_choice(args.basis, BILL_BASES, "--basis")
     period = parse_month(args.period)
     settings = _settings(args)
     book = load_price_book(args.price_book)
@@ -346,6 +354,7 @@ def _export(args: argparse.Namespace) -> int:
                 use_rollups=not args.base_only,
                 totals=totals,
                 on_day=on_day,
+                basis=basis,
             )
             write_rows(rows, fmt, out)
     finally:
@@ -354,10 +363,14 @@ def _export(args: argparse.Namespace) -> int:
         f"{kind} {format(plain(amount), 'f')}"
         for kind, amount in sorted(totals.by_kind_usd.items())
     )
+    unbilled = ""
+    if basis == "billed" and totals.unbilled_rows:
+        unbilled = f"; {totals.unbilled_rows:,} charges on no imported bill kept the list basis"
     print(
-        f"{totals.rows:,} charges, BilledCost total {format(plain(totals.total_usd), 'f')} "
+        f"{totals.rows:,} charges, EffectiveCost total {format(plain(totals.total_usd), 'f')} "
         f"{settings.currency}"
         + (f" ({kinds})" if kinds else "")
+        + unbilled
         + (f"; wrote {args.output}" if args.output else ""),
         file=sys.stderr,
     )
@@ -373,7 +386,13 @@ def _invoice(args: argparse.Namespace) -> int:
     try:
         with _day_progress(period, "reading days") as on_day:
             bill = invoice(
-                store, period, settings, args.by, use_rollups=not args.base_only, on_day=on_day
+                store,
+                period,
+                settings,
+                args.by,
+                use_rollups=not args.base_only,
+                on_day=on_day,
+                basis=check_choice(args.basis, BILL_BASES, "--basis"),
             )
     finally:
         store.close()
@@ -457,9 +476,14 @@ def _locked_line(args: argparse.Namespace) -> str:
 
 def _http_path(args: argparse.Namespace) -> str:
     if getattr(args, "export", None) == "chargeback":
-        return "/export/chargeback?" + urlencode({"period": args.period, "format": args.format})
+        wanted = {"period": args.period, "format": args.format}
+        if args.basis != "list":
+            wanted["basis"] = args.basis
+        return "/export/chargeback?" + urlencode(wanted)
     if getattr(args, "export", None) == "invoice":
         wanted = {"period": args.period, "by": args.by, "format": args.format}
+        if args.basis != "list":
+            wanted["basis"] = args.basis
         return "/export/invoice?" + urlencode(wanted)
     name = args.report
     query: dict[str, str] = {}

@@ -20,8 +20,8 @@ columns (streams.reports.focus_columns).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
 
 from streams.allocation import split_exact
@@ -32,6 +32,7 @@ QUANTITY_PLACES = 12  # device-hours: 3.6 ns, finer than the meter's nanosecond 
 QUANTITY_QUANTUM = Decimal(1).scaleb(-QUANTITY_PLACES)
 RATIO_PLACES = 15
 RATIO_QUANTUM = Decimal(1).scaleb(-RATIO_PLACES)
+BILL_QUANTUM = Decimal("1e-15")  # the bill's amounts in the store (Decimal(38, 15))
 _ZERO = Decimal(0)
 _ONE = Decimal(1)
 _SECONDS_PER_HOUR = Decimal(3600)
@@ -131,10 +132,65 @@ class AllocatedCharge:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
+    # On the billed basis: the part's share of the bill (EffectiveCost, BilledCost) for its
+    # origin charge; None where no imported bill covers the origin (the list basis applies).
+    billed_effective: Decimal | None = None
+    billed: Decimal | None = None
 
     @property
     def cost_usd(self) -> Decimal:
+        """List cost: the price-book rate x the part's device-hours."""
         return EXACT.multiply(self.origin.unit_price_usd, self.quantity_hours)
+
+    @property
+    def effective_cost(self) -> Decimal:
+        """What the part costs on its basis: the bill's share where there is one, else list."""
+        return self.billed_effective if self.billed_effective is not None else self.cost_usd
+
+
+OriginKey = tuple[int, str, str, str, Decimal]  # hour, cluster, device, pricing, price
+
+
+def origin_key(origin: OriginCharge) -> OriginKey:
+    return (
+        origin.hour_ms,
+        origin.cluster,
+        origin.device_uuid,
+        origin.pricing,
+        origin.unit_price_usd,
+    )
+
+
+def with_billed(
+    charges: Sequence[AllocatedCharge], billed: Mapping[OriginKey, tuple[Decimal, Decimal]]
+) -> list[AllocatedCharge]:
+    """The charges with their share of each origin's bill: `billed` holds, per origin, the
+    EffectiveCost and BilledCost the true-up gave its metered rows. An origin's bill is split
+    over its parts by the same weights as its device-hours (metered cost), in 1e-15 steps by
+    largest remainder, so the parts add up to it exactly."""
+    out: list[AllocatedCharge] = []
+    at = 0
+    while at < len(charges):
+        origin = charges[at].origin
+        end = at
+        while end < len(charges) and charges[end].origin is origin:
+            end += 1
+        parts = charges[at:end]
+        amounts = billed.get(origin_key(origin))
+        if amounts is None:
+            out.extend(parts)
+        else:
+            weights = [max(p.metered_cost_usd, _ZERO) for p in parts]
+            if not any(weights):
+                weights = [p.quantity_hours for p in parts]
+            effective = largest_remainder(amounts[0], weights, BILL_QUANTUM)
+            bill = largest_remainder(amounts[1], weights, BILL_QUANTUM)
+            out.extend(
+                replace(p, billed_effective=e, billed=b)
+                for p, e, b in zip(parts, effective, bill, strict=True)
+            )
+        at = end
+    return out
 
 
 def real_label(value: str) -> str | None:

@@ -42,6 +42,7 @@ PRICING_CATEGORY = {
 _HOUR_MS = 3_600_000
 _PER_1M_PLACES = Decimal("1e-15")
 _MILLION = Decimal(1_000_000)
+_ZERO = Decimal(0)
 
 # Column name -> kind, in file order: "text", "time", "cost" (exact decimal), "price",
 # "quantity", "int", "bool", "json". Parquet types and CSV cells follow the kind.
@@ -108,6 +109,7 @@ COLUMNS: dict[str, str] = {
     "x_Requests": "int",
     "x_CostPer1MTokens": "price",
     "x_MeteredCost": "price",
+    "x_CostBasis": "text",
 }
 
 
@@ -280,13 +282,16 @@ class FocusRows:
                 self._owners.clear()
             owner_columns = self._owners[key] = self._columns_of_owner(charge)
         cost = plain(charge.cost_usd)
+        effective = plain(charge.effective_cost)
         quantity = plain(charge.quantity_hours)
         tokens = charge.prompt_tokens + charge.completion_tokens
         per_1m = None
         if tokens:
             with localcontext(WIDE):
                 per_1m = plain(
-                    (charge.cost_usd * _MILLION / tokens).quantize(_PER_1M_PLACES, ROUND_HALF_EVEN)
+                    (charge.effective_cost * _MILLION / tokens).quantize(
+                        _PER_1M_PLACES, ROUND_HALF_EVEN
+                    )
                 )
         details = (
             '{"Elements":[{"AllocatedRatio":'
@@ -298,8 +303,14 @@ class FocusRows:
         row = dict(self._origin_columns)
         row.update(owner_columns)
         row["AllocatedMethodDetails"] = details
-        row["BilledCost"] = row["ContractedCost"] = row["EffectiveCost"] = cost
-        row["ListCost"] = cost
+        row["ContractedCost"] = row["ListCost"] = cost
+        if charge.billed_effective is None:
+            row["BilledCost"] = row["EffectiveCost"] = cost
+            row["x_CostBasis"] = "list"
+        else:
+            row["EffectiveCost"] = effective
+            row["BilledCost"] = plain(charge.billed if charge.billed is not None else _ZERO)
+            row["x_CostBasis"] = "billed"
         row["ConsumedQuantity"] = row["PricingQuantity"] = quantity
         row["x_PromptTokens"] = charge.prompt_tokens
         row["x_CompletionTokens"] = charge.completion_tokens

@@ -61,13 +61,15 @@ def handle_report_request(
         if path == "/export/chargeback":
             fmt = check_format(query.get("format", "focus-csv"))
             period = parse_month(query.get("period", ""))
-            rows = chargeback(store, period, settings)
+            rows = chargeback(store, period, settings, basis=query.get("basis", "list"))
             body = export_bytes(rows, fmt, max_rows=MAX_HTTP_EXPORT_ROWS)
             return 200, CONTENT_TYPES[fmt], body
         if path == "/export/invoice":
             fmt = check_choice(query.get("format", "json"), FORMATS, "format")
             period = parse_month(query.get("period", ""))
-            bill = invoice(store, period, settings, query.get("by", "team"))
+            bill = invoice(
+                store, period, settings, query.get("by", "team"), basis=query.get("basis", "list")
+            )
             return 200, CONTENT_TYPES[fmt], render(bill, fmt).encode("utf-8")
         period = parse_period(query.get("from"), query.get("to"), now_ms=now)
         if path == "/report/html":

@@ -2,7 +2,7 @@
 cents that add up exactly to the rounded total.
 
 The invoice is made of the chargeback's own charges (streams.reports.focus_charges), so its
-exact total is the FOCUS file's BilledCost total to the last digit. Each line is the exact sum
+exact total is the FOCUS file's EffectiveCost total to the last digit. Each line is the exact sum
 of its charges; the total is rounded half-up to the cent; each line is rounded down and the
 missing cents go one each to the lines with the largest remainders (streams.reports.money).
 Host processes, untagged pods and idle time are lines of their own, so the lines cover all
@@ -60,7 +60,7 @@ class Invoice:
     by: str
     settings: ChargebackSettings
     lines: tuple[InvoiceLine, ...]
-    exact_total_usd: Decimal  # the FOCUS file's BilledCost total
+    exact_total_usd: Decimal  # the FOCUS file's EffectiveCost total
     total_usd: Decimal  # rounded half-up to the cent; the lines add up to it
 
     def table(self) -> Sequence[Tabular]:
@@ -83,7 +83,7 @@ class Invoice:
                 ),
                 notes=(
                     f"exact total {format(plain(self.exact_total_usd), 'f')} (the chargeback "
-                    f"file's BilledCost); lines rounded by largest remainder to add up to it",
+                    f"file's EffectiveCost); lines rounded by largest remainder to add up to it",
                 ),
             ),
         )
@@ -135,7 +135,7 @@ def build_invoice(
     sums: dict[tuple[str, str], list[Any]] = {}
     for charge in charges:
         slot = sums.setdefault(line_of(charge, by), [_ZERO, _ZERO, 0])
-        slot[0] = EXACT.add(slot[0], charge.cost_usd)
+        slot[0] = EXACT.add(slot[0], charge.effective_cost)
         slot[1] = EXACT.add(slot[1], charge.quantity_hours)
         slot[2] += 1
     keys = sorted(sums, key=lambda k: (_ORDER[k[0]], k[1]))

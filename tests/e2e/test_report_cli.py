@@ -133,7 +133,7 @@ def test_export_invoice_adds_up_to_the_chargeback_file(dsn: str, tmp_path: Path)
     assert rows and {r["HostProviderName"] for r in rows} == {"Amazon Web Services"}
     assert {r["InvoiceIssuerName"] for r in rows} == {"Internal GPU platform"}
     exact = sum(r["BilledCost"] for r in rows)
-    assert f"{len(rows):,} charges, BilledCost total {exact.normalize():f} USD" in export.stderr
+    assert f"{len(rows):,} charges, EffectiveCost total {exact.normalize():f} USD" in export.stderr
     assert not list(tmp_path.glob(".*partial"))
     bill = gpuledger(
         "export", "invoice", "--clickhouse", dsn, "--period", "2026-11", "--by", "team",

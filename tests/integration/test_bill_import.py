@@ -246,3 +246,42 @@ def test_billed_showback_adds_up_to_the_bills_gpu_effective_cost(
     billed = showback(store, period, "product", basis="billed")
     assert billed.non_gpu_usd == weights[0].non_gpu_cost > 0
     assert billed.total_usd == done.gpu_effective_cost and billed.reconciles
+
+
+def test_billed_chargeback_and_invoice_carry_the_bill_exactly(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    from streams.reports.chargeback import ExportTotals, chargeback, invoice
+    from streams.reports.focus_rules import check_rows
+    from streams.reports.params import parse_month
+
+    (done,) = import_bills(store, [write_csv(tmp_path / "b.csv", bill())], ImportOptions()).slices
+    month = parse_month("2026-11")
+    listed = list(chargeback(store, month))
+    totals = ExportTotals()
+    rows = list(chargeback(store, month, basis="billed", totals=totals))
+    assert check_rows(rows) == []
+    assert {r["x_CostBasis"] for r in rows} == {"billed"} and totals.unbilled_rows == 0
+    assert {r["x_CostBasis"] for r in listed} == {"list"}
+    effective = sum((r["EffectiveCost"] for r in rows), Decimal(0))
+    assert effective == totals.total_usd == done.gpu_effective_cost - done.unmetered_cost
+    assert sum((r["BilledCost"] for r in rows), Decimal(0)) == Decimal("31.5") * 3
+    # List amounts are the price book's either way; the parts of each origin add up to its bill.
+    assert [r["ListCost"] for r in rows] == [r["ListCost"] for r in listed]
+    by_origin: dict[tuple[Any, ...], Decimal] = {}
+    for r in rows:
+        key = (r["ChargePeriodStart"], r["ResourceId"], r["SkuPriceId"], r["ListUnitPrice"])
+        by_origin[key] = by_origin.get(key, Decimal(0)) + r["EffectiveCost"]
+    db = store.database
+    want = {
+        (iso(int(h) * 1000), d, p, price): e
+        for h, d, p, price, e in store.query_rows(
+            f"SELECT toUnixTimestamp(hour), device_uuid, pricing, price_per_hour, "
+            f"sum(effective_cost) FROM {db}.billed_cost_hourly FINAL WHERE "
+            f"{latest_versions_sql(db)} AND kind != 'unmetered' GROUP BY 1, 2, 3, 4"
+        )
+    }
+    assert sorted(by_origin.values()) == sorted(want.values())
+    bill_by_team = invoice(store, month, basis="billed")
+    assert bill_by_team.exact_total_usd == effective
+    assert sum(ln.amount_usd for ln in bill_by_team.lines) == bill_by_team.total_usd

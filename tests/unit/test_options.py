@@ -92,6 +92,9 @@ EXPECTED = {
     "GPULEDGER_MAX_CLOCK_SKEW_S": "--max-clock-skew-s",
     "GPULEDGER_UNHEALTHY_AFTER_FAILURES": "--unhealthy-after-failures",
     "GPULEDGER_SHARE_POLICY": "--share-policy",
+    "GPULEDGER_NON_GPU_RULE": "--non-gpu-rule",
+    "GPULEDGER_GPU_WEIGHTS": "--gpu-weights",
+    "GPULEDGER_GPU_INSTANCE_TYPES": "--gpu-instance-type",
     "GPULEDGER_SM_WEIGHT": "--sm-weight",
     "GPULEDGER_TEAM_LABEL": "--team-label",
     "GPULEDGER_TOKENS_INTERVAL": "--interval",
@@ -130,7 +133,8 @@ def one_line(text: str) -> str:
 def test_every_command_is_found() -> None:
     assert ["worker"] in COMMANDS and ["agent"] in COMMANDS and ["report", "html"] in COMMANDS
     assert ["export", "chargeback"] in COMMANDS and ["export", "invoice"] in COMMANDS
-    assert len(COMMANDS) == 11
+    assert ["bill", "import"] in COMMANDS and ["bill", "trueup"] in COMMANDS
+    assert len(COMMANDS) == 14
 
 
 def test_the_declared_variables_are_the_contract() -> None:
