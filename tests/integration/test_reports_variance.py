@@ -341,3 +341,25 @@ def test_a_threshold_that_is_no_percentage_is_refused(text: str) -> None:
 def test_a_threshold_is_a_decimal_percentage() -> None:
     assert parse_threshold(" 2.5 ") == Decimal("2.5")
     assert parse_threshold("0") == 0
+
+
+def test_a_mig_instance_is_a_line_of_its_own_priced_per_device_hour() -> None:
+    store = fresh_store()
+    price = (Decimal(4) * 3 / 7).quantize(Decimal("1e-15"))
+    mig = metered(0, "n1", "MIG-1", "H100", "on_demand", str(price), mig_profile="3g.40gb")
+    store.insert_rows([N1[0], mig])
+    rows = [billed(1, 0, N1[0], "usage", "4.00"), billed(1, 0, mig, "usage", "1.20")]
+    store.insert_values("billed_cost_hourly", BILLED_COLUMNS, rows)
+    finish(store, 1)
+    report = variance(store, PERIOD, price_book=BOOK)
+    assert [(line.mig_profile, line.entry_id) for line in report.lines] == [
+        ("", "contract-7/h100"),
+        ("3g.40gb", "contract-7/h100"),
+    ]
+    line = report.lines[1]
+    assert (line.book_rate, line.bill_rate) == (price, Decimal("1.2"))
+    assert line.variance == Decimal("1.20") - price
+    assert report.verdicts == (
+        "price-book entry `contract-7/h100` (H100 3g.40gb on_demand, 1.71/device-h) is 30.0 % "
+        "above the bill's 1.20/device-h",
+    )
