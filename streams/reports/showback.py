@@ -263,11 +263,6 @@ def showback(
     check_choice(by, DIMENSIONS, "--by")
     check_choice(basis, BASES, "--basis")
     check_period(period)
-    if basis == "billed" and by == "model":
-        raise ConfigError(
-            "--basis billed has no model split yet: use --by team, product, namespace or "
-            "cost_center, or --basis list"
-        )
     db = store.database
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(db, plan)
@@ -311,7 +306,7 @@ def showback(
             metered or _ZERO
         )
     if by == "model":
-        _split_by_model(store, costs, tokens, groups)
+        _split_by_model(store, costs, tokens, groups, billed=basis == "billed")
         notes.append(
             "model lines: the cost of the pods that served the model's tokens; (no model): "
             "pods that served no tokens (batch, notebooks), counted as allocated"
@@ -397,10 +392,17 @@ def _classify(kind: str, key: str) -> str:
 
 
 def _split_by_model(
-    store: ClickHouseStore, costs: str, tokens: str, groups: dict[tuple[str, str], _Acc]
+    store: ClickHouseStore,
+    costs: str,
+    tokens: str,
+    groups: dict[tuple[str, str], _Acc],
+    *,
+    billed: bool = False,
 ) -> None:
     """Usage cost goes to models by the cost-per-token rows; GPU time and SM use follow each
-    pod-hour's cost share. What no model claims is the (no model) line."""
+    pod-hour's cost share. What no model claims is the (no model) line. On the billed basis a
+    model takes the same share of its pod-hour's billed cost as of its metered cost (rounded
+    down to 1e-15: the rest stays on the (no model) line, so the total is exact)."""
     usage = groups.pop((ALLOCATED, ""), None) or _Acc()
     untagged = groups.pop((UNTAGGED_LINE, ""), None)
     if untagged is not None:
@@ -411,13 +413,20 @@ def _split_by_model(
             untagged.sm_pct_s,
             untagged.window_s,
         )
-    frac = "ifNull(toFloat64(t.cost) / nullIf(toFloat64(c.cost), 0), 0)"
+    frac = "ifNull(toFloat64(t.cost) / nullIf(toFloat64(c.metered), 0), 0)"
+    claim = (
+        "if(c.metered > 0, toDecimal128(toDecimal256(c.cost, 15) * toDecimal256(t.cost, 15) "
+        "/ toDecimal256(c.metered, 15), 15), toDecimal128(0, 15))"
+        if billed
+        else "t.cost"
+    )
     rows = query_bounded(
         store,
-        f"SELECT t.model, sum(t.cost), sum(c.secs * {frac}), sum(c.sm * {frac}), "
+        f"SELECT t.model, sum({claim}), sum(c.secs * {frac}), sum(c.sm * {frac}), "
         f"sum(c.win * {frac}), sum(c.idle * {frac}) FROM "
         f"(SELECT hour, pod_uid, sum(device_seconds) AS secs, sum(sm_pct_window_s) AS sm, "
-        f"sum(window_s) AS win, sum(cost_usd) AS cost, toFloat64(sum(idle_cost_usd)) AS idle "
+        f"sum(window_s) AS win, sum(cost_usd) AS cost, sum(metered_cost_usd) AS metered, "
+        f"toFloat64(sum(idle_cost_usd)) AS idle "
         f"FROM {costs} WHERE kind = 'usage' GROUP BY hour, pod_uid) AS c "
         f"RIGHT JOIN (SELECT hour, pod_uid, model, sum(cost_usd) AS cost FROM {tokens} "
         f"GROUP BY hour, pod_uid, model) AS t USING (hour, pod_uid) GROUP BY t.model",

@@ -285,3 +285,20 @@ def test_billed_chargeback_and_invoice_carry_the_bill_exactly(
     bill_by_team = invoice(store, month, basis="billed")
     assert bill_by_team.exact_total_usd == effective
     assert sum(ln.amount_usd for ln in bill_by_team.lines) == bill_by_team.total_usd
+
+
+def test_billed_showback_by_model_keeps_the_total_exact(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    from streams.reports.params import Period
+    from streams.reports.showback import showback
+
+    (done,) = import_bills(store, [write_csv(tmp_path / "b.csv", bill())], ImportOptions()).slices
+    period = Period(T0_MS, T0_MS + 3 * HOUR_MS)
+    listed = showback(store, period, "model")
+    billed = showback(store, period, "model", basis="billed")
+    assert billed.reconciles and billed.total_usd == done.gpu_effective_cost
+    models = {ln.key for ln in listed.lines if ln.line_kind == "allocated"}
+    assert models == {ln.key for ln in billed.lines if ln.line_kind == "allocated"}
+    # A model's billed cost is its metered cost at its pods' billed/metered rate: positive.
+    assert all(ln.cost_usd > 0 for ln in billed.lines if ln.key in models)
