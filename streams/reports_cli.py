@@ -468,6 +468,11 @@ def _locked_line(args: argparse.Namespace) -> str:
             f"{where}; stop it, or read from the ClickHouse server it writes to "
             f"(--clickhouse http://...)"
         )
+    if getattr(args, "bill", None):  # a bill is written into the folder: no URL can do that
+        return (
+            f"{where} (pid {pid}); stop it to import or true up a bill, or point both at a "
+            "ClickHouse server (--clickhouse http://...)"
+        )
     if not owner.get("url"):  # it serves no reads (its reports listener is off)
         return f"{where} (pid {pid}), which serves no reports; stop it to read the folder"
     url = str(owner["url"]).rstrip("/")

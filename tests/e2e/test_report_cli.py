@@ -195,6 +195,15 @@ def test_held_folder_names_the_owner_url(tmp_path: Path) -> None:
         export = gpuledger("export", "chargeback", "--clickhouse", dsn, "--period", "2026-11")
         assert export.returncode == 3
         assert "/export/chargeback?period=2026-11&format=focus-csv" in export.stderr
+        billed = gpuledger(
+            "export", "invoice", "--clickhouse", dsn, "--period", "2026-11", "--basis", "billed"
+        )
+        assert "/export/invoice?period=2026-11&by=team&format=table&basis=billed" in billed.stderr
+        bill_file = tmp_path / "bill.csv"
+        bill_file.write_text("BilledCost\n1\n", encoding="utf-8")
+        imported = gpuledger("bill", "import", str(bill_file), "--clickhouse", dsn)
+        assert imported.returncode == 3 and imported.stderr.count("\n") == 1
+        assert "stop it to import or true up a bill" in imported.stderr
     finally:
         holder.kill()
         holder.wait()
