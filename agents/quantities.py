@@ -1,6 +1,6 @@
 """Kubernetes resource quantities ("96", "95500m", "1056Gi", "500M", "1e3") read exactly, as
 `resource.Quantity` does: a signed decimal number, then a binary-SI suffix (Ki..Ei), a
-decimal-SI suffix (m, k, M..E) or a decimal exponent (e3, E-2). Anything else is refused with
+decimal-SI suffix (n, u, m, k, M..E) or a decimal exponent (e3, E-2). Anything else is refused with
 ValueError, never guessed at."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from fractions import Fraction
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {
+    "n": Fraction(1, 10**9),
+    "u": Fraction(1, 10**6),
     "m": Fraction(1, 1000),
     "": Fraction(1),
     "k": Fraction(10**3),
@@ -22,7 +24,7 @@ _DECIMAL = {
 }
 _QUANTITY = re.compile(
     r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
-    r"(?:(?P<binary>[KMGTPE]i)|[eE](?P<exponent>[+-]?[0-9]+)|(?P<decimal>[mkMGTPE]?))"
+    r"(?:(?P<binary>[KMGTPE]i)|[eE](?P<exponent>[+-]?[0-9]+)|(?P<decimal>[numkMGTPE]?))"
 )
 # Kubernetes keeps quantities within about 2^63 nano-units; these bounds refuse input that would
 # make exact arithmetic slow (an exponent of a billion) long before it could matter.

@@ -33,6 +33,8 @@ GI = 2**30
         ("12e-1", Fraction(6, 5)),
         ("2147483648Ki", 2 * 2**40),
         ("0", 0),
+        ("250u", Fraction(1, 4000)),
+        ("100n", Fraction(1, 10**7)),
     ],
 )
 def test_quantities_are_read_exactly(text: str, value: Fraction | int) -> None:
