@@ -48,6 +48,7 @@ from streams.reports.render import Report, render
 from streams.reports.showback import BASES, showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
+from streams.reports.variance import parse_threshold, variance
 from streams.store import (
     OWNER_FILE,
     ClickHouseStore,
@@ -69,6 +70,7 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
         ("showback", "cost by team, product, model, namespace or cost centre"),
         ("tags", "tag compliance: untagged cost and who is responsible"),
         ("unit-economics", "cost per 1M tokens and per request, usage vs allocation basis"),
+        ("variance", "price book vs the provider's bill, per GPU model, class and entry"),
         ("html", "a self-contained HTML report with charts"),
     ):
         p = kinds.add_parser(name, help=help_text)
@@ -99,6 +101,14 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
                     "provider's bill, from `gpuledger bill import`, split over the metered rows"
                 ),
             )
+        if name == "variance":
+            p.add_argument(
+                "--threshold",
+                default="5",
+                metavar="PCT",
+                help="name the price-book entries off the bill by more than this (default 5 %%)",
+            )
+            add_price_book_option(p, env)
         if name == "html":
             p.add_argument("--output", "-o", default="gpuledger-report.html", metavar="FILE")
         else:
@@ -293,6 +303,14 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
             report = showback(store, period, args.by, use_rollups=use_rollups, basis=args.basis)
         elif name == "tags":
             report = tag_compliance(store, period, use_rollups=use_rollups)
+        elif name == "variance":
+            report = variance(
+                store,
+                period,
+                price_book=load_price_book(args.price_book),
+                threshold_pct=parse_threshold(args.threshold),
+                use_rollups=use_rollups,
+            )
         else:
             report = unit_economics(store, period, use_rollups=use_rollups)
         _write(render(report, fmt).encode("utf-8"), args.output)
@@ -495,6 +513,8 @@ def _http_path(args: argparse.Namespace) -> str:
     for key, value in (("from", args.start), ("to", args.end)):
         if value:
             query[key] = value
+    if name == "variance":
+        query["threshold"] = args.threshold
     if name == "showback":
         query["by"] = args.by
         if args.basis != "list":

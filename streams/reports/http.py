@@ -29,6 +29,7 @@ from streams.reports.render import Report, render
 from streams.reports.showback import showback
 from streams.reports.tags import tag_compliance
 from streams.reports.unit_economics import unit_economics
+from streams.reports.variance import parse_threshold, variance
 from streams.store import ClickHouseStore
 
 TEXT = "text/plain; charset=utf-8"
@@ -42,6 +43,7 @@ REPORT_PATHS = (
     "/report/showback",
     "/report/tags",
     "/report/unit-economics",
+    "/report/variance",
     "/report/html",
     "/export/chargeback",
     "/export/invoice",
@@ -84,6 +86,9 @@ def handle_report_request(
             report = tag_compliance(store, period)
         elif path == "/report/unit-economics":
             report = unit_economics(store, period)
+        elif path == "/report/variance":
+            threshold = parse_threshold(query.get("threshold", "5"))
+            report = variance(store, period, price_book=None, threshold_pct=threshold)
         else:
             return 404, TEXT, f"no report at {path}; try {', '.join(REPORT_PATHS)}\n".encode()
         return 200, CONTENT_TYPES[fmt], render(report, fmt).encode("utf-8")

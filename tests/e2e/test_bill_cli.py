@@ -81,6 +81,13 @@ def test_import_once_then_unchanged_then_restated(folder: tuple[str, Path]) -> N
     assert totals["reconciles"] is True
     table = gpuledger("report", "showback", "--clickhouse", dsn, *SPAN, "--basis", "billed")
     assert "(unmetered GPU spend)" in table.stdout and "36.75" in table.stdout
+    variance = gpuledger("report", "variance", "--clickhouse", dsn, *SPAN, "--format", "json")
+    assert variance.returncode == 0, variance.stderr
+    assert json.loads(variance.stdout)["lines"]
+    table = gpuledger("report", "variance", "--clickhouse", dsn, *SPAN)
+    assert "price-book entry" in table.stdout, table.stdout
+    refused = gpuledger("report", "variance", "--clickhouse", dsn, *SPAN, "--threshold", "-1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     restated = gpuledger(
         "bill", "import", str(files / "restated.csv"), "--clickhouse", dsn, "--format", "json"
     )

@@ -212,7 +212,8 @@ def test_a_meter_correction_is_picked_up_by_retrue_up(
     teams = {
         r[0]
         for r in store.query_rows(
-            f"SELECT DISTINCT team FROM {db}.billed_cost_hourly FINAL WHERE {latest_versions_sql(db)}"
+            f"SELECT DISTINCT team FROM {db}.billed_cost_hourly FINAL "
+            f"WHERE {latest_versions_sql(db)}"
         )
     }
     assert "sandbox-team" in teams

@@ -134,7 +134,8 @@ def test_every_command_is_found() -> None:
     assert ["worker"] in COMMANDS and ["agent"] in COMMANDS and ["report", "html"] in COMMANDS
     assert ["export", "chargeback"] in COMMANDS and ["export", "invoice"] in COMMANDS
     assert ["bill", "import"] in COMMANDS and ["bill", "trueup"] in COMMANDS
-    assert len(COMMANDS) == 14
+    assert ["report", "variance"] in COMMANDS
+    assert len(COMMANDS) == 15
 
 
 def test_the_declared_variables_are_the_contract() -> None:
