@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from focus_validator import GPULEDGER_CRITERIA, run_validator
 
+from agents.demo_nodes import demo_nodes
 from streams.reports.focus_files import read_rows
 from streams.reports.focus_rules import check_rows
 
@@ -52,6 +53,9 @@ print(json.dumps({
     "models_with_tokens": one(
         f"SELECT uniqExact(model) FROM {db}.token_windows FINAL "
         "WHERE prompt_tokens + completion_tokens > 0"),
+    "node_events": [list(r) for r in store.query_rows(
+        f"SELECT node, provider_id, instance_type, gpus, cpu_millicores, memory_bytes, deleted "
+        f"FROM {db}.node_events FINAL ORDER BY node, time")],
 }))
 """
 
@@ -140,6 +144,11 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
     assert facts["untagged_namespaces"] >= 1
     assert facts["host_rows"] > 0 and facts["idle_rows"] > 0 and facts["idle_gap_rows"] > 0
     assert facts["models_with_tokens"] >= 3
+    # The simulated cluster's nodes, through the pod watcher and the worker, one row each.
+    assert facts["node_events"] == [
+        [n.name, n.provider_id, n.instance_type, n.gpus, n.cpu_millicores, n.memory_bytes, 0]
+        for n in demo_nodes()
+    ]
     assert_self_contained_report(tmp_path / "report.html")
     assert time.monotonic() - started < 120
     assert_month_exports(out, tmp_path)
@@ -155,6 +164,7 @@ def printed_command(stdout: str, prefix: str) -> list[str]:
 def assert_month_exports(stdout: str, tmp: Path) -> None:
     """The chargeback and invoice commands the demo prints work on its folder: the FOCUS file
     passes the FOCUS validator and the 1.3 rules, and the invoice adds up to it."""
+
     def run(command: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             command, capture_output=True, text=True, cwd=tmp, env=clean_env(), timeout=120
