@@ -271,7 +271,7 @@ def test_pod_watcher_rbac_is_part_of_the_base() -> None:
     ]
     assert bound, "no ClusterRoleBinding for the gpuledger-pods ServiceAccount"
     rules = [r for b in bound for r in by_kind(docs, "ClusterRole")[b["roleRef"]["name"]]["rules"]]
-    for resource in ("pods", "namespaces"):
+    for resource in ("pods", "namespaces", "nodes"):  # nodes: their providerID and capacity
         verbs = {v for r in rules if resource in r["resources"] for v in r["verbs"]}
         assert {"list", "watch"} <= verbs <= {"get", "list", "watch"}, resource
 

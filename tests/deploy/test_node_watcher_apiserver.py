@@ -1,10 +1,12 @@
 """The pod watcher's nodes against a real kube-apiserver, as its own ServiceAccount under the
 RBAC exactly as shipped: nodes created, patched (labels, status capacity, providerID) and
 deleted by the admin give the right node events; the account reads nodes and may change none;
-and an account whose role lacks nodes gets one error line while its pods keep coming."""
+an account whose role lacks nodes gets one error line while its pods keep coming; and
+`gpuledger pods` publishes node events to the real Kafka broker (none with `--no-nodes`)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 from collections.abc import Callable
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from kube_apiserver import KubeApi, KubeApiServer
 from kube_manifests import unique
 from prometheus_client import CollectorRegistry
@@ -22,11 +25,13 @@ from test_pod_watcher_apiserver import (  # noqa: F401 - fixtures
     watcher_kubeconfig,
 )
 
+from agents import pods_cli
 from agents.kube_client import KubeClient, kubeconfig_settings
 from agents.metrics import PodsMetrics
 from agents.node_state import NodeEmission, NodeState
 from agents.pod_state import PodEmission, PodState
 from agents.pod_watcher import PodWatcher
+from schemas.events import NODE_TYPE, NODES_TOPIC, Ok, decode_event
 
 GIB = 2**30
 MERGE = "application/merge-patch+json"
@@ -272,3 +277,75 @@ async def test_an_account_refused_nodes_logs_one_line_and_keeps_watching_pods(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "403" in errors[0] and "--no-nodes" in errors[0], errors
     assert "\n" not in errors[0]
+
+
+# --- `gpuledger pods` end to end: real API server, real Kafka -------------------------------
+
+
+async def _node_records(bootstrap: str, cluster: str, want: int) -> list[tuple[bytes, Any]]:
+    consumer = AIOKafkaConsumer(
+        NODES_TOPIC,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        group_id=unique("test"),
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    found: list[tuple[bytes, Any]] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(found) < want and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    decoded = decode_event(record.value)
+                    assert isinstance(decoded, Ok), decoded
+                    if decoded.event.data.cluster == cluster:
+                        found.append((record.key, decoded.event))
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def test_gpuledger_pods_publishes_node_events_to_kafka(
+    kube_apiserver: KubeApiServer,
+    watcher_kubeconfig: Path,  # noqa: F811
+    kafka_bootstrap: str,
+) -> None:
+    admin = kube_apiserver.api
+    cluster = unique("c")
+    name = unique("gpu-node")
+    doc = node_doc(
+        name,
+        "gce://gpu-project/us-central1-a/" + name,
+        {"node.kubernetes.io/instance-type": "a3-highgpu-8g"},
+        cpu="208",
+        memory="1872Gi",
+        **{"nvidia.com/gpu": "8"},
+    )
+    assert admin.create(doc).status == 201
+    parser = argparse.ArgumentParser()
+    pods_cli.register(parser.add_subparsers(), {})
+    argv = ["pods", "--duration", "6", "--metrics-port", "0", "--kafka", kafka_bootstrap]
+    argv += ["--cluster", cluster, "--kubeconfig", str(watcher_kubeconfig)]
+    run = asyncio.create_task(pods_cli.run_pods(pods_cli.pods_config_from(parser.parse_args(argv))))
+    await asyncio.sleep(3)
+    assert admin.delete(doc).status == 200
+    assert await asyncio.wait_for(run, 30) == 0
+    records = [
+        (k, e) for k, e in await _node_records(kafka_bootstrap, cluster, 2) if e.data.node == name
+    ]
+    assert [k for k, _ in records] == [f"{cluster}/{name}".encode()] * 2
+    assert [(e.data.deleted, e.data.gpus, e.data.memory_bytes) for _, e in records] == [
+        (False, 8, 1872 * GIB),
+        (True, 8, 1872 * GIB),
+    ]
+    assert records[0][1].data.provider_id == f"gce://gpu-project/us-central1-a/{name}"
+    assert records[0][1].type == NODE_TYPE and records[0][1].source == f"gpuledger/pods/{cluster}"
+
+    # --no-nodes: the same cluster, no node event at all.
+    quiet = unique("c")
+    argv[argv.index(cluster)] = quiet
+    args = parser.parse_args([*argv, "--no-nodes"])
+    assert pods_cli.pods_config_from(args).nodes is False
+    assert await asyncio.wait_for(pods_cli.run_pods(pods_cli.pods_config_from(args)), 30) == 0
+    assert await _node_records(kafka_bootstrap, quiet, 1) == []
