@@ -13,6 +13,10 @@ from typing import Any, Literal
 
 Provider = Literal["aws", "azure", "gcp"]
 Pricing = Literal["on_demand", "savings_plan", "reserved", "spot"]
+# How a bill writes an instance's ResourceId: "name" the provider's default (AWS the instance
+# id, Azure the ARM id, GCP the full name ending in the instance name); "arn" AWS's EC2 ARN;
+# "numeric_id" GCP's full name ending in the numeric instance id (the name is ResourceName).
+ResourceIdForm = Literal["name", "arn", "numeric_id"]
 Row = dict[str, Any]
 _PLACES = Decimal("1e-10")
 
@@ -90,11 +94,19 @@ class Instance:
     def region_name(self) -> str:
         return _REGION_NAMES.get(self.region, self.region)
 
-    def billed_resource_id(self, aws_form: str = "instance_id") -> str:
+    def billed_resource_id(self, form: ResourceIdForm = "name") -> str:
         """The ResourceId of the instance's usage lines: AWS the instance id or its EC2 ARN;
-        Azure the ARM id in lower case, a scale set's for its instances; GCP the full name."""
+        Azure the ARM id in lower case, a scale set's for its instances; GCP the full name
+        with the instance's name or numeric id."""
+        if (
+            form
+            not in {"aws": ("name", "arn"), "azure": ("name",), "gcp": ("name", "numeric_id")}[
+                self.provider
+            ]
+        ):
+            raise ValueError(f"no ResourceId form {form!r} for {self.provider}")
         if self.provider == "aws":
-            if aws_form == "arn":
+            if form == "arn":
                 return f"arn:aws:ec2:{self.region}:{self.sub_account_id}:instance/{self.name}"
             return self.name
         if self.provider == "azure":
@@ -104,6 +116,9 @@ class Instance:
                     f"{base}/providers/microsoft.compute/virtualmachinescalesets/{self.scale_set}"
                 )
             return f"{base}/providers/microsoft.compute/virtualmachines/{self.name}"
+        if form == "numeric_id":
+            number = int(_digest("gce-id", self.sub_account_id, self.zone, self.name)[:15], 16)
+            return f"{self.gce_zone_path}/instances/{number % 10**19:019d}"
         return f"{self.gce_zone_path}/instances/{self.name}"
 
     @property
@@ -260,13 +275,13 @@ class Instance:
             "x_SkuDescription": f"Balanced PD Capacity in {self.region_name}",
         }
 
-    def transfer(self, seed: int) -> Row:
+    def transfer(self, seed: int, form: ResourceIdForm = "name") -> Row:
         """Data transfer out of the instance: charged to the instance's own ResourceId, as the
         providers do, but not an instance-hour."""
         net = {
             "ServiceCategory": "Networking",
             "ServiceSubcategory": "Network Connectivity",
-            "ResourceId": self.billed_resource_id(),
+            "ResourceId": self.billed_resource_id(form),
             "ResourceName": self.billed_resource_name,
             "ResourceType": self.resource_type,
             "ChargeDescription": "Data transfer out to the internet",

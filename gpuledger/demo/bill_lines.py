@@ -12,7 +12,13 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from gpuledger.demo.bill_columns import provider_identity
-from gpuledger.demo.bill_instances import BillNode, Instance, Provider, commitment_identity
+from gpuledger.demo.bill_instances import (
+    BillNode,
+    Instance,
+    Provider,
+    ResourceIdForm,
+    commitment_identity,
+)
 
 FocusVersion = Literal["1.0", "1.2", "1.3"]
 Granularity = Literal["hourly", "daily"]
@@ -39,7 +45,7 @@ def usage_groups(
     nodes: Sequence[BillNode],
     hours: Sequence[int],
     granularity: Granularity,
-    aws_resource_id: str,
+    form: ResourceIdForm,
     seed: int,
 ) -> list[tuple[str, BillNode, int, Decimal, Decimal, int]]:
     """(billed ResourceId, first node, charge start, hours, unit price, instance count): nodes
@@ -47,7 +53,7 @@ def usage_groups(
     unit price in daily granularity."""
     sums: dict[tuple[str, int, Decimal], tuple[BillNode, Decimal, set[str]]] = {}
     for node in nodes:
-        resource_id = node.instance.billed_resource_id(aws_resource_id)
+        resource_id = node.instance.billed_resource_id(form)
         for hour in hours:
             price = (
                 spot_price_per_hour(node, hour, seed)
@@ -69,14 +75,23 @@ def usage_groups(
 
 
 class LineBuilder:
+    """Builds one bill's lines: its provider, FOCUS version, billing account and seed."""
+
     def __init__(
-        self, provider: Provider, version: FocusVersion, account: str, seed: int, span_hours: int
+        self,
+        provider: Provider,
+        version: FocusVersion,
+        account: str,
+        seed: int,
+        span_hours: int,
+        form: ResourceIdForm,
     ) -> None:
         self.provider = provider
         self.version = version
         self.account = account
         self.seed = seed
         self.span = Decimal(span_hours)  # a usage line's charge period
+        self.form = form
 
     def base(self, instance: Instance, start_ms: int, hours: Decimal) -> Row:
         start = _utc(start_ms)
@@ -291,7 +306,7 @@ class LineBuilder:
                     ConsumedQuantity=gb,
                     ConsumedUnit="GB",
                     SkuMeter="Data Transfer",
-                    **inst.transfer(self.seed),
+                    **inst.transfer(self.seed, self.form),
                 )
                 rows.append(egress)
         first = nodes[0].instance if nodes else None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gpuledger.demo.bill_columns import AMOUNT_COLUMNS, columns, x_columns
-from gpuledger.demo.bill_instances import BillNode, Pricing, Provider
+from gpuledger.demo.bill_instances import BillNode, Pricing, Provider, ResourceIdForm
 from gpuledger.demo.bill_lines import (
     HOUR_MS,
     FocusVersion,
@@ -32,6 +32,7 @@ __all__ = [
     "Granularity",
     "Pricing",
     "Provider",
+    "ResourceIdForm",
     "bill_rows",
     "demo_bill",
     "demo_bill_nodes",
@@ -58,7 +59,7 @@ def bill_rows(
     unmetered: Sequence[BillNode] = (),
     extras: bool = True,
     granularity: Granularity = "hourly",
-    aws_resource_id: Literal["instance_id", "arn"] = "instance_id",
+    resource_id_form: ResourceIdForm = "name",
     provider_columns: bool = True,
     seed: int = 0,
 ) -> list[Row]:
@@ -67,7 +68,8 @@ def bill_rows(
     `hour_starts_ms` (whole UTC hours): one usage line per billed resource per hour (per day
     with `granularity="daily"`, grouped by unit price), the commitments' recurring purchase
     lines, and with `extras` disks, data transfer, a daily tax line and a monthly credit.
-    `provider_columns` adds the provider's x_ columns to the FOCUS version's columns."""
+    `provider_columns` adds the provider's x_ columns to the FOCUS version's columns;
+    `resource_id_form` picks AWS's ARN or GCP's numeric instance id (ResourceIdForm)."""
     hours = sorted(set(hour_starts_ms))
     if any(h % HOUR_MS for h in hours):
         raise ValueError("hour_starts_ms must be whole UTC hours")
@@ -75,13 +77,14 @@ def bill_rows(
     for node in everything:
         if node.provider != provider:
             raise ValueError(f"{node.provider_id} is not a {provider} instance")
+        node.instance.billed_resource_id(resource_id_form)  # ValueError for another provider's
     account = billing_account_id or DEFAULT_BILLING_ACCOUNTS[provider]
     span_hours = 1 if granularity == "hourly" else 24
-    builder = LineBuilder(provider, focus_version, account, seed, span_hours)
+    builder = LineBuilder(provider, focus_version, account, seed, span_hours, resource_id_form)
     rows: list[Row] = []
     fees: dict[tuple[str, int], tuple[BillNode, Decimal, Decimal]] = {}
     for resource_id, node, start_ms, hours_n, unit_price, count in usage_groups(
-        everything, hours, granularity, aws_resource_id, seed
+        everything, hours, granularity, resource_id_form, seed
     ):
         rows.append(builder.usage(node, resource_id, start_ms, hours_n, unit_price, count))
         if node.pricing in ("savings_plan", "reserved"):

@@ -187,7 +187,7 @@ def test_billing_periods_are_calendar_months() -> None:
 def test_each_provider_names_the_instance_as_its_export_does() -> None:
     aws = bill_rows("aws", "1.2", [H100], HOURS[:1], extras=False)
     assert aws[0]["ResourceId"] == "i-29e4e063cd05dc998" and aws[0]["ResourceName"] is None
-    arn = bill_rows("aws", "1.2", [H100], HOURS[:1], extras=False, aws_resource_id="arn")
+    arn = bill_rows("aws", "1.2", [H100], HOURS[:1], extras=False, resource_id_form="arn")
     assert arn[0]["ResourceId"] == "arn:aws:ec2:us-east-1:210987654321:instance/i-29e4e063cd05dc998"
     assert '"InstanceType":"p5.48xlarge"' in str(aws[0]["SkuPriceDetails"])
     assert aws[0]["x_UsageType"] == "USE1-BoxUsage:p5.48xlarge"
@@ -216,6 +216,15 @@ def test_each_provider_names_the_instance_as_its_export_does() -> None:
     )
     assert gcp[0]["ResourceName"] == "gke-h100-x1" and gcp[0]["RegionId"] == "us-central1"
     assert gcp[0]["SubAccountId"] == "demo-proj"
+    numeric = bill_rows("gcp", "1.2", [GCE], HOURS[:1], resource_id_form="numeric_id")
+    number = str(numeric[0]["ResourceId"]).rsplit("/", 1)[-1]
+    assert number.isdigit() and len(number) == 19
+    assert numeric[0]["ResourceName"] == "gke-h100-x1"
+    assert {r["ResourceId"] for r in numeric if r["SkuMeter"] == "Data Transfer"} == {
+        numeric[0]["ResourceId"]
+    }
+    with pytest.raises(ValueError, match="no ResourceId form 'arn' for gcp"):
+        bill_rows("gcp", "1.2", [GCE], HOURS[:1], resource_id_form="arn")
 
 
 def test_extras_are_other_resources_a_tax_without_resource_and_a_negative_credit() -> None:
