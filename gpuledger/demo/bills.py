@@ -104,23 +104,79 @@ def restate(
 ) -> list[Row]:
     """The month re-issued with a late correction: the GPU usage lines charged in the given
     hours keep `usage_fraction` of their quantities and amounts (the instance ran that share of
-    the hour); every other line is unchanged. The result is the whole month, as providers
-    re-issue it."""
+    the hour); a commitment's fee stays, so the share it no longer covers follows the line as
+    unused commitment (CommitmentDiscountStatus Unused, at the commitment's ResourceId). Every
+    other line is unchanged; the result is the whole month, as providers re-issue it."""
     changed = {_utc(ms) for ms in changed_hour_starts_ms}
     out: list[Row] = []
     for row in rows:
-        row = dict(row)
-        if (
+        if not (
             row.get("ChargeCategory") == "Usage"
             and row.get("ChargePeriodStart") in changed
             and row.get("SkuMeter") == "Compute"
         ):
-            for name in AMOUNT_COLUMNS:
-                value = row.get(name)
-                if isinstance(value, Decimal) and not name.endswith("UnitPrice"):
-                    row[name] = (value * usage_fraction).quantize(_PLACES)
-        out.append(row)
+            out.append(dict(row))
+            continue
+        new = dict(row)
+        for name in AMOUNT_COLUMNS:
+            value = row.get(name)
+            if isinstance(value, Decimal) and not name.endswith("UnitPrice"):
+                new[name] = (value * usage_fraction).quantize(_PLACES)
+        out.append(new)
+        if row.get("CommitmentDiscountStatus") == "Used":
+            hours = row["PricingQuantity"] - new["PricingQuantity"]
+            out.append(_unused(row, row["EffectiveCost"] - new["EffectiveCost"], hours))
     return out
+
+
+def _unused(row: Row, amount: Decimal, hours: Decimal) -> Row:
+    """The commitment left unused when `row`'s covered usage shrank by `amount` (USD) and
+    `hours`: a spend commitment counts it in USD, a usage commitment in hours."""
+    spend = row.get("CommitmentDiscountCategory") == "Spend"
+    unused: Row = dict.fromkeys(row)
+    keep = (
+        *(n for n in row if n.endswith(("Name", "Id", "Type", "Currency", "Tags"))),
+        "BillingPeriodStart",
+        "BillingPeriodEnd",
+        "ChargePeriodStart",
+        "ChargePeriodEnd",
+        "ServiceCategory",
+        "ServiceSubcategory",
+        "RegionId",
+        "RegionName",
+        "AvailabilityZone",
+        "CommitmentDiscountCategory",
+    )
+    unused.update({name: row[name] for name in keep if name in row})
+    unused.update(
+        ChargeCategory="Usage",
+        ChargeFrequency="Usage-Based",
+        ChargeDescription=f"{row['CommitmentDiscountName']} unused commitment",
+        CommitmentDiscountStatus="Unused",
+        PricingCategory="Committed",
+        ResourceId=row["CommitmentDiscountId"],
+        ResourceName=str(row["CommitmentDiscountId"]).rsplit("/", 1)[-1],
+        ResourceType=row["CommitmentDiscountType"],
+        SkuMeter="Commitment",
+        BilledCost=Decimal(0),
+        EffectiveCost=amount,
+        ListCost=amount,
+        ContractedCost=amount,
+        ListUnitPrice=Decimal(1),
+        ContractedUnitPrice=Decimal(1),
+        PricingQuantity=amount,
+        PricingUnit="USD",
+    )
+    for name, value in (
+        ("PricingCurrencyListUnitPrice", Decimal(1)),
+        ("PricingCurrencyContractedUnitPrice", Decimal(1)),
+        ("PricingCurrencyEffectiveCost", amount),
+        ("CommitmentDiscountQuantity", amount if spend else hours),
+        ("CommitmentDiscountUnit", "USD" if spend else "Hours"),
+    ):
+        if name in row:
+            unused[name] = value
+    return unused
 
 
 def write_bill(path: str | Path, rows: Sequence[Row], fmt: Literal["csv", "parquet"]) -> None:

@@ -253,17 +253,49 @@ def test_daily_granularity_has_one_line_per_node_and_day_at_the_price_times_hour
 def test_restate_changes_only_the_corrected_hours_gpu_usage() -> None:
     rows = bill_rows("aws", "1.2", NODES, HOURS, seed=1)
     again = restate(rows, HOURS[3:5], Decimal("0.5"))
-    changed = [(a, b) for a, b in zip(rows, again, strict=True) if a != b]
-    assert len(changed) == 2 * len(NODES)
-    for old, new in changed:
-        assert old["ChargePeriodStart"] in {
-            datetime.fromtimestamp(h / 1000, UTC) for h in HOURS[3:5]
-        }
-        assert new["EffectiveCost"] == old["EffectiveCost"] * Decimal("0.5")  # type: ignore[operator]
-        assert (
-            new["PricingQuantity"] == Decimal("0.5")
-            and new["ListUnitPrice"] == old["ListUnitPrice"]
+    hours = {datetime.fromtimestamp(h / 1000, UTC) for h in HOURS[3:5]}
+    changed = [(a, b) for a, b in zip(rows, again, strict=False) if a != b]
+    assert len(changed) >= 1 and len(again) == len(rows) + 2 * 2  # two committed nodes
+    corrected = [r for r in again if r not in rows]
+    usage = [r for r in corrected if r["CommitmentDiscountStatus"] != "Unused"]
+    assert len(usage) == 2 * len(NODES)
+    for new in usage:
+        old = next(
+            r
+            for r in rows
+            if r["ResourceId"] == new["ResourceId"]
+            and r["ChargePeriodStart"] == new["ChargePeriodStart"]
+            and r["SkuMeter"] == "Compute"
         )
+        assert old["ChargePeriodStart"] in hours
+        assert new["EffectiveCost"] == old["EffectiveCost"] * Decimal("0.5")  # type: ignore[operator]
+        assert new["PricingQuantity"] == Decimal("0.5")
+        assert new["ListUnitPrice"] == old["ListUnitPrice"]
+    # The commitments' fees stay; what they no longer cover is unused commitment.
+    unused = [r for r in again if r["CommitmentDiscountStatus"] == "Unused"]
+    assert len(unused) == 4 and all(r["BilledCost"] == 0 for r in unused)
+    for commitment in {r["CommitmentDiscountId"] for r in unused}:
+        fees = sum(
+            (
+                r["BilledCost"]
+                for r in again
+                if r["ChargeCategory"] == "Purchase" and r["ResourceId"] == commitment
+            ),
+            Decimal(0),
+        )
+        covered = sum(
+            (
+                r["EffectiveCost"]
+                for r in again
+                if r["ChargeCategory"] == "Usage" and r["CommitmentDiscountId"] == commitment
+            ),
+            Decimal(0),
+        )
+        assert fees == covered
+    assert {(r["CommitmentDiscountCategory"], r["CommitmentDiscountUnit"]) for r in unused} == {
+        ("Spend", "USD"),
+        ("Usage", "Hours"),
+    }
 
 
 def test_write_bill_csv_and_parquet_as_the_provider_types_them(tmp_path: Path) -> None:
