@@ -20,6 +20,7 @@ Any other id is its own key, unchanged.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -46,6 +47,7 @@ DEFAULT_GPU_INSTANCE_PATTERNS = (
 _TOKEN = re.compile(r"[A-Za-z0-9._-]+")
 
 
+@functools.lru_cache(maxsize=65_536)
 def node_keys(provider_id: str) -> tuple[str, ...]:
     """A node's match keys, the most specific first; () when it has no providerID."""
     pid = provider_id.strip()

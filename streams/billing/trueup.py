@@ -184,6 +184,7 @@ class _Nodes:
     """Node identities by (cluster, node) in time order, and which nodes ever had a key."""
 
     history: dict[tuple[str, str], list[NodeIdentity]] = field(default_factory=dict)
+    since: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     by_key: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
 
     @classmethod
@@ -192,6 +193,7 @@ class _Nodes:
         ordered = sorted(identities, key=lambda n: (n.cluster, n.node, n.since_ms, n.provider_id))
         for ident in ordered:
             nodes.history.setdefault((ident.cluster, ident.node), []).append(ident)
+            nodes.since.setdefault((ident.cluster, ident.node), []).append(ident.since_ms)
             for key in node_keys(ident.provider_id):
                 nodes.by_key.setdefault(key, set()).add((ident.cluster, ident.node))
         return nodes
@@ -199,7 +201,9 @@ class _Nodes:
     def at(self, node: tuple[str, str], time_ms: int) -> NodeIdentity:
         """The identity in force at `time_ms`: the latest from before it, else the earliest."""
         history = self.history[node]
-        at = bisect.bisect_right([i.since_ms for i in history], time_ms) - 1
+        if len(history) == 1:
+            return history[0]
+        at = bisect.bisect_right(self.since[node], time_ms) - 1
         return history[max(at, 0)]
 
 
@@ -309,11 +313,12 @@ class _Key(NamedTuple):
     currency: str
 
     def order(self) -> tuple[object, ...]:
+        # Each position of dims holds one type (text, or the price as a Decimal): comparable.
         return (
             self.hour_ms,
             self.resource_key,
             self.kind,
-            tuple(str(d) for d in self.dims),
+            self.dims,
             self.instance_type,
             self.currency,
         )
@@ -360,7 +365,7 @@ def _row_order(row: MeteredRow) -> tuple[object, ...]:
         row.node,
         row.hour_ms,
         row.kind,
-        tuple(str(d) for d in row.dims()),
+        row.dims(),
         row.cost_usd,
         row.device_seconds,
     )
