@@ -26,10 +26,11 @@ from runtime.errors import ConfigError
 from streams.billing import ledger
 from streams.billing.files import file_rows
 from streams.billing.lines import BillLine, BillRowError, decode_line
-from streams.billing.resources import GpuInstanceTypes
+from streams.billing.resources import GpuInstanceTypes, node_keys
 from streams.billing.slices import KIND_NON_GPU, KIND_UNMETERED, slice_id
 from streams.billing.trueup import (
     Charge,
+    NodeIdentity,
     NonGpuRule,
     TrueupRow,
     affected_hours,
@@ -196,15 +197,18 @@ def _import_slice(
     version = ledger.highest_version(store, key) + 1
     lines = sorted(lines, key=lambda sl: sl[1].canonical())
     ledger.write_lines(store, key, version, lines)
+    identities = ledger.read_identities(store)
+    new_charges = gpu_charges(new_charges, identities)
     if latest is None:
         hours = {h for c in new_charges for h in _charge_hours(c)}
         scope = new_charges
     else:
-        old_charges = charges(ledger.read_charge_lines(store, key, latest.version))
+        old_lines = ledger.read_charge_lines(store, key, latest.version)
+        old_charges = gpu_charges(charges(old_lines), identities)
         hours = affected_hours(old_charges, new_charges)
         scope = [c for c in new_charges if in_hours(c, hours)]
         ledger.copy_trueup(store, key, latest.version, version, hours)
-    rows = compute(store, scope, options.rule)
+    rows = compute(store, scope, options.rule, identities)
     ledger.write_trueup(store, key, version, rows)
     first = bill[0]
     finished = ledger.SliceVersion(
@@ -225,11 +229,24 @@ def _import_slice(
     return _summary(store, finished, "new" if latest is None else "restated", len(hours))
 
 
-def compute(store: ClickHouseStore, scope: Sequence[Charge], rule: NonGpuRule) -> list[TrueupRow]:
+def gpu_charges(all_charges: Sequence[Charge], identities: Sequence[NodeIdentity]) -> list[Charge]:
+    """The charges the true-up allocates: those of a known node or a GPU instance. A change
+    in any other (storage, network, a commitment's fee) recomputes no hour."""
+    known = {k for i in identities for k in node_keys(i.provider_id)}
+    return [c for c in all_charges if c.gpu_instance or c.resource_key in known]
+
+
+def compute(
+    store: ClickHouseStore,
+    scope: Sequence[Charge],
+    rule: NonGpuRule,
+    identities: Sequence[NodeIdentity] | None = None,
+) -> list[TrueupRow]:
     """The true-up of `scope` from the node identities and metered rows in the store now."""
     if not scope:
         return []
-    identities = ledger.read_identities(store)
+    if identities is None:
+        identities = ledger.read_identities(store)
     start = min(c.start_ms for c in scope)
     end = max(c.end_ms for c in scope)
     nodes = {(i.cluster, i.node) for i in identities}

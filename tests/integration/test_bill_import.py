@@ -303,3 +303,16 @@ def test_billed_showback_by_model_keeps_the_total_exact(
     assert models == {ln.key for ln in billed.lines if ln.line_kind == "allocated"}
     # A model's billed cost is its metered cost at its pods' billed/metered rate: positive.
     assert all(ln.cost_usd > 0 for ln in billed.lines if ln.key in models)
+
+
+def test_a_restated_storage_line_recomputes_no_hour(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    import_bills(store, [write_csv(tmp_path / "v1.csv", bill())], ImportOptions())
+    rows = bill()
+    for row in rows:
+        if row["ResourceId"] == "vol-0123":
+            row["EffectiveCost"] = row["BilledCost"] = "0.13"
+    (done,) = import_bills(store, [write_csv(tmp_path / "v2.csv", rows)], ImportOptions()).slices
+    assert (done.status, done.version, done.changed_hours) == ("restated", 2, 0)
+    assert ledger.read_trueup(store, done.slice, 2) == ledger.read_trueup(store, done.slice, 1)
