@@ -2,7 +2,8 @@
 (focus-validator, FOCUS 1.2 rules, offline, every applicability criterion): for AWS, Azure and
 Google Cloud, FOCUS 1.2 and 1.3, as CSV and Parquet, focus-data-toolkit's month with the
 cluster's lines added fails no rule that the toolkit's month alone does not, and those are
-listed below with their reasons; `bill_rows` alone fails only the rule model's defects.
+listed below with their reasons; `bill_rows` alone, and a month `restate` re-issued, fail only
+the rule model's defects.
 
 The validator has only the 1.2 model, so a 1.3 file is checked against the 1.2 rules: every
 column 1.2 and 1.3 share (names, types, nullability, allowed values, the cost relations). It
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from provider_bills import (
     unmetered_nodes,
 )
 
-from gpuledger.demo.bills import Provider, bill_rows, write_bill
+from gpuledger.demo.bills import Provider, bill_rows, restate, write_bill
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +88,9 @@ def expected(provider: str, fmt: str, *, toolkit: bool) -> set[str]:
     return rules
 
 
-def _cluster_only(provider: Provider, version: str, out: Path, fmt: str) -> Path:
+def _cluster_only(
+    provider: Provider, version: str, out: Path, fmt: str, *, restated: bool = False
+) -> Path:
     rows = bill_rows(
         provider,
         version,  # type: ignore[arg-type]
@@ -95,7 +99,9 @@ def _cluster_only(provider: Provider, version: str, out: Path, fmt: str) -> Path
         unmetered=unmetered_nodes(provider),
         seed=TOOLKIT_SEED,
     )
-    path = out / f"cluster-{provider}-{version}.{fmt}"
+    if restated:  # four hours corrected to a quarter of their usage
+        rows = restate(rows, CLUSTER_HOURS_MS[10:14], Decimal("0.25"))
+    path = out / f"{'restated' if restated else 'cluster'}-{provider}-{version}.{fmt}"
     write_bill(path, rows, fmt)  # type: ignore[arg-type]
     return path
 
@@ -115,6 +121,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Vali
                 provider, version, out, "csv"
             )
         files[f"cluster-{provider}-1.2-parquet"] = _cluster_only(provider, "1.2", out, "parquet")
+        files[f"restated-{provider}-1.2-parquet"] = _cluster_only(
+            provider, "1.2", out, "parquet", restated=True
+        )
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {k: pool.submit(run_validator, p, criteria=CRITERIA) for k, p in files.items()}
         yield {key: future.result() for key, future in futures.items()}
@@ -148,7 +157,7 @@ def test_the_provider_bill_fails_nothing_the_toolkits_month_does_not(
 @pytest.mark.parametrize(
     "key",
     [f"cluster-{p}-{v}-csv" for p in PROVIDERS for v in VERSIONS]
-    + [f"cluster-{p}-1.2-parquet" for p in PROVIDERS],
+    + [f"{kind}-{p}-1.2-parquet" for p in PROVIDERS for kind in ("cluster", "restated")],
 )
 def test_bill_rows_alone_fails_only_the_models_defects(
     reports: dict[str, ValidatorReport], key: str
