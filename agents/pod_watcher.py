@@ -136,7 +136,7 @@ class PodWatcher:
         self.synced = True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Initial list (retried until it works), then both watches until `stop`."""
+        """Initial list (retried until it works), then every watch until `stop`."""
         backoff_s = 1.0
         while not stop.is_set() and not self.synced:
             try:
