@@ -10,7 +10,8 @@ A charge is the bill lines of one resource (match key) and one charge period, su
 - the GPU part is split over the metered rows (every kind: usage, host and idle) by metered cost
   (by device-seconds where all cost is zero) in steps of 1e-15 by largest remainder, so the
   parts add up to the charge exactly; BilledCost is split with the same weights;
-- a charge with no metered row (or a GPU instance no node has) is one `unmetered` row.
+- a charge with no metered row (or a GPU instance no node has) is `unmetered`: one row per
+  hour of its period, in equal parts (largest remainder).
 Charges of resources that are neither a known node nor a GPU instance (storage, network, tax)
 are not GPU spend and give no row. The result does not depend on the order of its inputs.
 """
@@ -242,17 +243,12 @@ def true_up(
             weights = [Decimal(repr(r.device_seconds)) for r in rows]
         if not rows or not any(weights):
             dims = _node_dims(matched[0]) if matched else EMPTY_DIMS
-            _add(
-                out,
-                charge,
-                _floor_hour(charge.start_ms),
-                dims,
-                KIND_UNMETERED,
-                0.0,
-                _ZERO,
-                charge.effective_cost,
-                charge.billed_cost,
-            )
+            hours = _hours_of(charge)  # spread evenly: a daily line is 24 hourly parts
+            even = [Decimal(1)] * len(hours)
+            eff_parts = largest_remainder(charge.effective_cost, even, AMOUNT_QUANTUM)
+            bill_parts = largest_remainder(charge.billed_cost, even, AMOUNT_QUANTUM)
+            for hour, eff, bil in zip(hours, eff_parts, bill_parts, strict=True):
+                _add(out, charge, hour, dims, KIND_UNMETERED, 0.0, _ZERO, eff, bil)
             continue
         effective, billed = charge.effective_cost, charge.billed_cost
         first = nodes.at(matched[0], charge.start_ms)
@@ -345,14 +341,21 @@ def _add(
 ) -> None:
     key = _Key(hour_ms, charge.resource_key, charge.instance_type, dims, kind, charge.currency)
     acc = out.setdefault(key, _Acc())
-    acc.seconds += seconds
-    acc.metered += metered
+    # The same key is the same metered row, whichever of its resource's charges (usage, data
+    # transfer, a credit) reached it: its usage is counted once, the charges' shares add up.
+    acc.seconds = seconds
+    acc.metered = metered
     acc.effective += effective
     acc.billed += billed
 
 
 def _node_dims(node: tuple[str, str]) -> tuple[str | Decimal, ...]:
     return (node[0], node[1], *EMPTY_DIMS[2:])
+
+
+def _hours_of(charge: Charge) -> list[int]:
+    """The starts of the hours a charge's period touches (at least one)."""
+    return list(range(_floor_hour(charge.start_ms), charge.end_ms, HOUR_MS))
 
 
 def _floor_hour(time_ms: int) -> int:
@@ -402,7 +405,7 @@ def affected_hours(old: Sequence[Charge], new: Sequence[Charge]) -> set[int]:
 
 
 def _hours(charge: Charge) -> set[int]:
-    return set(range(_floor_hour(charge.start_ms), charge.end_ms, HOUR_MS))
+    return set(_hours_of(charge))
 
 
 def in_hours(charge: Charge, hours: set[int]) -> bool:

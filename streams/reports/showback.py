@@ -359,9 +359,12 @@ def _billed_source(
         "toUInt64(0) AS windows, metered_cost_usd "
         f"FROM {db}.billed_cost_hourly FINAL WHERE {latest} AND {hours})"
     )
+    # A metered row can take parts of two resources' bills (a scale set's and its instance's):
+    # count its metered cost once.
+    billed_rows = f"(SELECT max(metered_cost_usd) AS m FROM {source} GROUP BY hour, {dims})"
     found = store.query_rows(
-        f"SELECT (SELECT sum(cost_usd) FROM {metered_costs}), (SELECT sum(metered_cost_usd) "
-        f"FROM {source}), (SELECT count(DISTINCT slice) FROM {db}.billed_cost_hourly "
+        f"SELECT (SELECT sum(cost_usd) FROM {metered_costs}), (SELECT sum(m) FROM "
+        f"{billed_rows}), (SELECT count(DISTINCT slice) FROM {db}.billed_cost_hourly "
         f"WHERE {latest} AND {hours})"
     )
     metered_all, metered_billed, slices = found[0]

@@ -243,3 +243,23 @@ def test_restated_charges_change_no_row_outside_the_affected_hours(
         NonGpuRule(),
     )
     assert [r for r in after_all if r.hour_ms in hours] == inside_only
+
+
+def test_two_charges_of_one_resource_count_its_metered_rows_once() -> None:
+    rows = [metered("n1", 5, "a", "usage", "3", 1800.0), metered("n1", 5, "b", "usage", "1")]
+    usage = charge(KEYS[0], 5, "40")
+    transfer = charge(KEYS[0], 0, "24", hours=24)  # a daily data-transfer line
+    out = true_up([usage, transfer], rows, NODES, NonGpuRule())
+    assert [r.device_seconds for r in out] == [1800.0, 1800.0]
+    assert [r.metered_cost_usd for r in out] == [Decimal(3), Decimal(1)]
+    assert total(out)[0] == Decimal(64)
+
+
+def test_an_unmetered_daily_line_is_spread_over_its_hours() -> None:
+    out = true_up([charge("aws:i-0ffffffffffffffff", 0, "100", hours=24)], [], NODES, NonGpuRule())
+    assert [r.hour_ms for r in out] == [T0 + h * HOUR_MS for h in range(24)]
+    assert total(out)[0] == Decimal(100)
+    assert {r.effective_cost for r in out} == {
+        Decimal(100) / 24 // Decimal("1e-15") * Decimal("1e-15"),
+        Decimal(100) / 24 // Decimal("1e-15") * Decimal("1e-15") + Decimal("1e-15"),
+    }
