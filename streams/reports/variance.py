@@ -567,8 +567,9 @@ def _verdict(line: VarianceLine, threshold_pct: Decimal) -> str | None:
     assert line.variance is not None and line.variance_pct is not None
     if abs(line.variance) * 100 <= threshold_pct * line.metered_usd:
         return None
-    side = "above" if line.variance < 0 else "below"
+    # variance_pct is the bill's difference from the book, as a share of the book.
+    side = "below" if line.variance < 0 else "above"
     return (
-        f"{book} is {abs(line.variance_pct):.1f} % {side} the bill's "
-        f"{_rate(line.bill_rate)}/{line.unit}"
+        f"{book}: the bill's {_rate(line.bill_rate)}/{line.unit} is "
+        f"{abs(line.variance_pct):.1f} % {side} it"
     )

@@ -229,10 +229,10 @@ def test_lines_per_price_book_entry_are_exact(store: ClickHouseStore) -> None:
 def test_verdicts_name_the_entries_off_by_more_than_the_threshold(store: ClickHouseStore) -> None:
     report = variance(store, PERIOD, price_book=BOOK)
     assert report.verdicts == (
-        "price-book entry `contract-7/h100` (H100 on_demand, 4.00/GPU-h) is 28.0 % above the "
-        "bill's 2.88/GPU-h",
-        f"price-book entry `{A100_NEW}` (A100 spot, 1.20/GPU-h) is 8.3 % below the bill's "
-        "1.30/GPU-h",
+        "price-book entry `contract-7/h100` (H100 on_demand, 4.00/GPU-h): the bill's "
+        "2.88/GPU-h is 28.0 % below it",
+        f"price-book entry `{A100_NEW}` (A100 spot, 1.20/GPU-h): the bill's 1.30/GPU-h is "
+        "8.3 % above it",
     )
     looser = variance(store, PERIOD, price_book=BOOK, threshold_pct=Decimal("10"))
     assert len(looser.verdicts) == 1 and "contract-7/h100" in looser.verdicts[0]
@@ -250,7 +250,7 @@ def test_without_a_book_lines_are_per_model_and_class(store: ClickHouseStore) ->
     )
     assert a100.book_rate == Decimal("1.35")  # two prices: metered / device-hours
     assert report.verdicts == (
-        "the price book (H100 on_demand, 4.00/GPU-h) is 28.0 % above the bill's 2.88/GPU-h",
+        "the price book (H100 on_demand, 4.00/GPU-h): the bill's 2.88/GPU-h is 28.0 % below it",
     )
 
 
@@ -360,6 +360,6 @@ def test_a_mig_instance_is_a_line_of_its_own_priced_per_device_hour() -> None:
     assert (line.book_rate, line.bill_rate) == (price, Decimal("1.2"))
     assert line.variance == Decimal("1.20") - price
     assert report.verdicts == (
-        "price-book entry `contract-7/h100` (H100 3g.40gb on_demand, 1.71/device-h) is 30.0 % "
-        "above the bill's 1.20/device-h",
+        "price-book entry `contract-7/h100` (H100 3g.40gb on_demand, 1.71/device-h): the bill's "
+        "1.20/device-h is 30.0 % below it",
     )
