@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agents.scenario import Scenario
-from gpuledger.demo.pipeline import DemoConfig, DemoOutcome, DemoProgress
+from gpuledger.demo.pipeline import DemoBill, DemoConfig, DemoOutcome, DemoProgress
 from streams.reports.params import format_ms
 from streams.reports.render import Tabular
 
@@ -137,6 +137,8 @@ def print_outcome(console: Console, outcome: DemoOutcome) -> None:
     )
     print_tables(console, outcome.by_team.table())
     print_tables(console, outcome.by_model.table())
+    if outcome.bill is not None:
+        print_bill(console, outcome.bill)
     console.print()
     console.print(f"HTML report: {outcome.report_path}", soft_wrap=True)
     span = f"--from {format_ms(outcome.period.start_ms)} --to {format_ms(outcome.period.end_ms)}"
@@ -152,5 +154,40 @@ def print_outcome(console: Console, outcome: DemoOutcome) -> None:
     )
     console.print(
         f"Invoice: gpuledger export invoice --clickhouse {outcome.dsn} --period {month} --by team",
+        soft_wrap=True,
+    )
+    if outcome.bill is not None:
+        bill = outcome.bill
+        hours = f"--from {format_ms(bill.period.start_ms)} --to {format_ms(bill.period.end_ms)}"
+        console.print(
+            f"Billed basis: gpuledger report showback --clickhouse {outcome.dsn} {hours} "
+            "--basis billed",
+            soft_wrap=True,
+        )
+        console.print(
+            f"Price book vs bill: gpuledger report variance --clickhouse {outcome.dsn} {hours}",
+            soft_wrap=True,
+        )
+        console.print(
+            f"Import it again (nothing changes): gpuledger bill import {bill.path} "
+            f"--clickhouse {outcome.dsn}",
+            soft_wrap=True,
+        )
+
+
+def print_bill(console: Console, bill: DemoBill) -> None:
+    """The generated cloud bill, trued up: billed-basis showback and what it adds up to."""
+    console.print()
+    console.print(
+        f"Cloud bill: {bill.path} (the demo's AWS FOCUS 1.2 bill for its nodes' hours, "
+        "generated), imported and trued up.",
+        soft_wrap=True,
+    )
+    print_tables(console, bill.by_team.table())
+    same = "=" if bill.by_team.total_usd == bill.gpu_effective_cost else "!="
+    console.print(
+        f"  billed basis total {bill.by_team.total_usd:f} {same} the bill's EffectiveCost of its "
+        f"GPU instances {bill.gpu_effective_cost:f} USD (unmetered GPU spend "
+        f"{bill.unmetered_cost:f} on its own line)",
         soft_wrap=True,
     )

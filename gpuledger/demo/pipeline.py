@@ -15,16 +15,19 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from agents.demo_scenario import demo_scenario
 from agents.scenario import Scenario, SimClock
+from gpuledger.demo.bills import demo_bill, write_bill
 from gpuledger.demo.producers import PublishedCounts, SimulatedProducers
 from gpuledger.embedded_broker import EmbeddedBroker
 from runtime.errors import ConfigError
 from runtime.kafka import KafkaSettings
+from streams.billing.importer import ImportOptions, import_bills
 from streams.pricing import PriceBook
 from streams.reports.html_report import html_report
 from streams.reports.params import Period
@@ -37,6 +40,7 @@ from streams.worker.device_stage import StreamSettings
 DEMO_MARKER = ".gpuledger-demo"  # a folder holding it was made by the demo and may be reset
 SETTLE_QUIET_S = 1.5  # the worker has read everything once no input arrived for this long
 SETTLE_TIMEOUT_S = 120.0
+HOUR_MS = 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,37 @@ class DemoOutcome:
     by_model: ShowbackReport
     report_path: Path
     dsn: str
+    bill: DemoBill | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DemoBill:
+    """The provider bill the demo generates for its nodes' hours, imported and trued up."""
+
+    path: Path
+    period: Period  # the whole hours the bill covers
+    gpu_effective_cost: Decimal  # the bill's EffectiveCost of GPU instances, unmetered included
+    unmetered_cost: Decimal
+    by_team: ShowbackReport  # the billed basis
+
+
+def import_demo_bill(store: ClickHouseStore, start_ms: int, end_ms: int, path: Path) -> DemoBill:
+    """Write the demo cluster's AWS bill (FOCUS 1.2) for the hours of [start, end), import it
+    as `gpuledger bill import` does, and show the billed basis by team."""
+    first = start_ms - start_ms % HOUR_MS
+    last = max(first + HOUR_MS, -(-end_ms // HOUR_MS) * HOUR_MS)
+    rows = demo_bill(range(first, last, HOUR_MS))
+    write_bill(path, rows, "csv")
+    result = import_bills(store, [path], ImportOptions())
+    gpu = sum((s.gpu_effective_cost for s in result.slices), Decimal(0))
+    unmetered = sum((s.unmetered_cost for s in result.slices), Decimal(0))
+    # The charge periods of the bill's resources: its daily lines (data transfer) span the day.
+    charged = [r for r in rows if r.get("ResourceId")]
+    period = Period(
+        min(int(r["ChargePeriodStart"].timestamp() * 1000) for r in charged),
+        max(int(r["ChargePeriodEnd"].timestamp() * 1000) for r in charged),
+    )
+    return DemoBill(path, period, gpu, unmetered, showback(store, period, "team", basis="billed"))
 
 
 class CountingStore(ClickHouseStore):
@@ -273,6 +308,10 @@ class DemoRun:
         by_model = showback(store, period, "model")
         cfg.report_path.parent.mkdir(parents=True, exist_ok=True)
         cfg.report_path.write_text(html_report(store, period), encoding="utf-8")
+        end_ms = start_ms + int(self.progress.sim_done_s * 1000)
+        bill = import_demo_bill(
+            store, start_ms, end_ms, cfg.report_path.with_name("gpuledger-demo-bill.csv")
+        )
         return DemoOutcome(
             scenario=self.scenario,
             period=period,
@@ -284,6 +323,7 @@ class DemoRun:
             by_model=by_model,
             report_path=cfg.report_path,
             dsn=cfg.dsn,
+            bill=bill,
         )
 
 

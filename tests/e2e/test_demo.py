@@ -4,6 +4,7 @@ one folder per process)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -152,6 +153,49 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
     assert_self_contained_report(tmp_path / "report.html")
     assert time.monotonic() - started < 120
     assert_month_exports(out, tmp_path)
+    assert_billed_basis(out, tmp_path)
+
+
+def assert_billed_basis(stdout: str, tmp: Path) -> None:
+    """The demo's generated cloud bill: its billed-basis showback adds up exactly to the bill's
+    EffectiveCost of its GPU instances, unmetered spend on its own line; the printed commands
+    read the same, and importing the bill again changes nothing."""
+    assert "GPU showback by team, billed basis" in stdout
+    assert "(unmetered GPU spend)" in stdout
+    (line,) = [ln for ln in stdout.splitlines() if "billed basis total" in ln]
+    words = line.split()
+    total, wanted = Decimal(words[3]), Decimal(words[12])
+    assert words[4] == "=" and total == wanted > 0, line
+    bill_rows = list(csv.DictReader((tmp / "gpuledger-demo-bill.csv").open(encoding="utf-8")))
+    gpu_lines = [
+        r for r in bill_rows if r["ResourceId"].startswith("i-") and "Usage" in r["ChargeCategory"]
+    ]
+    assert (
+        sum(
+            (Decimal(r["EffectiveCost"]) for r in bill_rows if r["ResourceId"].startswith("i-")),
+            Decimal(0),
+        )
+        == wanted
+        and gpu_lines
+    )
+
+    def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp, env=clean_env(), timeout=120
+        )
+
+    showback = run([*printed_command(stdout, "Billed basis: "), "--format", "json"])
+    assert showback.returncode == 0, showback.stderr
+    totals = json.loads(showback.stdout)["totals"]
+    assert Decimal(totals["total_usd"]) == wanted and totals["reconciles"] is True
+    assert Decimal(totals["unmetered_usd"]) > 0
+    variance = run([*printed_command(stdout, "Price book vs bill: "), "--format", "json"])
+    assert variance.returncode == 0, variance.stderr
+    assert json.loads(variance.stdout)["lines"]
+    again = run([*printed_command(stdout, "Import it again (nothing changes): "), "--format",
+                 "json"])  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert [s["status"] for s in json.loads(again.stdout)] == ["unchanged"]
 
 
 def printed_command(stdout: str, prefix: str) -> list[str]:
