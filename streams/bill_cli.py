@@ -223,31 +223,23 @@ def _print_slices(
             )
         )
         return
-    table = Table(title="provider bills: GPU instances trued up")
-    for header in (
-        "slice",
-        "status",
-        "version",
-        "lines",
-        "hours recomputed",
-        "GPU instances",
-        "of which unmetered",
-        "non-GPU part",
-    ):
-        table.add_column(header, justify="left" if header in ("slice", "status") else "right")
-    for s in slices:
-        table.add_row(
-            s.slice,
-            s.status,
-            str(s.version),
-            f"{s.lines:,}",
-            f"{s.changed_hours:,}",
-            _money(s.gpu_effective_cost, s.currency),
-            _money(s.unmetered_cost, s.currency),
-            _money(s.non_gpu_cost, s.currency),
-        )
     console = Console()
-    console.print(table)
+    for s in slices:
+        provider, account, start = [*s.slice.split("|"), "", ""][:3]
+        what = {
+            "new": "imported",
+            "restated": f"restated, {s.changed_hours:,} hour(s) recomputed",
+            "recomputed": f"recomputed, {s.changed_hours:,} hour(s) changed",
+            "unchanged": "unchanged",
+        }.get(s.status, s.status)
+        non_gpu = f", non-GPU part {_money(s.non_gpu_cost, s.currency)}" if s.non_gpu_cost else ""
+        console.print(
+            f"{provider} {account} {start[:7]}: {what} (version {s.version}, {s.lines:,} lines); "
+            f"GPU instances {_money(s.gpu_effective_cost, s.currency)}, of which unmetered "
+            f"{_money(s.unmetered_cost, s.currency)}{non_gpu}",
+            soft_wrap=True,
+            highlight=False,
+        )
     if rows_read is not None:
         note = f"{rows_read:,} rows read"
         if rounded:
@@ -289,7 +281,7 @@ def _list(args: argparse.Namespace) -> int:
         )
         return 0
     table = Table(title="imported bills (newest version of each slice)")
-    for header in ("provider", "account", "billing period", "version", "lines", "imported"):
+    for header in ("provider", "account", "billing period", "version", "lines", "imported (UTC)"):
         table.add_column(header)
     for v in versions.values():
         table.add_row(
@@ -298,7 +290,7 @@ def _list(args: argparse.Namespace) -> int:
             format_ms(v.billing_period_start_ms)[:10],
             str(v.version),
             f"{v.lines:,}",
-            format_ms(v.imported_at_ms),
+            format_ms(v.imported_at_ms)[:16].replace("T", " "),
         )
     Console().print(table)
     return 0

@@ -7,11 +7,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from streams.billing.lines import BillLine
 from streams.billing.slices import latest_versions_sql
 from streams.billing.trueup import MeteredRow, NodeIdentity, TrueupRow
 from streams.reports.sources import cost_source, read_plan
+from streams.rollups import COST_DIMENSIONS
 from streams.store import ClickHouseStore
 
 _LINE_COLUMNS = [
@@ -36,21 +38,7 @@ _LINE_COLUMNS = [
     "list_cost",
     "billing_currency",
 ]
-_TRUEUP_DIMS = [
-    "cluster",
-    "node",
-    "device_uuid",
-    "gpu_model",
-    "mig_profile",
-    "pricing",
-    "price_per_hour",
-    "namespace",
-    "pod",
-    "pod_uid",
-    "team",
-    "product",
-    "cost_center",
-]
+_TRUEUP_DIMS = [d for d in COST_DIMENSIONS if d != "kind"]  # MeteredRow.dims()
 _TRUEUP_COLUMNS = [
     "slice",
     "version",
@@ -199,38 +187,19 @@ def read_metered(
     plan = read_plan(store, start_ms, end_ms, use_rollups=True)
     source = cost_source(db, plan)
     pairs = ", ".join(f"({_quote(c)}, {_quote(n)})" for c, n in wanted)
+    dims = ", ".join(COST_DIMENSIONS)
     rows = store.query_rows(
-        "SELECT toUnixTimestamp(hour), cluster, node, device_uuid, gpu_model, mig_profile, "
-        "pricing, price_per_hour, namespace, pod, pod_uid, team, product, cost_center, kind, "
-        f"sum(device_seconds), sum(cost_usd) FROM {source} "
-        f"WHERE hour >= toDateTime({start_ms // 1000}, 'UTC') "
+        f"SELECT toUnixTimestamp(hour), {dims}, sum(device_seconds), sum(cost_usd) "
+        f"FROM {source} WHERE hour >= toDateTime({start_ms // 1000}, 'UTC') "
         f"AND hour < toDateTime({-(-end_ms // 1000)}, 'UTC') "
-        f"AND (cluster, node) IN ({pairs}) "
-        "GROUP BY hour, cluster, node, device_uuid, gpu_model, mig_profile, pricing, "
-        "price_per_hour, namespace, pod, pod_uid, team, product, cost_center, kind"
+        f"AND (cluster, node) IN ({pairs}) GROUP BY hour, {dims}"
     )
-    return [
-        MeteredRow(
-            hour_ms=int(r[0]) * 1000,
-            cluster=str(r[1]),
-            node=str(r[2]),
-            device_uuid=str(r[3]),
-            gpu_model=str(r[4]),
-            mig_profile=str(r[5]),
-            pricing=str(r[6]),
-            price_per_hour=r[7],
-            namespace=str(r[8]),
-            pod=str(r[9]),
-            pod_uid=str(r[10]),
-            team=str(r[11]),
-            product=str(r[12]),
-            cost_center=str(r[13]),
-            kind=str(r[14]),
-            device_seconds=float(r[15]),
-            cost_usd=r[16],
-        )
-        for r in rows
+    # MeteredRow's fields are the hour, COST_DIMENSIONS in their order, then the two sums.
+    width = len(COST_DIMENSIONS)
+    fields: list[tuple[Any, ...]] = [
+        (int(r[0]) * 1000, *r[1 : width + 1], float(r[width + 1]), r[width + 2]) for r in rows
     ]
+    return [MeteredRow(*f) for f in fields]
 
 
 def _quote(text: str) -> str:

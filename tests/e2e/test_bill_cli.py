@@ -4,13 +4,13 @@ line, in subprocesses that own their chDB folder as in production."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from test_report_cli import gpuledger
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -33,20 +33,6 @@ rows[3]["BilledCost"] = "twelve"
 write_csv(Path(sys.argv[2]) / "bad.csv", rows)
 """
 SPAN = ("--from", "2026-11-01", "--to", "2026-11-02")
-
-
-def gpuledger(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
-    env["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "gpuledger.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
