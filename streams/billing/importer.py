@@ -7,8 +7,9 @@ slice in them is the slice's whole new content. For each slice:
 - the same lines as its newest version (fingerprint: SHA-256 of the sorted lines, whatever the
   files, their order or format) change nothing;
 - otherwise the lines go in under the next version; the true-up is computed again for the hours
-  whose charges changed (widened to whole charges), and the newest version's rows for every
-  other hour are copied; then the version is finished (bill_versions), and readers see it.
+  whose GPU charges changed (every charge touching them, keeping its rows in them), and the
+  newest version's rows for every other hour are copied; then the version is finished
+  (bill_versions), and readers see it.
 Bad rows are listed with `file:line` and the reason; with any of them nothing is imported
 unless `skip_bad_rows`, and then they are listed still, counted, and left out.
 """
@@ -208,7 +209,7 @@ def _import_slice(
         hours = affected_hours(old_charges, new_charges)
         scope = [c for c in new_charges if in_hours(c, hours)]
         ledger.copy_trueup(store, key, latest.version, version, hours)
-    rows = compute(store, scope, options.rule, identities)
+    rows = [r for r in compute(store, scope, options.rule, identities) if r.hour_ms in hours]
     ledger.write_trueup(store, key, version, rows)
     first = bill[0]
     finished = ledger.SliceVersion(

@@ -386,21 +386,13 @@ def _charge_order(charge: Charge) -> tuple[object, ...]:
 
 
 def affected_hours(old: Sequence[Charge], new: Sequence[Charge]) -> set[int]:
-    """The hours a change from `old` to `new` charges can reach: every hour of a charge that
-    is in one and not the other, widened until no unchanged charge straddles the edge (its
-    rows are recomputed whole, so it must be wholly inside)."""
-    changed = set(old).symmetric_difference(new)
+    """The hours a change from `old` to `new` charges reaches: every hour of a charge that is
+    in one and not the other. Each charge is allocated on its own, so the rows of an unchanged
+    charge in those hours (a monthly credit's share of them, say) come out as they were: the
+    importer recomputes every charge that touches them and keeps only their rows in them."""
     hours: set[int] = set()
-    for charge in changed:
+    for charge in set(old).symmetric_difference(new):
         hours |= _hours(charge)
-    spans = [(c, _hours(c)) for c in set(old) | set(new)]
-    grown = True
-    while grown:
-        grown = False
-        for _, span in spans:
-            if span & hours and not span <= hours:
-                hours |= span
-                grown = True
     return hours
 
 

@@ -305,9 +305,7 @@ def test_billed_showback_by_model_keeps_the_total_exact(
     assert all(ln.cost_usd > 0 for ln in billed.lines if ln.key in models)
 
 
-def test_a_restated_storage_line_recomputes_no_hour(
-    store: ClickHouseStore, tmp_path: Path
-) -> None:
+def test_a_restated_storage_line_recomputes_no_hour(store: ClickHouseStore, tmp_path: Path) -> None:
     import_bills(store, [write_csv(tmp_path / "v1.csv", bill())], ImportOptions())
     rows = bill()
     for row in rows:
@@ -316,3 +314,23 @@ def test_a_restated_storage_line_recomputes_no_hour(
     (done,) = import_bills(store, [write_csv(tmp_path / "v2.csv", rows)], ImportOptions()).slices
     assert (done.status, done.version, done.changed_hours) == ("restated", 2, 0)
     assert ledger.read_trueup(store, done.slice, 2) == ledger.read_trueup(store, done.slice, 1)
+
+
+def test_a_restated_hour_beside_a_monthly_credit_recomputes_that_hour_alone(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    n1 = f"arn:aws:ec2:us-east-1:2:instance/{N1.rsplit('/', 1)[1]}"
+    credit = line(n1, 0, "-9.75", "-9.75", "", ChargeCategory="Credit")
+    credit["ChargePeriodEnd"] = "2026-12-01T00:00:00Z"  # the whole month
+    import_bills(store, [write_csv(tmp_path / "v1.csv", [*bill(), credit])], ImportOptions())
+    result = import_bills(
+        store, [write_csv(tmp_path / "v2.csv", [*bill("64.5"), credit])], ImportOptions()
+    )
+    (done,) = result.slices
+    assert (done.status, done.changed_hours) == ("restated", 1)
+    db = store.database
+    n1_total = store.query_rows(
+        f"SELECT sum(effective_cost) FROM {db}.billed_cost_hourly FINAL WHERE "
+        f"{latest_versions_sql(db)} AND resource_key = 'aws:i-0aaaaaaaaaaaaaaa1'"
+    )[0][0]
+    assert n1_total == Decimal("70.0000000001") * 2 + Decimal("64.5") - Decimal("9.75")

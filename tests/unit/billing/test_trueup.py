@@ -232,17 +232,10 @@ def test_restated_charges_change_no_row_outside_the_affected_hours(
     after_all = true_up(new, rows, NODES, NonGpuRule())
     outside = [r for r in after_all if r.hour_ms not in hours]
     assert outside == before
-    inside_only = true_up(
-        [
-            c
-            for c in new
-            if any(h >= T0 for h in range(c.start_ms, c.end_ms, HOUR_MS) if h in hours)
-        ],
-        rows,
-        NODES,
-        NonGpuRule(),
-    )
+    touching = [c for c in new if any(h in hours for h in range(c.start_ms, c.end_ms, HOUR_MS))]
+    inside_only = [r for r in true_up(touching, rows, NODES, NonGpuRule()) if r.hour_ms in hours]
     assert [r for r in after_all if r.hour_ms in hours] == inside_only
+    assert hours == {h for c in set(old) ^ set(new) for h in range(c.start_ms, c.end_ms, HOUR_MS)}
 
 
 def test_two_charges_of_one_resource_count_its_metered_rows_once() -> None:
