@@ -155,7 +155,7 @@ def decode_line(row: Mapping[str, object], gpu_types: GpuInstanceTypes) -> BillL
         resource_name=resource_name,
         resource_key=bill_key(resource_id, resource_name, _text(row, "AvailabilityZone")),
         instance_type=instance_type,
-        gpu_instance=bool(instance_type) and gpu_types.is_gpu(instance_type),
+        gpu_instance=_instance_usage(row, resource_id) and gpu_types.is_gpu(instance_type),
         service_name=_text(row, "ServiceName"),
         sku_id=_text(row, "SkuId"),
         region_id=_text(row, "RegionId"),
@@ -165,6 +165,16 @@ def decode_line(row: Mapping[str, object], gpu_types: GpuInstanceTypes) -> BillL
         billing_currency=currency,
         rounded=any(rounded for _, rounded in amounts),
     )
+
+
+def _instance_usage(row: Mapping[str, object], resource_id: str) -> bool:
+    """Whether the row is the usage of a resource itself: not a commitment's purchase or fee
+    (ChargeCategory Purchase), nor a commitment's own unused part (its ResourceId is the
+    commitment's). Only such rows make a resource a GPU instance."""
+    if _text(row, "ChargeCategory") != "Usage":
+        return False
+    commitment = _text(row, "CommitmentDiscountId")
+    return not commitment or commitment != resource_id
 
 
 def _blank(value: object) -> bool:

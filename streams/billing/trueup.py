@@ -155,9 +155,10 @@ class TrueupRow:
 
 def charges(lines: Iterable[BillLine]) -> list[Charge]:
     """The lines with a ResourceId summed per (resource key, charge period, currency), sorted.
-    A resource's instance type is the first one its lines name."""
+    A resource's instance type is the GPU instance type its lines name, else any type they
+    name (the least, by text, where several: the result does not depend on line order)."""
     sums: dict[tuple[str, int, int, str], list[Decimal]] = {}
-    types: dict[str, tuple[str, bool]] = {}
+    types: dict[str, set[tuple[bool, str]]] = {}
     for line in lines:
         if not line.resource_key:
             continue
@@ -170,14 +171,16 @@ def charges(lines: Iterable[BillLine]) -> list[Charge]:
         acc = sums.setdefault(key, [_ZERO, _ZERO])
         acc[0] += line.effective_cost
         acc[1] += line.billed_cost
-        if line.instance_type and line.resource_key not in types:
-            types[line.resource_key] = (line.instance_type, line.gpu_instance)
-        elif line.gpu_instance and not types.get(line.resource_key, ("", False))[1]:
-            types[line.resource_key] = (line.instance_type, True)
+        if line.instance_type:
+            types.setdefault(line.resource_key, set()).add(
+                (line.gpu_instance, line.instance_type)
+            )
+    chosen = {rk: min(named, key=lambda t: (not t[0], t[1])) for rk, named in types.items()}
     return [
-        Charge(rk, start, end, *types.get(rk, ("", False)), acc[0], acc[1], currency)
+        Charge(rk, start, end, chosen.get(rk, (False, ""))[1], chosen.get(rk, (False, ""))[0],
+               acc[0], acc[1], currency)
         for (rk, start, end, currency), acc in sorted(sums.items())
-    ]
+    ]  # fmt: skip
 
 
 @dataclass

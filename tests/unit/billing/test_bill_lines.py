@@ -129,3 +129,27 @@ def test_any_row_decodes_or_raises_bill_row_error(changes: dict[str, Any]) -> No
     else:
         assert line.billing_currency.isupper()
         assert line.charge_period_end_ms > line.charge_period_start_ms
+
+
+def test_a_commitments_own_lines_do_not_make_it_a_gpu_instance() -> None:
+    plan = "arn:aws:savingsplans::2:savingsplan/1750a82e"
+    fee = row(ChargeCategory="Purchase", ResourceId=plan, CommitmentDiscountId=plan)
+    unused = row(ResourceId=plan, CommitmentDiscountId=plan, x_UsageType="Unused:p5.48xlarge")
+    covered = row(CommitmentDiscountId=plan)  # the instance's usage the plan covers
+    assert not decode_line(fee, TYPES).gpu_instance
+    assert not decode_line(unused, TYPES).gpu_instance
+    assert decode_line(covered, TYPES).gpu_instance
+
+
+@given(st.permutations(range(4)))
+def test_a_resources_instance_type_does_not_depend_on_line_order(order: list[int]) -> None:
+    from streams.billing.trueup import charges
+
+    lines = [
+        decode_line(row(x_UsageType=t, ChargeCategory=c), TYPES)
+        for t, c in (("", "Usage"), ("EBS:VolumeUsage.gp3", "Usage"),
+                     ("BoxUsage:p5.48xlarge", "Usage"), ("BoxUsage:g6e.xlarge", "Credit"))
+    ]  # fmt: skip
+    (first,) = charges(lines)
+    (again,) = charges([lines[i] for i in order])
+    assert first == again and first.instance_type == "p5.48xlarge" and first.gpu_instance
