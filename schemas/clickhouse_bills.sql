@@ -20,7 +20,8 @@ CREATE TABLE IF NOT EXISTS {db}.bill_versions
     lines                UInt64,
     changed_periods      UInt64,
     source_files         Array(String),
-    imported_at          DateTime64(3, 'UTC')
+    imported_at          DateTime64(3, 'UTC'),
+    non_gpu_rule         LowCardinality(String) DEFAULT ''
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (slice, version);

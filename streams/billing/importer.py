@@ -200,7 +200,8 @@ def _import_slice(
     ledger.write_lines(store, key, version, lines)
     identities = ledger.read_identities(store)
     new_charges = gpu_charges(new_charges, identities)
-    if latest is None:
+    if latest is None or latest.non_gpu_rule != options.rule.text():
+        # New, or trued up under another non-GPU rule: every hour, with this import's rule.
         hours = {h for c in new_charges for h in _charge_hours(c)}
         scope = new_charges
     else:
@@ -225,6 +226,7 @@ def _import_slice(
         changed_periods=len(hours),
         source_files=tuple(str(p) for p in paths),
         imported_at_ms=ledger.now_ms(),
+        non_gpu_rule=options.rule.text(),
     )
     ledger.finish_version(store, finished)
     return _summary(store, finished, "new" if latest is None else "restated", len(hours))
@@ -310,7 +312,12 @@ def retrue_up(
         version = ledger.highest_version(store, key) + 1
         ledger.copy_lines(store, key, latest.version, version)
         ledger.write_trueup(store, key, version, rows)
-        finished = replace(latest, version=version, imported_at_ms=ledger.now_ms())
+        finished = replace(
+            latest,
+            version=version,
+            imported_at_ms=ledger.now_ms(),
+            non_gpu_rule=options.rule.text(),
+        )
         ledger.finish_version(store, finished)
         out.append(_summary(store, finished, "recomputed", _changed_hours(old, new_rows)))
     return tuple(out)

@@ -69,6 +69,7 @@ class SliceVersion:
     changed_periods: int
     source_files: tuple[str, ...]
     imported_at_ms: int
+    non_gpu_rule: str = ""  # NonGpuRule.text() of the true-up rows of this version
 
 
 def latest_versions(store: ClickHouseStore) -> dict[str, SliceVersion]:
@@ -77,7 +78,7 @@ def latest_versions(store: ClickHouseStore) -> dict[str, SliceVersion]:
     rows = store.query_rows(
         "SELECT slice, provider, billing_account_id, toUnixTimestamp(billing_period_start), "
         "toUnixTimestamp(billing_period_end), billing_currency, version, fingerprint, lines, "
-        "changed_periods, source_files, toUnixTimestamp64Milli(imported_at) "
+        "changed_periods, source_files, toUnixTimestamp64Milli(imported_at), non_gpu_rule "
         f"FROM {db}.bill_versions FINAL WHERE {latest_versions_sql(db)} ORDER BY slice"
     )
     return {
@@ -94,6 +95,7 @@ def latest_versions(store: ClickHouseStore) -> dict[str, SliceVersion]:
             changed_periods=int(r[9]),
             source_files=tuple(str(f) for f in r[10]),
             imported_at_ms=int(r[11]),
+            non_gpu_rule=str(r[12]),
         )
         for r in rows
     }
@@ -315,6 +317,7 @@ def finish_version(store: ClickHouseStore, version: SliceVersion) -> None:
             "changed_periods",
             "source_files",
             "imported_at",
+            "non_gpu_rule",
         ],
         [
             (
@@ -330,6 +333,7 @@ def finish_version(store: ClickHouseStore, version: SliceVersion) -> None:
                 version.changed_periods,
                 list(version.source_files),
                 _utc(version.imported_at_ms),
+                version.non_gpu_rule,
             )
         ],
     )

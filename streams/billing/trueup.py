@@ -55,6 +55,13 @@ class NonGpuRule:
         if self.gpu_weight <= 0:
             raise ValueError("the GPU weight must be positive")
 
+    def text(self) -> str:
+        """The rule as it is recorded with a bill version: `whole`, or `weights:g,v,m`."""
+        if self.mode == "whole":
+            return "whole"
+        weights = (self.gpu_weight, self.vcpu_weight, self.memory_gib_weight)
+        return "weights:" + ",".join(format(w.normalize(), "f") for w in weights)
+
     def gpu_fraction(self, node: NodeIdentity) -> Decimal:
         """The GPU part of the instance, 1 under `whole` or when the capacity is unknown."""
         if self.mode == "whole" or node.gpus <= 0:
@@ -172,9 +179,7 @@ def charges(lines: Iterable[BillLine]) -> list[Charge]:
         acc[0] += line.effective_cost
         acc[1] += line.billed_cost
         if line.instance_type:
-            types.setdefault(line.resource_key, set()).add(
-                (line.gpu_instance, line.instance_type)
-            )
+            types.setdefault(line.resource_key, set()).add((line.gpu_instance, line.instance_type))
     chosen = {rk: min(named, key=lambda t: (not t[0], t[1])) for rk, named in types.items()}
     return [
         Charge(rk, start, end, chosen.get(rk, (False, ""))[1], chosen.get(rk, (False, ""))[0],

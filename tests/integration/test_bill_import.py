@@ -334,3 +334,22 @@ def test_a_restated_hour_beside_a_monthly_credit_recomputes_that_hour_alone(
         f"{latest_versions_sql(db)} AND resource_key = 'aws:i-0aaaaaaaaaaaaaaa1'"
     )[0][0]
     assert n1_total == Decimal("70.0000000001") * 2 + Decimal("64.5") - Decimal("9.75")
+
+
+def test_a_restatement_under_another_non_gpu_rule_recomputes_every_hour(
+    store: ClickHouseStore, tmp_path: Path
+) -> None:
+    weights = ImportOptions(rule=NonGpuRule("weights"))
+    import_bills(store, [write_csv(tmp_path / "v1.csv", bill())], ImportOptions())
+    (trued,) = retrue_up(store, weights)
+    assert trued.non_gpu_cost > 0
+    (same_rule,) = import_bills(
+        store, [write_csv(tmp_path / "v2.csv", bill("64.5"))], weights
+    ).slices
+    assert same_rule.changed_hours == 1 and same_rule.non_gpu_cost > 0
+    (other_rule,) = import_bills(
+        store, [write_csv(tmp_path / "v3.csv", bill("64.25"))], ImportOptions()
+    ).slices
+    assert other_rule.changed_hours == 3 and other_rule.non_gpu_cost == 0
+    (latest,) = ledger.latest_versions(store).values()
+    assert latest.non_gpu_rule == "whole" and latest.version == other_rule.version
