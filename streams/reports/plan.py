@@ -100,6 +100,7 @@ class Measured:
     cached_tokens: float
     sm_util_pct: float | None
     hourly_tokens_per_s: tuple[float, ...]
+    devices_per_pod: int = 1  # the most devices of this type one pod held in one hour
 
     @property
     def tokens(self) -> float:
@@ -192,13 +193,24 @@ def _model_fractions(pod_cost: Decimal, served: Sequence[PodModelHour]) -> dict[
 
 
 class _Acc:
-    __slots__ = ("cached", "completion", "device_s", "hours", "price", "prompt", "sm", "used_s")
+    __slots__ = (
+        "cached",
+        "completion",
+        "device_s",
+        "hours",
+        "per_pod",
+        "price",
+        "prompt",
+        "sm",
+        "used_s",
+    )
 
     def __init__(self) -> None:
         self.device_s = self.used_s = self.prompt = self.completion = self.cached = 0.0
         self.sm = [0.0, 0.0]
         self.hours: dict[int, list[float]] = {}
         self.price: tuple[int, Decimal] = (-1, _ZERO)
+        self.per_pod = 1
 
 
 def measure(
@@ -230,6 +242,14 @@ def measure(
             continue
         pod_cost = sum((p.cost_usd for p in parts), _ZERO)
         share = float(_model_fractions(pod_cost, served[key])[model])
+        per_type: dict[DeviceType, set[str]] = {}
+        for part in parts:
+            per_type.setdefault((part.gpu_model, part.mig_profile, part.pricing), set()).add(
+                part.device_uuid
+            )
+        for device, uuids in per_type.items():
+            a = acc.setdefault(device, _Acc())
+            a.per_pod = max(a.per_pod, len(uuids))
         for part, part_held in zip(parts, held, strict=True):
             spread = part_held / held_total
             device = (part.gpu_model, part.mig_profile, part.pricing)
@@ -263,6 +283,7 @@ def measure(
             hourly_tokens_per_s=tuple(
                 tok / secs for _, (tok, secs) in sorted(a.hours.items()) if secs > 0
             ),
+            devices_per_pod=a.per_pod,
         )
         for device, a in acc.items()
         if a.device_s > 0

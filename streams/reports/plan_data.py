@@ -118,6 +118,14 @@ class PlanReport:
                 f"{money(round_total(best.monthly_cost_usd))} USD a month "
                 f"({best.evidence.grade} data)",
             )
+        for o in self.options:
+            k = o.measured.devices_per_pod
+            if k > 1:
+                out.append(
+                    f"{_device_text(o.measured.device)}: a pod held up to {k} of these devices "
+                    f"at once; serving in such pods takes {-(-o.devices // k) * k:,} devices "
+                    f"({-(-o.devices // k):,} pods), not {o.devices:,}"
+                )
         if self.unplaced_tokens:
             out.append(
                 f"{self.unplaced_tokens:,.0f} tokens were served in pod-hours with no metered "
@@ -195,6 +203,7 @@ class PlanReport:
                     "tokens": round(e.tokens),
                     "distinct_hours": e.distinct_hours,
                     "hourly_cv": e.hourly_cv,
+                    "devices_per_pod_seen": m.devices_per_pod,
                     "confidence": e.grade,
                     "confidence_reason": e.reason,
                     "cheapest": o is best,

@@ -1,5 +1,5 @@
 """`gpuledger plan` through the command line, in subprocesses (each owns its chDB folder), on
-the cluster of tests/integration/test_plan.py: model `m` serves 1,000 tokens/s per H100 (on
+the cluster of tests/integration/test_plan_data.py: model `m` serves 1,000 tokens/s per H100 (on
 demand, 4.00 USD/h) and 300 per 3g.40gb MIG instance (spot, 2.25 x 3/7 USD/h)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 LOAD = f"""
 import sys
 sys.path[:0] = [{str(ROOT / "tests" / "integration")!r}, {str(ROOT / "tests")!r}]
-from test_plan import plan_rows
+from test_plan_data import plan_rows
 from streams.store import ClickHouseStore
 store = ClickHouseStore(sys.argv[1])
 store.create_schema()

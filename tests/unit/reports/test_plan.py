@@ -212,3 +212,12 @@ def test_cheapest_fit_is_the_minimum(types: list[tuple[float, Decimal]], target:
     assert best.monthly_cost_usd == min(o.monthly_cost_usd for o in options)
     for o in options:
         assert o.monthly_cost_usd == o.devices * o.price_per_hour_usd * HOURS_PER_MONTH
+
+
+def test_a_pod_on_two_gpus_is_counted_per_device() -> None:
+    # tensor parallel: one pod on two H100s for the hour, 7.2M tokens: 1,000/s per GPU
+    rows = [dev(0, "p", 3600.0, "4"), dev(0, "p", 3600.0, "4", device="d2")]
+    (m,), _ = measure("m", rows, [tok(0, "p", "m", "8", 7_200_000, 0)])
+    assert m.device_s == 7200 and m.tokens_per_device_s == 1000 and m.devices_per_pod == 2
+    (option,) = plan_options([m], Fraction(2500))
+    assert option.devices == 3  # whole devices; the report adds that pods of 2 take 4
