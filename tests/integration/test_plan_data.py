@@ -10,7 +10,7 @@ from fractions import Fraction
 
 import pytest
 from folding import fold
-from test_reports_data import HOUR_MS, MIN_MS, T0_MS, fresh_store
+from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, fresh_store
 
 from runtime.errors import ConfigError
 from schemas.events import GpuSample, PodInfo, ProcessSample, make_event
@@ -20,6 +20,7 @@ from streams.reports.params import Period
 from streams.reports.plan import HOURS_PER_MONTH, Option
 from streams.reports.plan_data import PlanReport, plan
 from streams.reports.render import to_csv, to_json, to_table
+from streams.reports.showback import showback
 from streams.rollups import seal_hours
 from streams.rows import Row, TokenRow
 from streams.store import SCHEMA_DIR, ClickHouseStore
@@ -211,3 +212,20 @@ def test_unknown_model_names_what_was_seen(store: ClickHouseStore) -> None:
         plan(store, Period(T0_MS - HOUR_MS, T0_MS), "m", tokens_per_s=Fraction(1))
     with pytest.raises(ConfigError, match="exactly one"):
         plan(store, PERIOD, "m")
+
+
+@pytest.mark.parametrize("model", ["llama-3-70b", "mistral-7b", "llama-3-8b"])
+def test_device_time_agrees_with_showback_by_model(model: str) -> None:
+    """On the shared report data (two pods sharing a GPU, one serving two models), each model's
+    device time by the share policy is showback's GPU-hours for it, and its tokens are all in
+    the plan."""
+    s = fresh_store()
+    s.insert_rows(cluster_rows(hours=3))
+    period = Period(T0_MS, T0_MS + 3 * HOUR_MS)
+    report = plan(s, period, model, tokens_per_s=Fraction(100))
+    line = next(x for x in showback(s, period, "model").lines if x.key == model)
+    used_s = sum(o.measured.used_s for o in report.options)
+    assert used_s == pytest.approx(line.gpu_hours * 3600, rel=1e-9)
+    assert sum(o.measured.tokens for o in report.options) == pytest.approx(line.tokens)
+    assert report.prompt_tokens + report.completion_tokens == line.tokens
+    assert report.unplaced_tokens == 0
