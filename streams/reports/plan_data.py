@@ -266,8 +266,8 @@ def plan(
     period: Period,
     model: str,
     *,
-    tokens_per_s: Fraction | None = None,
-    growth: Fraction | None = None,
+    tokens_per_s: Fraction | Decimal | int | None = None,
+    growth: Fraction | Decimal | int | None = None,
     price_book: PriceBook | None = None,
     use_rollups: bool = True,
 ) -> PlanReport:
@@ -275,6 +275,9 @@ def plan(
     `period`) takes on each device type it ran on in `period`."""
     if (tokens_per_s is None) == (growth is None):
         raise ConfigError("give exactly one of --tokens-per-s and --growth")
+    for option, value in (("--tokens-per-s", tokens_per_s), ("--growth", growth)):
+        if value is not None and Fraction(value) <= 0:
+            raise ConfigError(f"{option} must be more than 0, not {value}")
     check_period(period)
     db = store.database
     read = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
@@ -359,10 +362,10 @@ def plan(
     seconds = (period.end_ms - period.start_ms) / 1000
     observed = (prompt + completion) / seconds if seconds > 0 else 0.0
     if tokens_per_s is not None:
-        target = Target(tokens_per_s, observed, None)
+        target = Target(Fraction(tokens_per_s), observed, None)
     else:
         assert growth is not None
-        target = Target(growth * Fraction(observed), observed, growth)
+        target = Target(Fraction(growth) * Fraction(observed), observed, Fraction(growth))
     prices, price_note = _prices(measured, price_book, period)
     options = plan_options(measured, target.tokens_per_s, prices)
     return PlanReport(

@@ -229,3 +229,12 @@ def test_device_time_agrees_with_showback_by_model(model: str) -> None:
     assert sum(o.measured.tokens for o in report.options) == pytest.approx(line.tokens)
     assert report.prompt_tokens + report.completion_tokens == line.tokens
     assert report.unplaced_tokens == 0
+
+
+def test_targets_of_any_exact_type(store: ClickHouseStore) -> None:
+    a = plan(store, PERIOD, "m", tokens_per_s=10_400)
+    b = plan(store, PERIOD, "m", tokens_per_s=Decimal("10400.0"))
+    assert [o.devices for o in a.options] == [o.devices for o in b.options] == [35, 11]
+    for bad in (0, Decimal(-1)):
+        with pytest.raises(ConfigError, match="more than 0"):
+            plan(store, PERIOD, "m", growth=bad)
