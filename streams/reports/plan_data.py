@@ -162,7 +162,7 @@ class PlanReport:
             "devices",
             "USD/device-h",
             "USD/month",
-            "USD/1M tok",
+            "USD/1M tok at target",
             "device-h",
             "tokens",
             "hours",
