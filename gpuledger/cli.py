@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("agents.tokens_cli", ("tokens",)),
     ("streams.reports_cli", ("report", "export")),
     ("streams.bill_cli", ("bill",)),
+    ("streams.plan_cli", ("plan",)),
 )
 
 

@@ -135,7 +135,8 @@ def test_every_command_is_found() -> None:
     assert ["export", "chargeback"] in COMMANDS and ["export", "invoice"] in COMMANDS
     assert ["bill", "import"] in COMMANDS and ["bill", "trueup"] in COMMANDS
     assert ["report", "variance"] in COMMANDS
-    assert len(COMMANDS) == 15
+    assert ["plan"] in COMMANDS
+    assert len(COMMANDS) == 16
 
 
 def test_the_declared_variables_are_the_contract() -> None:
