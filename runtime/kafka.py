@@ -8,6 +8,7 @@ files, and never appear in `repr` or logs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -244,18 +245,29 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer
     return AIOKafkaProducer(**kwargs)
 
 
-async def partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
-    """Number of partitions of each topic (which must exist)."""
-    admin = AIOKafkaAdminClient(**settings.client_kwargs())
-    try:
-        await admin.start()
-        described = await admin.describe_topics(list(topics))
-    except KafkaError as exc:
-        raise BrokerError(f"cannot describe topics on {settings.bootstrap}: {exc}") from exc
-    finally:
-        await admin.close()
-    counts = {d["topic"]: len(d["partitions"]) for d in described if d.get("partitions")}
-    missing = [t for t in topics if t not in counts]
-    if missing:
-        raise BrokerError(f"topics without partitions: {', '.join(missing)}")
-    return counts
+async def partition_counts(
+    settings: KafkaSettings, topics: Iterable[str], *, wait_s: float = 15.0
+) -> dict[str, int]:
+    """Number of partitions of each topic (which must exist). A topic created a moment ago may
+    not list its partitions yet (the controller is still propagating its metadata): it is asked
+    again, with growing pauses, for up to `wait_s` before it counts as missing."""
+    wanted = list(topics)
+    deadline = asyncio.get_running_loop().time() + wait_s
+    pause = 0.1
+    while True:
+        admin = AIOKafkaAdminClient(**settings.client_kwargs())
+        try:
+            await admin.start()
+            described = await admin.describe_topics(wanted)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot describe topics on {settings.bootstrap}: {exc}") from exc
+        finally:
+            await admin.close()
+        counts = {d["topic"]: len(d["partitions"]) for d in described if d.get("partitions")}
+        missing = [t for t in wanted if t not in counts]
+        if not missing:
+            return counts
+        if asyncio.get_running_loop().time() + pause > deadline:
+            raise BrokerError(f"topics without partitions: {', '.join(missing)}")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
