@@ -31,6 +31,7 @@ from streams.reports.chargeback import ChargebackSettings, ExportTotals, chargeb
 from streams.reports.focus_columns import plain
 from streams.reports.focus_files import FORMATS as FOCUS_FORMATS
 from streams.reports.focus_files import check_format, write_rows
+from streams.reports.forecast_report import forecast
 from streams.reports.html_report import html_report
 from streams.reports.invoice import INVOICE_BY
 from streams.reports.limits import MAX_PERIOD_DAYS
@@ -41,6 +42,7 @@ from streams.reports.params import (
     Period,
     check_choice,
     format_ms,
+    parse_instant,
     parse_month,
     parse_period,
 )
@@ -120,6 +122,22 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
             help="read only base rows, not the hourly rollups (for checking)",
         )
         p.set_defaults(handler=_handler(name))
+    p = kinds.add_parser("forecast", help="month-end spend per owner, with prediction intervals")
+    add_clickhouse_option(p, env)
+    p.add_argument("--period", metavar="YYYY-MM", help="the month (default: this month)")
+    p.add_argument("--by", default="team", help=f"one of {', '.join(DIMENSIONS)}")
+    p.add_argument(
+        "--as-of",
+        dest="as_of",
+        metavar="TIME",
+        help="forecast as of this time, in the forms of --from (default: now)",
+    )
+    p.add_argument("--format", default="table", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--output", "-o", metavar="FILE", help="write here, not to stdout")
+    p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(
+        handler=lambda args: guarded("gpuledger report forecast", args, lambda: _forecast(args))
+    )
     report.set_defaults(handler=_usage(report))
 
     export = subparsers.add_parser("export", help="chargeback (FOCUS 1.3) and invoice")
@@ -319,6 +337,21 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
         store.close()
 
 
+def _forecast(args: argparse.Namespace) -> int:
+    fmt = check_choice(args.format, FORMATS, "--format")
+    check_choice(args.by, DIMENSIONS, "--by")
+    now_ms = int(time.time() * 1000)
+    as_of = parse_instant(args.as_of, option="--as-of") if args.as_of else now_ms
+    month = parse_month(args.period or format_ms(as_of)[:7])
+    store = open_store(args)
+    try:
+        report = forecast(store, month, args.by, now_ms=as_of, use_rollups=not args.base_only)
+    finally:
+        store.close()
+    _write(render(report, fmt).encode("utf-8"), args.output)
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> ChargebackSettings:
     return ChargebackSettings(
         billing_account_id=args.billing_account,
@@ -486,6 +519,8 @@ def _locked_line(args: argparse.Namespace) -> str:
             f"{where}; stop it, or read from the ClickHouse server it writes to "
             f"(--clickhouse http://...)"
         )
+    if getattr(args, "report", None) == "forecast":  # not served over HTTP
+        return f"{where} (pid {pid}); stop it to run the forecast on the folder"
     if getattr(args, "bill", None):  # a bill is written into the folder: no URL can do that
         return (
             f"{where} (pid {pid}); stop it to import or true up a bill, or point both at a "

@@ -136,7 +136,8 @@ def test_every_command_is_found() -> None:
     assert ["bill", "import"] in COMMANDS and ["bill", "trueup"] in COMMANDS
     assert ["report", "variance"] in COMMANDS
     assert ["plan"] in COMMANDS
-    assert len(COMMANDS) == 16
+    assert ["report", "forecast"] in COMMANDS
+    assert len(COMMANDS) == 17
 
 
 def test_the_declared_variables_are_the_contract() -> None:
