@@ -35,6 +35,7 @@ from streams.billing.trueup import (
     NonGpuRule,
     TrueupRow,
     affected_hours,
+    charge_hours,
     charges,
     in_hours,
     true_up,
@@ -202,7 +203,7 @@ def _import_slice(
     new_charges = gpu_charges(new_charges, identities)
     if latest is None or latest.non_gpu_rule != options.rule.text():
         # New, or trued up under another non-GPU rule: every hour, with this import's rule.
-        hours = {h for c in new_charges for h in _charge_hours(c)}
+        hours = {h for c in new_charges for h in charge_hours(c)}
         scope = new_charges
     else:
         old_lines = ledger.read_charge_lines(store, key, latest.version)
@@ -255,11 +256,6 @@ def compute(
     nodes = {(i.cluster, i.node) for i in identities}
     metered = ledger.read_metered(store, start, end, nodes)
     return true_up(scope, metered, identities, rule)
-
-
-def _charge_hours(charge: Charge) -> range:
-    start = charge.start_ms - charge.start_ms % 3_600_000
-    return range(start, charge.end_ms, 3_600_000)
 
 
 def _summary(

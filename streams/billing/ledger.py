@@ -258,20 +258,7 @@ def write_trueup(
 ) -> None:
     for at in range(0, len(rows), batch):
         values = [
-            (
-                slice_id,
-                version,
-                _utc(row.hour_ms),
-                row.resource_key,
-                row.instance_type,
-                *row.dims,
-                row.kind,
-                row.device_seconds,
-                row.metered_cost_usd,
-                row.effective_cost,
-                row.billed_cost,
-                row.currency,
-            )
+            (slice_id, version, _utc(row.hour_ms), *_trueup_values(row))
             for row in rows[at : at + batch]
         ]
         store.insert_values(
@@ -286,16 +273,33 @@ def copy_trueup(
     store: ClickHouseStore, slice_id: str, old: int, new: int, skip_hours_ms: Iterable[int]
 ) -> None:
     """The true-up rows of version `old` outside `skip_hours_ms`, again under version `new`."""
-    db = store.database
     skip = ", ".join(f"toDateTime({h // 1000}, 'UTC')" for h in sorted(set(skip_hours_ms)))
-    where = f"slice = %(s)s AND version = {int(old)}"
-    if skip:
-        where += f" AND hour NOT IN ({skip})"
-    columns = ", ".join(_TRUEUP_COLUMNS)
-    selected = ", ".join(f"{int(new)}" if c == "version" else c for c in _TRUEUP_COLUMNS)
+    _copy_version(
+        store,
+        "billed_cost_hourly",
+        _TRUEUP_COLUMNS,
+        slice_id,
+        old,
+        new,
+        f" AND hour NOT IN ({skip})" if skip else "",
+    )
+
+
+def _copy_version(
+    store: ClickHouseStore,
+    table: str,
+    columns: list[str],
+    slice_id: str,
+    old: int,
+    new: int,
+    where: str = "",
+) -> None:
+    """`INSERT ... SELECT` of a slice's rows of version `old` (and `where`) under `new`."""
+    db = store.database
+    selected = ", ".join(f"{int(new)}" if c == "version" else c for c in columns)
     store.command(
-        f"INSERT INTO {db}.billed_cost_hourly ({columns}) SELECT {selected} "
-        f"FROM {db}.billed_cost_hourly FINAL WHERE {where}",
+        f"INSERT INTO {db}.{table} ({', '.join(columns)}) SELECT {selected} "
+        f"FROM {db}.{table} FINAL WHERE slice = %(s)s AND version = {int(old)}{where}",
         {"s": slice_id},
     )
 
@@ -349,14 +353,7 @@ def _utc(time_ms: int) -> datetime:
 
 def copy_lines(store: ClickHouseStore, slice_id: str, old: int, new: int) -> None:
     """A slice's lines of version `old`, again under version `new`."""
-    db = store.database
-    columns = ", ".join(_LINE_COLUMNS)
-    selected = ", ".join(f"{int(new)}" if c == "version" else c for c in _LINE_COLUMNS)
-    store.command(
-        f"INSERT INTO {db}.bill_lines ({columns}) SELECT {selected} FROM {db}.bill_lines FINAL "
-        f"WHERE slice = %(s)s AND version = {int(old)}",
-        {"s": slice_id},
-    )
+    _copy_version(store, "bill_lines", _LINE_COLUMNS, slice_id, old, new)
 
 
 def read_trueup(store: ClickHouseStore, slice_id: str, version: int) -> list[tuple[object, ...]]:
@@ -379,21 +376,19 @@ def read_trueup(store: ClickHouseStore, slice_id: str, version: int) -> list[tup
 
 def trueup_tuples(rows: Sequence[TrueupRow]) -> list[tuple[object, ...]]:
     """TrueupRows shaped as read_trueup returns them."""
-    return sorted(
-        (
-            (
-                row.hour_ms // 1000,
-                row.resource_key,
-                row.instance_type,
-                *row.dims,
-                row.kind,
-                row.device_seconds,
-                row.metered_cost_usd,
-                row.effective_cost,
-                row.billed_cost,
-                row.currency,
-            )
-            for row in rows
-        ),
-        key=repr,
+    return sorted(((row.hour_ms // 1000, *_trueup_values(row)) for row in rows), key=repr)
+
+
+def _trueup_values(row: TrueupRow) -> tuple[object, ...]:
+    """A true-up row's columns after `hour`, in _TRUEUP_COLUMNS order."""
+    return (
+        row.resource_key,
+        row.instance_type,
+        *row.dims,
+        row.kind,
+        row.device_seconds,
+        row.metered_cost_usd,
+        row.effective_cost,
+        row.billed_cost,
+        row.currency,
     )

@@ -251,7 +251,7 @@ def true_up(
             weights = [Decimal(repr(r.device_seconds)) for r in rows]
         if not rows or not any(weights):
             dims = _node_dims(matched[0]) if matched else EMPTY_DIMS
-            hours = _hours_of(charge)  # spread evenly: a daily line is 24 hourly parts
+            hours = charge_hours(charge)  # spread evenly: a daily line is 24 hourly parts
             even = [Decimal(1)] * len(hours)
             eff_parts = largest_remainder(charge.effective_cost, even, AMOUNT_QUANTUM)
             bill_parts = largest_remainder(charge.billed_cost, even, AMOUNT_QUANTUM)
@@ -361,7 +361,7 @@ def _node_dims(node: tuple[str, str]) -> tuple[str | Decimal, ...]:
     return (node[0], node[1], *EMPTY_DIMS[2:])
 
 
-def _hours_of(charge: Charge) -> list[int]:
+def charge_hours(charge: Charge) -> list[int]:
     """The starts of the hours a charge's period touches (at least one)."""
     return list(range(_floor_hour(charge.start_ms), charge.end_ms, HOUR_MS))
 
@@ -405,7 +405,7 @@ def affected_hours(old: Sequence[Charge], new: Sequence[Charge]) -> set[int]:
 
 
 def _hours(charge: Charge) -> set[int]:
-    return set(_hours_of(charge))
+    return set(charge_hours(charge))
 
 
 def in_hours(charge: Charge, hours: set[int]) -> bool:
