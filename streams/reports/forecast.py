@@ -87,19 +87,29 @@ def forecast_month_end(
     hours_into_today: float,
     days_in_month: int,
     day_profile: Sequence[float] | None = None,
+    metered_from_hours: float = 0.0,
 ) -> MonthForecast:
     """From the totals of the month's complete days, the spend of the current day so far
     (`hours_into_today` hours of it, 0 <= h < 24) and an hour-of-day profile (24 weights of the
-    spend per hour of the day; None: flat) that says how much of a day is still to come."""
+    spend per hour of the day; None: flat) that says how much of a day is still to come.
+
+    `metered_from_hours`: hours into the month at which metering began (a ledger installed
+    mid-month, a cluster started then). The time before it is not history: the model sees only
+    the complete days after it, and the run rate is spend per hour metered."""
     mtd = sum(daily_usd, _ZERO) + today_usd
     days = len(daily_usd)
     if days >= days_in_month:
         return MonthForecast(mtd, _ZERO, mtd, mtd, mtd, mtd, COMPLETE, "the month is over", days)
     left_today = 1.0 - _share_before(day_profile, hours_into_today)
     whole_days_left = days_in_month - days - 1
-    if days < MIN_DAYS:
-        return _run_rate(daily_usd, today_usd, hours_into_today, days_in_month, mtd)
-    y = np.array([float(d) for d in daily_usd])
+    elapsed_h = days * HOURS_PER_DAY + hours_into_today
+    metered_from_h = min(max(0.0, metered_from_hours), elapsed_h)
+    history = list(daily_usd[math.ceil(metered_from_h / HOURS_PER_DAY) :])
+    if len(history) < MIN_DAYS:
+        metered_h = elapsed_h - metered_from_h
+        return _run_rate(history, metered_h, days_in_month - elapsed_h / HOURS_PER_DAY, mtd)
+    days = len(history)
+    y = np.array([float(d) for d in history])
     steps = whole_days_left + 1
     weights = np.array([left_today] + [1.0] * whole_days_left)
     seasonal = days >= SEASONAL_DAYS
@@ -170,31 +180,26 @@ def _ets(y: np.ndarray, steps: int, *, seasonal: bool) -> tuple[np.ndarray, np.n
 
 
 def _run_rate(
-    daily_usd: Sequence[Decimal],
-    today_usd: Decimal,
-    hours_into_today: float,
-    days_in_month: int,
-    mtd: Decimal,
+    history_usd: Sequence[Decimal], metered_h: float, left_days: float, mtd: Decimal
 ) -> MonthForecast:
-    """Fewer than MIN_DAYS complete days: the month so far per hour times the hours left. The
-    interval treats days as independent draws around an estimated mean (a prediction interval
-    for a sum of future days: var = D s^2 + D^2 s^2 / n), with s the spread of the days seen, or
-    of the hours seen scaled to a day when fewer than two days are complete."""
-    elapsed_h = len(daily_usd) * HOURS_PER_DAY + hours_into_today
-    days = len(daily_usd)
-    if elapsed_h <= 0:
+    """Fewer than MIN_DAYS complete days metered: the month so far per hour metered times the
+    hours left. The interval treats days as independent draws around an estimated mean (a
+    prediction interval for a sum of future days: var = D s^2 + D^2 s^2 / n), with s the spread
+    of the complete days seen, or, when fewer than two are, that of a day varying by half its
+    level."""
+    days = len(history_usd)
+    if metered_h <= 0:
         text = "no spend seen yet this month: nothing to extrapolate"
         return MonthForecast(mtd, _ZERO, mtd, mtd, mtd, mtd, RUN_RATE, text, 0, text)
-    left_days = days_in_month - elapsed_h / HOURS_PER_DAY
-    per_day = float(mtd) / elapsed_h * HOURS_PER_DAY
+    per_day = float(mtd) / metered_h * HOURS_PER_DAY
     rest = per_day * left_days
     if days >= 2:
-        spread = float(np.std([float(d) for d in daily_usd], ddof=1))
+        spread = float(np.std([float(d) for d in history_usd], ddof=1))
         n = float(days)
     else:
         # One day or less: the day's level is all there is; the spread of a day is unknown, so
         # the interval is that of a day's spend varying by half its level.
-        spread, n = per_day * 0.5, max(elapsed_h / HOURS_PER_DAY, 1 / HOURS_PER_DAY)
+        spread, n = per_day * 0.5, max(metered_h / HOURS_PER_DAY, 1 / HOURS_PER_DAY)
     sd = math.sqrt(left_days * spread**2 + left_days**2 * spread**2 / n)
     reason = f"fewer than {MIN_DAYS} complete days of history"
     return MonthForecast(
@@ -205,8 +210,8 @@ def _run_rate(
         low95_usd=mtd + _usd(max(0.0, rest - _Z95 * sd)),
         high95_usd=mtd + _usd(rest + _Z95 * sd),
         method=RUN_RATE,
-        method_text=f"run rate: {per_day:,.2f} USD/day over {elapsed_h:g} h x {left_days:.2f} "
-        f"days left; normal interval, sd {sd:,.2f}",
+        method_text=f"run rate: {per_day:,.2f} USD/day over {metered_h:.4g} h metered x "
+        f"{left_days:.2f} days left; normal interval, sd {sd:,.2f}",
         days_of_history=days,
         fallback=reason,
     )

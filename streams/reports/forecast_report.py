@@ -180,6 +180,7 @@ def forecast(
     profile = _day_profile(store, costs, start_s, end_ms)
     elapsed_days, into_today_ms = divmod(end_ms - month.start_ms, DAY_MS)
     days_in_month = (month.end_ms - month.start_ms) // DAY_MS
+    metered_from_h = (_metered_from_ms(store, costs, month.start_ms) - month.start_ms) / 3_600_000
 
     def one(days: dict[int, Decimal]) -> MonthForecast:
         return forecast_month_end(
@@ -188,6 +189,7 @@ def forecast(
             hours_into_today=into_today_ms / 3_600_000,
             days_in_month=days_in_month,
             day_profile=profile,
+            metered_from_hours=metered_from_h,
         )
 
     lines = [ForecastLine(key, kind, one(days)) for (kind, key), days in series.items()]
@@ -201,6 +203,25 @@ def _classify(kind: str, key: str) -> str:
     if kind == KIND_HOST:
         return HOST_LINE
     return UNTAGGED_LINE if key in (UNTAGGED, UNKNOWN) else ALLOCATED
+
+
+def _metered_from_ms(store: ClickHouseStore, costs: str, start_ms: int) -> int:
+    """When metering began this month: the first hour with cost (rollups or windows), to the
+    window where its windows are still kept (a ledger that began at 22:11 has metered 10
+    minutes by 22:21, not 21); the month's start when nothing was metered."""
+    db = store.database
+    [(first_s, hours)] = store.query_rows(
+        f"SELECT toUnixTimestamp(min(hour)), count() FROM {costs}"
+    )
+    if not hours:
+        return start_ms
+    hour_ms = int(first_s) * 1000
+    [(first_ms, windows)] = store.query_rows(
+        f"SELECT toUnixTimestamp64Milli(min(window_start)), count() FROM {db}.gpu_cost_windows "
+        f"WHERE window_start >= fromUnixTimestamp64Milli({hour_ms}) "
+        f"AND window_start < fromUnixTimestamp64Milli({hour_ms + 3_600_000})"
+    )
+    return max(start_ms, int(first_ms) if windows else hour_ms)
 
 
 def _day_profile(store: ClickHouseStore, costs: str, start_s: int, end_ms: int) -> list[float]:
