@@ -13,6 +13,7 @@ from rich.table import Table
 
 from agents.scenario import Scenario
 from gpuledger.demo.pipeline import DemoBill, DemoConfig, DemoOutcome, DemoProgress
+from gpuledger.demo.planning import DemoPlanning
 from streams.reports.params import format_ms
 from streams.reports.render import Tabular
 
@@ -139,6 +140,8 @@ def print_outcome(console: Console, outcome: DemoOutcome) -> None:
     print_tables(console, outcome.by_model.table())
     if outcome.bill is not None:
         print_bill(console, outcome.bill)
+    if outcome.planning is not None:
+        print_planning(console, outcome.planning)
     console.print()
     console.print(f"HTML report: {outcome.report_path}", soft_wrap=True)
     span = f"--from {format_ms(outcome.period.start_ms)} --to {format_ms(outcome.period.end_ms)}"
@@ -171,6 +174,35 @@ def print_outcome(console: Console, outcome: DemoOutcome) -> None:
         console.print(
             f"Import it again (nothing changes): gpuledger bill import {bill.path} "
             f"--clickhouse {outcome.dsn}",
+            soft_wrap=True,
+        )
+    planning_commands(console, outcome)
+
+
+def print_planning(console: Console, planning: DemoPlanning) -> None:
+    """Forecast, the cost of scaling the busiest model, budgets, and request-based cost."""
+    console.print()
+    console.print("Planning, from the data just collected:", soft_wrap=True)
+    print_tables(console, planning.tables())
+
+
+def planning_commands(console: Console, outcome: DemoOutcome) -> None:
+    planning = outcome.planning
+    if planning is None:
+        return
+    dsn = outcome.dsn
+    month = format_ms(planning.month.start_ms)[:7]
+    console.print(
+        f"Forecast: gpuledger report forecast --clickhouse {dsn} --period {month} "
+        f"--as-of {format_ms(planning.as_of_ms)}",
+        soft_wrap=True,
+    )
+    if planning.model is not None:
+        period = outcome.period
+        span = f"--from {format_ms(period.start_ms)} --to {format_ms(period.end_ms)}"
+        console.print(
+            f"Scale a model: gpuledger plan --clickhouse {dsn} {span} --model {planning.model} "
+            "--growth 3x",
             soft_wrap=True,
         )
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from agents.demo_scenario import demo_scenario
 from agents.scenario import Scenario, SimClock
 from gpuledger.demo.bills import demo_bill, write_bill
+from gpuledger.demo.planning import DemoPlanning, demo_planning
 from gpuledger.demo.producers import PublishedCounts, SimulatedProducers
 from gpuledger.embedded_broker import EmbeddedBroker
 from runtime.errors import ConfigError
@@ -90,6 +91,7 @@ class DemoOutcome:
     report_path: Path
     dsn: str
     bill: DemoBill | None = None
+    planning: DemoPlanning | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +314,7 @@ class DemoRun:
         bill = import_demo_bill(
             store, start_ms, end_ms, cfg.report_path.with_name("gpuledger-demo-bill.csv")
         )
+        planning = demo_planning(store, period, end_ms, by_model, cfg.price_book)
         return DemoOutcome(
             scenario=self.scenario,
             period=period,
@@ -324,6 +327,7 @@ class DemoRun:
             report_path=cfg.report_path,
             dsn=cfg.dsn,
             bill=bill,
+            planning=planning,
         )
 
 
