@@ -134,12 +134,15 @@ class PlanReport:
         return tuple(out)
 
     def table(self) -> Sequence[Tabular]:
-        rows = []
+        """Two tables, each narrow enough for a terminal: the options, then what each rests on
+        (the notes follow the second)."""
+        options, evidence = [], []
         for o in self.options:
             m, e = o.measured, o.evidence
-            rows.append(
+            device = _device_text(m.device)
+            options.append(
                 (
-                    _device_text(m.device),
+                    device,
                     sig3(m.tokens_per_device_s),
                     "-" if m.sm_util_pct is None else f"{m.sm_util_pct:.0f}%",
                     "-" if m.busy_share is None else f"{m.busy_share:.0%}",
@@ -147,6 +150,11 @@ class PlanReport:
                     f"{o.price_per_hour_usd:,.4f}",
                     money(round_total(o.monthly_cost_usd)),
                     f"{o.cost_per_1m_tokens_usd:,.4f}",
+                )
+            )
+            evidence.append(
+                (
+                    device,
                     _hours_text(e.device_hours),
                     f"{e.tokens:,.0f}",
                     f"{e.distinct_hours:,}",
@@ -154,7 +162,11 @@ class PlanReport:
                     e.reason,
                 )
             )
-        headers = (
+        title = (
+            f"Plan for {self.model}, measured {format_ms(self.period.start_ms)} to "
+            f"{format_ms(self.period.end_ms)}"
+        )
+        option_headers = (
             "device (GPU, MIG, pricing)",
             "tok/device-s",
             "SM util",
@@ -163,17 +175,18 @@ class PlanReport:
             "USD/device-h",
             "USD/month",
             "USD/1M tok at target",
-            "device-h",
-            "tokens",
-            "hours",
-            "CV",
-            "confidence",
         )
-        title = (
-            f"Plan for {self.model}, measured {format_ms(self.period.start_ms)} to "
-            f"{format_ms(self.period.end_ms)}"
+        evidence_headers = ("device", "device-h", "tokens", "hours", "CV", "confidence")
+        return (
+            Tabular(title, option_headers, tuple(options), right_aligned_from=1),
+            Tabular(
+                f"What the plan for {self.model} rests on",
+                evidence_headers,
+                tuple(evidence),
+                notes=self.notes(),
+                right_aligned_from=1,
+            ),
         )
-        return (Tabular(title, headers, tuple(rows), notes=self.notes(), right_aligned_from=1),)
 
     def records(self) -> list[dict[str, Any]]:
         best = self.cheapest
