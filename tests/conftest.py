@@ -13,6 +13,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from chdb_folder import chdb_folder
@@ -46,12 +47,19 @@ def topic_name(request: pytest.FixtureRequest) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kube: needs the real kube-apiserver of the test harness")
+    config.addinivalue_line(
+        "markers", "deploy: under tests/deploy (kustomize, promtool, the manifests' tools)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Any test that needs the broker is a kafka test, so `-m "not kafka"` skips them all;
-    # likewise `kube` for the API server.
+    # likewise `kube` for the API server; `deploy` for the tests of deploy/ (.ci/test runs
+    # `kube or deploy` once .ci/build-kubernetes, started beside the other tests, is done).
+    deploy = Path(__file__).parent / "deploy"
     for item in items:
+        if deploy in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.deploy)
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kafka)
         if "kube_apiserver" in getattr(item, "fixturenames", ()):

@@ -118,7 +118,6 @@ def assert_self_contained_report(path: Path) -> None:
 
 
 def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
-    started = time.monotonic()
     result = subprocess.run(
         demo_command(tmp_path, "--minutes", "3", "--speed", "30"),
         capture_output=True,
@@ -151,7 +150,6 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
         for n in demo_nodes()
     ]
     assert_self_contained_report(tmp_path / "report.html")
-    assert time.monotonic() - started < 120
     assert_month_exports(out, tmp_path)
     assert_billed_basis(out, tmp_path)
 
