@@ -106,3 +106,25 @@ CREATE TABLE IF NOT EXISTS {db}.node_events
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (cluster, node, time, event_id);
+ALTER TABLE {db}.node_events ADD COLUMN IF NOT EXISTS gpu_capacity Map(String, UInt32);
+
+-- One row per pod event of gpuledger.pods for a pod that requests (or requested) GPU resources:
+-- from `time` on, the pod holds `requests` (empty: nothing, it finished or was deleted).
+-- Owners are resolved by the worker's label policy exactly as on cost rows.
+CREATE TABLE IF NOT EXISTS {db}.pod_gpu_requests
+(
+    cluster      LowCardinality(String),
+    node         String,
+    namespace    LowCardinality(String),
+    pod          String,
+    pod_uid      String,
+    team         LowCardinality(String),
+    product      LowCardinality(String),
+    cost_center  LowCardinality(String),
+    requests     Map(String, UInt32),
+    time         DateTime64(3, 'UTC'),
+    event_id     String
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(time)
+ORDER BY (cluster, pod_uid, time, event_id);
