@@ -17,7 +17,7 @@ import yaml
 from runtime.errors import ConfigError
 
 BUDGET_DIMENSIONS = ("team", "cost_center", "product", "namespace")
-DEFAULT_THRESHOLDS_PCT = (Decimal(80), Decimal(100))
+DEFAULT_THRESHOLDS_PCT: tuple[Decimal, ...] = (Decimal(80), Decimal(100))
 MAX_THRESHOLD_PCT = Decimal(1000)  # ten times the budget: beyond it a threshold means nothing
 MAX_AMOUNT_USD = Decimal(10) ** 12  # a trillion dollars a month: past it, a typo
 MAX_OWNER_CHARS = 256
