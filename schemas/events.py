@@ -64,6 +64,14 @@ ProviderId = Annotated[str, Meta(max_length=fields.MAX_PROVIDER_ID)]  # "": none
 InstanceType = Annotated[str, Meta(max_length=fields.MAX_LABEL_VALUE)]  # "": not labelled
 Gpus = Annotated[int, Meta(ge=0, le=fields.MAX_GPUS)]
 Millicores = Annotated[int, Meta(ge=0, le=fields.MAX_MILLICORES)]
+# GPU extended resources (`nvidia.com/gpu`, `nvidia.com/mig-3g.40gb`, ...) and a count of each:
+# a pod's requests, a node's capacity. Resource names are qualified names, bounded as label
+# keys are; a node lists a few (whole GPUs, shared GPUs, one per MIG profile). Not in the rule
+# table of `schemas.fields`: `_gpu_counts` below checks them on the explaining path.
+MAX_GPU_RESOURCES = 64
+GpuResource = Annotated[str, Meta(min_length=1, max_length=fields.MAX_LABEL_KEY)]
+GpuCount = Annotated[int, Meta(ge=0, le=fields.MAX_GPUS)]
+GpuCounts = Annotated[Mapping[GpuResource, GpuCount], Meta(max_length=MAX_GPU_RESOURCES)]
 
 
 class ProcessSample(Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,6 +111,9 @@ class PodInfo(Struct, frozen=True):
     labels: Labels = field(default_factory=dict)
     namespace_labels: Labels = field(default_factory=dict)
     deleted: bool = False
+    # GPU extended resource -> the count the pod holds (Kubernetes' effective request); empty
+    # once it finished (Succeeded or Failed). Absent in events of older watchers: empty.
+    gpu_requests: GpuCounts = field(default_factory=dict)
 
 
 class NodeInfo(Struct, frozen=True, forbid_unknown_fields=True):
@@ -117,6 +128,9 @@ class NodeInfo(Struct, frozen=True, forbid_unknown_fields=True):
     cpu_millicores: Millicores
     memory_bytes: Bytes
     deleted: bool
+    # status.capacity of its GPU extended resources (time-sliced: GPUs x replicas; MIG mixed:
+    # one per profile). Absent in events of older watchers: empty.
+    gpu_capacity: GpuCounts = field(default_factory=dict)
 
 
 class TokenDelta(Struct, frozen=True, forbid_unknown_fields=True):
@@ -291,6 +305,7 @@ def _payload_to_dict(data: Payload) -> dict[str, Any]:
             "labels": dict(data.labels),
             "namespace_labels": dict(data.namespace_labels),
             "deleted": data.deleted,
+            "gpu_requests": dict(data.gpu_requests),
         }
     if isinstance(data, NodeInfo):
         return {
@@ -302,6 +317,7 @@ def _payload_to_dict(data: Payload) -> dict[str, Any]:
             "cpu_millicores": data.cpu_millicores,
             "memory_bytes": data.memory_bytes,
             "deleted": data.deleted,
+            "gpu_capacity": dict(data.gpu_capacity),
         }
     return {
         "cluster": data.cluster,
@@ -522,6 +538,7 @@ def _pod(d: dict[str, Any]) -> PodInfo:
         labels=d["labels"],
         namespace_labels=d["namespace_labels"],
         deleted=d["deleted"],
+        gpu_requests=_gpu_counts(d, "gpu_requests"),
     )
 
 
@@ -535,7 +552,43 @@ def _node(d: dict[str, Any]) -> NodeInfo:
         cpu_millicores=d["cpu_millicores"],
         memory_bytes=d["memory_bytes"],
         deleted=d["deleted"],
+        gpu_capacity=_gpu_counts(d, "gpu_capacity"),
     )
+
+
+def _gpu_counts(d: dict[str, Any], name: str) -> dict[str, int]:
+    """A payload's GPU counts member (`GpuCounts`), checked; an absent one is empty."""
+    if name not in d:
+        return {}
+    counts = d[name]
+    path = f"data.{name}"
+    if type(counts) is not dict:
+        raise fields.FieldError("wrong_type", f"{path}: expected an object of whole numbers")
+    if len(counts) > MAX_GPU_RESOURCES:
+        raise fields.FieldError(
+            "too_long",
+            f"{path}: {len(counts):,} resources, more than the limit of {MAX_GPU_RESOURCES:,}",
+        )
+    for key, count in counts.items():
+        if not key:
+            raise fields.FieldError("wrong_type", f"{path}: a resource name is empty")
+        if len(key) > fields.MAX_LABEL_KEY:
+            raise fields.FieldError(
+                "too_long",
+                f"{path}: key {fields.excerpt(key)} is longer than the limit of "
+                f"{fields.MAX_LABEL_KEY:,} characters",
+            )
+        if type(count) is not int:
+            raise fields.FieldError(
+                "wrong_type", f"{path}[{fields.excerpt(key)}]: expected a whole number"
+            )
+        if not 0 <= count <= fields.MAX_GPUS:
+            raise fields.FieldError(
+                "out_of_range",
+                f"{path}[{fields.excerpt(key)}]: {count!r} is out of range "
+                f"(must be >= 0 and <= {fields.MAX_GPUS:g})",
+            )
+    return counts
 
 
 def _tokens(d: dict[str, Any]) -> TokenDelta:

@@ -103,7 +103,30 @@ def test_typed_fields_restate_the_rule_table(
         if struct is not PodInfo:
             assert field.required is (rule.name not in fields.OPTIONAL), rule.name
     if struct is not _Envelope:
-        assert set(by_name) == {r.name for r in rules}
+        assert set(by_name) == {r.name for r in rules} | GPU_COUNTS.get(struct, set())
+
+
+# Members outside the rule table, checked by `events._gpu_counts` on the explaining path.
+GPU_COUNTS: dict[type[msgspec.Struct], set[str]] = {
+    PodInfo: {"gpu_requests"},
+    NodeInfo: {"gpu_capacity"},
+}
+
+
+@pytest.mark.parametrize("struct", list(GPU_COUNTS), ids=lambda x: x.__name__)
+def test_gpu_counts_are_bounded_maps_of_resource_names_to_whole_numbers(
+    struct: type[msgspec.Struct],
+) -> None:
+    info = mi.type_info(struct)
+    assert isinstance(info, mi.StructType)
+    for field in (f for f in info.fields if f.name in GPU_COUNTS[struct]):
+        counts = field.type
+        assert isinstance(counts, mi.DictType) and not field.required
+        assert counts.max_length == events.MAX_GPU_RESOURCES
+        key, value = counts.key_type, counts.value_type
+        assert isinstance(key, mi.StrType) and isinstance(value, mi.IntType)
+        assert (key.min_length, key.max_length) == (1, fields.MAX_LABEL_KEY)
+        assert (value.ge, value.le) == (0, fields.MAX_GPUS)
 
 
 def test_every_string_and_collection_has_a_maximum_length() -> None:
