@@ -4,9 +4,10 @@ daily and a weekly cycle, noise and a step change (a team adding GPUs mid-month)
 For each series and each forecast origin (midnight of day 7..27 of a 30-day month) every
 candidate forecasts the month-end total; reported per candidate: mean absolute error as a share
 of the actual total (MAPE), the share of cases whose 80 % / 95 % interval covers the actual, and
-fit time per series. Candidates: the naive run rate and seasonal naive (last week repeated),
-statsmodels ETS as shipped (streams/reports/forecast.py) and, when installed, statsforecast
-AutoETS. Run: .venv/bin/python tests/benchmarks/bench_forecast.py [--series 40]
+time per forecast. Candidates: the naive run rate, the last 7 days' run rate, seasonal naive
+(last week repeated), statsmodels ETS as shipped (streams/reports/forecast.py), the same ETS
+with a damped trend and with no trend, and, when installed, statsforecast AutoETS.
+Run: .venv/bin/python tests/benchmarks/bench_forecast.py [--series 40] [--origin-step-days 1]
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from collections.abc import Callable
 from decimal import Decimal
 
 import numpy as np
 
-from streams.reports.forecast import forecast_hourly
+from streams.reports.forecast import SEASONAL_DAYS, SEED, SIMULATIONS, forecast_hourly
 
 MONTH_H = 720
 Forecast = tuple[float, float, float, float, float]  # point, lo80, hi80, lo95, hi95
@@ -47,6 +49,21 @@ def run_rate(y: np.ndarray) -> Forecast:
     return point, point, point, point, point
 
 
+def recent_run_rate(y: np.ndarray) -> Forecast:
+    """The last 7 days' spend per hour for the rest of the month: follows a step change within
+    a week."""
+    point = y.sum() + y[-168:].mean() * (MONTH_H - len(y))
+    return point, point, point, point, point
+
+
+def last_week_rate(y: np.ndarray) -> Forecast:
+    """The month so far plus the last 7 days' mean day for each day left: a run rate that
+    follows a step change within a week."""
+    left = MONTH_H - len(y)
+    point = y.sum() + y[-168:].mean() * left
+    return point, point, point, point, point
+
+
 def seasonal_naive(y: np.ndarray) -> Forecast:
     left = MONTH_H - len(y)
     week = y[-168:]
@@ -68,6 +85,82 @@ def shipped(y: np.ndarray) -> Forecast:
     )
 
 
+def ets_variant(trend: str | None, *, damped: bool) -> Callable[[np.ndarray], Forecast]:
+    """The shipped model's recipe (daily totals scaled to the mean day, additive errors, weekly
+    additive season from 14 days, intervals of 2,000 simulated paths) with another trend."""
+
+    def fn(y: np.ndarray) -> Forecast:
+        from statsmodels.tsa.exponential_smoothing.ets import ETSModel
+
+        daily = y.reshape(-1, 24).sum(axis=1)
+        steps = (MONTH_H - len(y)) // 24
+        scale = float(daily.mean()) or 1.0
+        seasonal = len(daily) >= 14
+        model = ETSModel(
+            daily / scale,
+            error="add",
+            trend=trend,
+            damped_trend=damped,
+            seasonal="add" if seasonal else None,
+            seasonal_periods=7 if seasonal else None,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = model.fit(disp=False)
+            point = float(np.asarray(fit.forecast(steps)).sum()) * scale
+            paths = fit.simulate(
+                steps, anchor="end", repetitions=2000, rng=np.random.default_rng(20261101)
+            )
+        totals = np.clip(np.asarray(paths).reshape(steps, -1) * scale, 0, None).sum(axis=0)
+        lo95, lo80, hi80, hi95 = np.percentile(totals, [2.5, 10.0, 90.0, 97.5]) + y.sum()
+        total = y.sum() + max(0.0, point)
+        return total, min(lo80, total), max(hi80, total), min(lo95, total), max(hi95, total)
+
+    return fn
+
+
+def statsmodels_ets(trend: str | None, damped: bool) -> Callable[[np.ndarray], Forecast]:
+    """ETS on daily totals as shipped (additive error, weekly season from SEASONAL_DAYS, units of
+    the mean day, SIMULATIONS paths from SEED clipped at zero) with another trend: damped
+    additive, or none. Origins are at midnight: the days left are whole."""
+    from statsmodels.tsa.exponential_smoothing.ets import ETSModel
+
+    def fn(y: np.ndarray) -> Forecast:
+        daily = y.reshape(-1, 24).sum(axis=1)
+        steps = (MONTH_H - len(y)) // 24
+        scale = float(np.abs(daily).mean()) or 1.0
+        seasonal = len(daily) >= SEASONAL_DAYS
+        model = ETSModel(
+            daily / scale,
+            error="add",
+            trend=trend,
+            damped_trend=damped,
+            seasonal="add" if seasonal else None,
+            seasonal_periods=7 if seasonal else None,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = model.fit(disp=False)
+            rest = max(0.0, float(np.asarray(fit.forecast(steps)).sum()) * scale)
+            paths = np.asarray(
+                fit.simulate(
+                    steps, anchor="end", repetitions=SIMULATIONS, rng=np.random.default_rng(SEED)
+                )
+            ).reshape(steps, SIMULATIONS)
+        totals = np.clip(paths * scale, 0.0, None).sum(axis=0)
+        lo95, lo80, hi80, hi95 = np.percentile(totals, [2.5, 10.0, 90.0, 97.5])
+        mtd = y.sum()
+        return (
+            mtd + rest,
+            mtd + min(lo80, rest),
+            mtd + max(hi80, rest),
+            mtd + min(lo95, rest),
+            mtd + max(hi95, rest),
+        )
+
+    return fn
+
+
 def statsforecast_autoets(y: np.ndarray) -> Forecast:
     """AutoETS on daily totals, weekly season; the total's interval from the per-day ones
     summed (errors of one path are strongly correlated: an upper bound on the width)."""
@@ -82,6 +175,14 @@ def statsforecast_autoets(y: np.ndarray) -> Forecast:
     return point, point - half80, point + half80, point - half95, point + half95
 
 
+def _share(covered: np.ndarray, interval: bool) -> str:
+    return f"{100 * covered.mean():.0f} %" if interval and covered.size else "-"
+
+
+def _mape(errors: np.ndarray) -> str:
+    return f"{100 * errors.mean():.2f} %" if errors.size else "-"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--series", type=int, default=40)
@@ -92,8 +193,11 @@ def main() -> None:
     series = [history(rng) for _ in range(args.series)]
     candidates: dict[str, Callable[[np.ndarray], Forecast]] = {
         "run rate (naive)": run_rate,
+        "last week's run rate": last_week_rate,
         "seasonal naive (last week)": seasonal_naive,
         "statsmodels ETS (shipped)": shipped,
+        "statsmodels ETS, damped trend": statsmodels_ets("add", True),
+        "statsmodels ETS, no trend": statsmodels_ets(None, False),
     }
     try:
         import statsforecast  # type: ignore[import-not-found]
@@ -105,12 +209,21 @@ def main() -> None:
     origins = range(7, 28, args.origin_step_days)
     print(
         f"{len(series)} series x {len(origins)} origins (day 7..27, every "
-        f"{args.origin_step_days}), 30-day month"
+        f"{args.origin_step_days}), 30-day month; MAPE and coverage over all origins, then "
+        f"before / from day {SEASONAL_DAYS}"
     )
-    print("| candidate | MAPE | worst APE | 80 % covers | 95 % covers | fit ms / series |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| candidate | MAPE | worst APE | 80 % covers | 95 % covers | "
+        f"MAPE < day {SEASONAL_DAYS} | MAPE >= day {SEASONAL_DAYS} | "
+        f"95 % covers >= day {SEASONAL_DAYS} | fit ms / series |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, fn in candidates.items():
-        errors, in80, in95, seconds = [], 0, 0, 0.0
+        errors: list[float] = []
+        late: list[bool] = []
+        in80: list[bool] = []
+        in95: list[bool] = []
+        seconds, interval = 0.0, False
         for y in series:
             actual = y.sum()
             for day in origins:
@@ -118,16 +231,19 @@ def main() -> None:
                 point, lo80, hi80, lo95, hi95 = fn(y[: day * 24])
                 seconds += time.perf_counter() - t
                 errors.append(abs(point - actual) / actual)
-                in80 += lo80 <= actual <= hi80
-                in95 += lo95 <= actual <= hi95
-        n = len(errors)
-        interval = lo80 != hi80 or name.startswith("statsmodels")
+                late.append(day >= SEASONAL_DAYS)
+                in80.append(bool(lo80 <= actual <= hi80))
+                in95.append(bool(lo95 <= actual <= hi95))
+                interval = interval or lo95 != hi95 or name.startswith("statsmodels")
+        err, is_late = np.array(errors), np.array(late)
+        cov80, cov95 = np.array(in80), np.array(in95)
+
         print(
-            f"| {name} | {100 * np.mean(errors):.2f} % | {100 * max(errors):.1f} % | "
-            f"{f'{100 * in80 / n:.0f} %' if interval else '-'} | "
-            f"{f'{100 * in95 / n:.0f} %' if interval else '-'} | {1000 * seconds / n:.1f} |"
+            f"| {name} | {_mape(err)} | {100 * err.max():.1f} % | {_share(cov80, interval)} | "
+            f"{_share(cov95, interval)} | {_mape(err[~is_late])} | {_mape(err[is_late])} | "
+            f"{_share(cov95[is_late], interval)} | {1000 * seconds / len(errors):.1f} |"
         )
-    assert not math.isnan(float(np.mean(errors)))
+        assert not math.isnan(float(err.mean()))
 
 
 if __name__ == "__main__":
