@@ -2,8 +2,10 @@
 change. Pure: it takes Kubernetes objects (dicts, as the API returns them) and returns
 `PodEmission`s; the watcher does the I/O.
 
-Only changes that matter downstream (node, labels, namespace labels, deletion) are emitted, so
-status churn does not flood the compacted topic. Event ids are `<uid>:<pod rv>:<namespace rv>`
+Only changes that matter downstream (node, labels, namespace labels, GPU requests, deletion) are
+emitted, so status churn does not flood the compacted topic: a pod's GPU requests change only
+when it reaches a terminal phase (it then holds nothing), and a pod without any never changes
+them. Event ids are `<uid>:<pod rv>:<namespace rv>`
 (or `<uid>:deleted`): stable when the same observation is re-sent, new for every change.
 A pod's first event carries its creation time, so metadata covers everything it ran.
 """
@@ -18,8 +20,9 @@ from typing import Any
 
 from msgspec.structs import replace
 
-from schemas.events import PodInfo
-from schemas.fields import MAX_LABELS, fit_labels
+from agents.quantities import whole_units
+from schemas.events import MAX_GPU_RESOURCES, PodInfo
+from schemas.fields import MAX_GPUS, MAX_LABELS, fit_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,79 @@ class _Pod:
     labels: Mapping[str, str]
     resource_version: str
     created_ms: int | None
+    gpu_requests: Mapping[str, int]
+
+
+GPU_RESOURCE_PREFIX = "nvidia.com/"
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def gpu_requests(obj: Mapping[str, Any]) -> dict[str, int]:
+    """The GPU extended resources (`nvidia.com/...`) a pod holds, as the scheduler counts them:
+    per resource, the larger of the app containers' sum and the largest init container (an
+    init container that restarts, a sidecar, adds to the app containers and to the init
+    containers after it); a container's request, or without one its limit. Nothing once the
+    pod is in a terminal phase. Quantities that cannot be read, or beyond what an event may
+    carry, are left out and logged."""
+    if (obj.get("status") or {}).get("phase") in TERMINAL_PHASES:
+        return {}
+    spec = obj.get("spec") or {}
+    what = _name_of(obj)
+    totals: dict[str, int] = {}
+    sidecars: dict[str, int] = {}
+    for container in spec.get("initContainers") or ():
+        wanted = _container_gpus(container, what)
+        if container.get("restartPolicy") == "Always":
+            _add(sidecars, wanted)
+            wanted = sidecars
+        else:
+            wanted = _summed(sidecars, wanted)
+        for name, count in wanted.items():
+            totals[name] = max(totals.get(name, 0), count)
+    app: dict[str, int] = dict(sidecars)
+    for container in spec.get("containers") or ():
+        _add(app, _container_gpus(container, what))
+    for name, count in app.items():
+        totals[name] = max(totals.get(name, 0), count)
+    held = {name: count for name, count in sorted(totals.items()) if 0 < count <= MAX_GPUS}
+    if any(count > MAX_GPUS for count in totals.values()):
+        log.warning("%s: GPU requests beyond %d left out of its events", what, MAX_GPUS)
+    if len(held) > MAX_GPU_RESOURCES:
+        log.warning("%s: GPU resources beyond the first %d left out", what, MAX_GPU_RESOURCES)
+        held = dict(list(held.items())[:MAX_GPU_RESOURCES])
+    return held
+
+
+def _container_gpus(container: Mapping[str, Any], what: str) -> dict[str, int]:
+    resources = container.get("resources") or {}
+    limits = resources.get("limits") or {}
+    requests = resources.get("requests") or {}
+    out: dict[str, int] = {}
+    for name in {*limits, *requests}:
+        if not str(name).startswith(GPU_RESOURCE_PREFIX):
+            continue
+        text = requests.get(name, limits.get(name))
+        try:
+            out[str(name)] = whole_units(str(text))
+        except ValueError:
+            log.warning("%s: %s %r is not a quantity; left out", what, name, str(text)[:32])
+    return out
+
+
+def _add(totals: dict[str, int], more: Mapping[str, int]) -> None:
+    for name, count in more.items():
+        totals[name] = totals.get(name, 0) + count
+
+
+def _summed(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    _add(out, b)
+    return out
+
+
+def _name_of(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    return f"pod {meta.get('namespace')}/{meta.get('name')}"
 
 
 def _created_ms(meta: Mapping[str, Any]) -> int | None:
@@ -81,6 +157,7 @@ def _pod(obj: Mapping[str, Any]) -> _Pod | None:
         labels=_labels(meta, f"pod {meta['namespace']}/{meta['name']}"),
         resource_version=str(meta.get("resourceVersion", "")),
         created_ms=_created_ms(meta),
+        gpu_requests=gpu_requests(obj),
     )
 
 
@@ -161,6 +238,7 @@ class PodState:
             labels=dict(pod.labels),
             namespace_labels=dict(ns_labels),
             deleted=False,
+            gpu_requests=dict(pod.gpu_requests),
         )
 
     def _emission(self, pod: _Pod, now_ms: int) -> PodEmission | None:
