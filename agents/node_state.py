@@ -3,7 +3,7 @@ and what to publish when it changes. Pure: it takes Kubernetes Node objects (dic
 returns them) and returns `NodeEmission`s; the watcher does the I/O.
 
 A node is news when it appears, when its providerID, instance type or capacity (GPUs, CPU,
-memory) changes, and when it is deleted; status heartbeats are not. Event ids are
+memory, each `nvidia.com/` resource) changes, and when it is deleted; status heartbeats are not. Event ids are
 `<node uid>:<resourceVersion>` (or `<node uid>:deleted`). A node's first event carries its
 creation time, so its identity covers everything it ran.
 """
@@ -19,11 +19,12 @@ from typing import Any
 from msgspec.structs import replace
 
 from agents.quantities import millis, whole_units
-from schemas.events import NodeInfo
+from schemas.events import MAX_GPU_RESOURCES, NodeInfo
 from schemas.fields import (
     MAX_BYTES,
     MAX_DNS_SUBDOMAIN,
     MAX_GPUS,
+    MAX_LABEL_KEY,
     MAX_LABEL_VALUE,
     MAX_MILLICORES,
     MAX_PROVIDER_ID,
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
 GPU_RESOURCE = "nvidia.com/gpu"
+GPU_RESOURCE_PREFIX = "nvidia.com/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,7 @@ class NodeState:
             cpu_millicores=_capacity(capacity, "cpu", millis, MAX_MILLICORES, problems),
             memory_bytes=_capacity(capacity, "memory", whole_units, MAX_BYTES, problems),
             deleted=False,
+            gpu_capacity=_gpu_capacity(capacity, problems),
         )
         if problems and name not in self._warned:
             self._warned.add(name)
@@ -164,6 +167,22 @@ class NodeState:
             return []
         info = replace(final if final is not None else before, deleted=True)
         return [NodeEmission(info, f"{node.uid}:deleted", now_ms, "deleted")]
+
+
+def _gpu_capacity(capacity: Mapping[str, Any], problems: list[str]) -> dict[str, int]:
+    """Every `nvidia.com/` resource of the node's capacity (with time-slicing, `nvidia.com/gpu`
+    is GPUs x replicas; with MIG "mixed", one per profile), those not 0 and readable; at most
+    MAX_GPU_RESOURCES of them, the first in name order."""
+    names = sorted(str(name) for name in capacity if str(name).startswith(GPU_RESOURCE_PREFIX))
+    out: dict[str, int] = {}
+    for name in names:
+        count = _capacity(capacity, name, whole_units, MAX_GPUS, problems)
+        if count and len(name) <= MAX_LABEL_KEY:
+            out[name] = count
+    if len(out) > MAX_GPU_RESOURCES:
+        problems.append(f"{len(out)} GPU resources, beyond the first {MAX_GPU_RESOURCES}")
+        out = dict(list(out.items())[:MAX_GPU_RESOURCES])
+    return out
 
 
 def _capacity(
