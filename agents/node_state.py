@@ -3,9 +3,9 @@ and what to publish when it changes. Pure: it takes Kubernetes Node objects (dic
 returns them) and returns `NodeEmission`s; the watcher does the I/O.
 
 A node is news when it appears, when its providerID, instance type or capacity (GPUs, CPU,
-memory, each `nvidia.com/` resource) changes, and when it is deleted; status heartbeats are not. Event ids are
-`<node uid>:<resourceVersion>` (or `<node uid>:deleted`). A node's first event carries its
-creation time, so its identity covers everything it ran.
+memory, each `nvidia.com/` resource) changes, and when it is deleted; status heartbeats are
+not. Event ids are `<node uid>:<resourceVersion>` (or `<node uid>:deleted`). A node's first
+event carries its creation time, so its identity covers everything it ran.
 """
 
 from __future__ import annotations
