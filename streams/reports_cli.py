@@ -1,4 +1,5 @@
-"""`gpuledger report showback|tags|unit-economics|html`, `gpuledger export chargeback|invoice`.
+"""`gpuledger report showback|tags|unit-economics|variance|html|forecast|budget`,
+`gpuledger export chargeback|invoice`.
 
 Every failure ends in one line on stderr and a non-zero exit: 2 for bad arguments, 1 when the
 store cannot be read, 3 when an embedded folder is held by a running worker or demo (the line
@@ -26,6 +27,8 @@ from runtime.errors import ConfigError, GpuledgerError, StoreError, StoreLockedE
 from runtime.options import add_env_option
 from runtime.redaction import redact
 from streams.pricing import load_price_book
+from streams.reports.budget_report import budget_report
+from streams.reports.budgets import load_budgets
 from streams.reports.chargeback import BASES as BILL_BASES
 from streams.reports.chargeback import ChargebackSettings, ExportTotals, chargeback, invoice
 from streams.reports.focus_columns import plain
@@ -137,6 +140,28 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(
         handler=lambda args: guarded("gpuledger report forecast", args, lambda: _forecast(args))
+    )
+    p = kinds.add_parser("budget", help="month to date and forecast against each budget")
+    add_clickhouse_option(p, env)
+    p.add_argument(
+        "--budgets",
+        required=True,
+        metavar="FILE",
+        help="budgets YAML: monthly USD per team, cost_center, product or namespace "
+        "(schemas/budgets.example.yaml)",
+    )
+    p.add_argument("--period", metavar="YYYY-MM", help="the month (default: this month)")
+    p.add_argument(
+        "--as-of",
+        dest="as_of",
+        metavar="TIME",
+        help="as of this time, in the forms of --from (default: now)",
+    )
+    p.add_argument("--format", default="table", help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--output", "-o", metavar="FILE", help="write here, not to stdout")
+    p.add_argument("--base-only", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(
+        handler=lambda args: guarded("gpuledger report budget", args, lambda: _budget(args))
     )
     report.set_defaults(handler=_usage(report))
 
@@ -352,6 +377,21 @@ def _forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    fmt = check_choice(args.format, FORMATS, "--format")
+    now_ms = int(time.time() * 1000)
+    as_of = parse_instant(args.as_of, option="--as-of") if args.as_of else now_ms
+    month = parse_month(args.period or format_ms(as_of)[:7])
+    budgets = load_budgets(args.budgets)
+    store = open_store(args)
+    try:
+        report = budget_report(store, budgets, month, now_ms=as_of, use_rollups=not args.base_only)
+    finally:
+        store.close()
+    _write(render(report, fmt).encode("utf-8"), args.output)
+    return 0
+
+
 def _settings(args: argparse.Namespace) -> ChargebackSettings:
     return ChargebackSettings(
         billing_account_id=args.billing_account,
@@ -519,8 +559,8 @@ def _locked_line(args: argparse.Namespace) -> str:
             f"{where}; stop it, or read from the ClickHouse server it writes to "
             f"(--clickhouse http://...)"
         )
-    if getattr(args, "report", None) == "forecast":  # not served over HTTP
-        return f"{where} (pid {pid}); stop it to run the forecast on the folder"
+    if getattr(args, "report", None) in ("forecast", "budget"):  # not served over HTTP
+        return f"{where} (pid {pid}); stop it to run the {args.report} report on the folder"
     if getattr(args, "bill", None):  # a bill is written into the folder: no URL can do that
         return (
             f"{where} (pid {pid}); stop it to import or true up a bill, or point both at a "

@@ -31,6 +31,7 @@ NO_SPEND = "no_spend"  # the method of an owner the month has seen no spend of
 _ZERO = Decimal(0)
 _HUNDRED = Decimal(100)
 _PCT_PLACES = Decimal("0.01")
+_TENTH = Decimal("0.1")  # the table's, rounded once from the exact amounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,8 @@ class BudgetLine:
         return _pct(self.forecast.total_usd, self.budget.monthly_usd)
 
 
-def _pct(amount: Decimal, of: Decimal) -> Decimal:
-    return (amount * _HUNDRED / of).quantize(_PCT_PLACES, ROUND_HALF_UP)
+def _pct(amount: Decimal, of: Decimal, places: Decimal = _PCT_PLACES) -> Decimal:
+    return (amount * _HUNDRED / of).quantize(places, ROUND_HALF_UP)
 
 
 # The forecast of an owner the month has seen no spend of: nothing to extrapolate.
@@ -126,10 +127,10 @@ class BudgetReport:
                 display(line.budget.owner),
                 money(line.budget.monthly_usd),
                 money(round_total(f.month_to_date_usd)),
-                f"{line.used_pct:.1f}%",
+                f"{_pct(f.month_to_date_usd, line.budget.monthly_usd, _TENTH)}%",
                 money(round_total(f.total_usd)),
                 f"{money(round_total(f.low80_usd))}-{money(round_total(f.high80_usd))}",
-                f"{line.forecast_pct:.1f}%",
+                f"{_pct(f.total_usd, line.budget.monthly_usd, _TENTH)}%",
                 STATUS_TEXT[line.status],
                 "-" if line.threshold_pct is None else f"{line.threshold_pct}%",
                 _day(line.crosses_ms) or "-",
@@ -168,7 +169,9 @@ class BudgetReport:
 
 
 def _day(time_ms: int | None) -> str | None:
-    return None if time_ms is None else format_ms(time_ms)[:10]
+    """The day spend reaches the budget: a path reaching it at midnight reached it on the day
+    that midnight ends."""
+    return None if time_ms is None else format_ms(time_ms - 1)[:10]
 
 
 def _record(line: BudgetLine) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""`gpuledger report budget` through the command line, in subprocesses: a generated month with
+a constant daily spend, its known statuses in every format, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+LOAD = f"""
+import sys
+sys.path[:0] = [{str(ROOT / "tests" / "integration")!r}, {str(ROOT / "tests")!r}]
+from test_reports_budget import month_rows
+from streams.store import ClickHouseStore
+store = ClickHouseStore(sys.argv[1])
+store.create_schema()
+store.insert_rows(month_rows())
+"""
+BUDGETS = """\
+budgets:
+  - {team: search, monthly_usd: 4000}
+  - {team: recs, monthly_usd: 1470}
+  - {cost_center: cc-1, monthly_usd: 1000}
+"""
+AS_OF = ("--period", "2026-11", "--as-of", "2026-11-11T00:00:00Z")
+
+
+def gpuledger(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gpuledger.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("budget-cli") / "data"
+    dsn = f"chdb://{folder}"
+    subprocess.run([sys.executable, "-c", LOAD, dsn], check=True, cwd=ROOT, timeout=120)
+    return dsn
+
+
+@pytest.fixture(scope="module")
+def budgets_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("budgets") / "budgets.yaml"
+    path.write_text(BUDGETS)
+    return path
+
+
+def test_budget_report_in_every_format(dsn: str, budgets_file: Path, tmp_path: Path) -> None:
+    common = ("report", "budget", "--clickhouse", dsn, "--budgets", str(budgets_file), *AS_OF)
+    table = gpuledger(*common)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0] == (
+        f"GPU spend against budgets ({budgets_file}), 2026-11, as of 2026-11-11T00:00:00Z"
+    )
+    search = next(line for line in lines if " search " in line).split()
+    assert search[2:6] == ["4,000.00", "1,200.00", "30.0%", "3,600.00"]
+    assert "forecast over" in " ".join(search) and search[-2:] == ["80%", "-"]
+    recs = next(line for line in lines if " recs " in line)
+    assert "122.4%" in recs and recs.split()[-2:] == ["100%", "2026-11-25"]
+    cc = next(line for line in lines if " cc-1 " in line)
+    assert "  over  " in cc and "120.0%" in cc
+
+    out = tmp_path / "budget.csv"
+    assert gpuledger(*common, "--format", "csv", "-o", str(out)).returncode == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [(r["owner"], r["status"], r["reaches_budget_on"]) for r in rows] == [
+        ("search", "forecast_over", ""),
+        ("recs", "forecast_over", "2026-11-25"),
+        ("cc-1", "over", ""),
+    ]
+    assert rows[1]["month_to_date_usd"] == "600.000000000000000"
+
+    doc = json.loads(gpuledger(*common, "--format", "json").stdout)
+    assert doc["report"] == "budget" and doc["as_of"] == "2026-11-11T00:00:00Z"
+    assert [line["forecast_pct"] for line in doc["lines"]] == ["90.00", "122.45", "360.00"]
+
+
+def test_one_line_errors(dsn: str, budgets_file: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("budgets:\n  - {team: a, monthly_usd: 1}\n  - {team: a, monthly_usd: -1}\n")
+    for args, code, words in [
+        (("--budgets", str(bad)), 2, f"{bad}:3: monthly_usd must be more than 0"),
+        (("--budgets", str(tmp_path / "none.yaml")), 2, "none.yaml: cannot read"),
+        (("--budgets", str(budgets_file), "--period", "2026-13"), 2, "is not a month"),
+        (("--budgets", str(budgets_file), "--format", "xml"), 2, "--format 'xml' is not one of"),
+        (("--budgets", str(budgets_file), "--as-of", "soon"), 2, "--as-of 'soon' is not"),
+    ]:
+        result = gpuledger("report", "budget", "--clickhouse", dsn, *args)
+        assert result.returncode == code, (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("gpuledger report budget: ") and words in line, line
+    missing = gpuledger("report", "budget", "--clickhouse", dsn)
+    assert missing.returncode == 2 and "--budgets" in missing.stderr
