@@ -60,8 +60,9 @@ class RequestsLine:
 
     @property
     def request_to_usage(self) -> Decimal | None:
-        """Request-based cost over usage-based cost, to 2 places; None without usage."""
-        if self.usage_usd <= 0:
+        """Request-based cost over usage-based cost, to 2 places; None without usage and on
+        the idle, host and unrequested lines, which no one requests."""
+        if self.usage_usd <= 0 or self.line_kind not in (ALLOCATED, UNTAGGED_LINE):
             return None
         return (self.request_usd / self.usage_usd).quantize(Decimal("0.01"))
 
@@ -245,6 +246,13 @@ def _findings(lines: Sequence[RequestsLine], total_usd: Decimal, by: str) -> lis
             f"{money(line.request_cents_usd)} under requests vs {money(line.usage_cents_usd)} "
             f"used ({line.request_to_usage}x); on shared GPUs charged by use it pays "
             f"{money(-line.difference_cents_usd).lstrip('-')} less"
+        )
+    unused = [line for line in owners if line.usage_usd == 0 and line.request_usd >= floor]
+    unused.sort(key=lambda line: -line.request_usd)
+    for line in unused[:_NAMED_LINES]:
+        notes.append(
+            f"{by.replace('_', ' ')} {line.label} holds GPU requests it never used: "
+            f"{money(line.request_cents_usd)} under requests, nothing under usage"
         )
     unasked = [
         line

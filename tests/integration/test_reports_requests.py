@@ -189,6 +189,11 @@ def test_the_month_by_team_has_the_known_answers(month: ClickHouseStore) -> None
     text = "\n".join(report.notes)
     assert "team beta requests far more than it uses" in text and "(4.00x)" in text
     assert "team delta used 1,080.00 of GPU time with no GPU request" in text
+    assert "team zeta holds GPU requests it never used: 2,880.00 under requests" in text
+    assert [line.request_to_usage for line in report.lines if line.line_kind != "allocated"] == [
+        None,
+        None,
+    ]
     assert "no capacity reported for n3 nvidia.com/gpu (11 node-hour(s))" in text
     assert "beyond the node's capacity" not in text
 
