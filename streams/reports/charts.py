@@ -190,20 +190,20 @@ def nice_axis_top(value: float) -> tuple[float, int]:
     return step * 4, places
 
 
-def _axes(
+def chart_axes(
     chart_id: str, title: str, y_unit: str, peak: float, width: int, height: int, left: int
 ) -> tuple[list[str], float]:
     """The SVG opening, the y-axis title and the horizontal grid lines with their values; and
     the value at the top of the plot."""
     top, places = nice_axis_top(peak)
-    plot_h = height - _PLOT_MARGIN
+    plot_h = height - PLOT_MARGIN
     parts = [
         f'<svg class="chart" id="{chart_id}" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img" aria-label="{escape(title)}">',
         f'<text x="{left}" y="12" class="axis unit">{escape(y_unit)}</text>',
     ]
     for k in range(5):
-        y = _PLOT_TOP + plot_h * k / 4
+        y = PLOT_TOP + plot_h * k / 4
         parts.append(
             f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
             f'class="grid"/><text x="{left - 6}" y="{y + 4:.1f}" class="axis" '
@@ -214,16 +214,16 @@ def _axes(
 
 def _time_labels(data: HtmlData, left: int, slot: float, height: int) -> list[str]:
     return [
-        f'<line x1="{left + i * slot:.1f}" y1="{height - _PLOT_MARGIN + _PLOT_TOP}" '
-        f'x2="{left + i * slot:.1f}" y2="{height - _PLOT_MARGIN + _PLOT_TOP + 4}" class="tick"/>'
+        f'<line x1="{left + i * slot:.1f}" y1="{height - PLOT_MARGIN + PLOT_TOP}" '
+        f'x2="{left + i * slot:.1f}" y2="{height - PLOT_MARGIN + PLOT_TOP + 4}" class="tick"/>'
         f'<text x="{left + i * slot:.1f}" y="{height - 8}" class="axis">'
         f"{escape(_label(data.buckets_ms[i], data.bucket))}</text>"
         for i in _axis_labels(data.buckets_ms, data.bucket)
     ]
 
 
-_PLOT_TOP = 22  # room for the y-axis unit above the plot
-_PLOT_MARGIN = 50  # top and bottom margins together
+PLOT_TOP = 22  # room for the y-axis unit above the plot
+PLOT_MARGIN = 50  # top and bottom margins together
 
 
 def _series_name(team: str) -> str:
@@ -241,10 +241,10 @@ def stacked_bars(data: HtmlData, width: int = 880, height: int = 260) -> str:
     totals = [sum(data.team_cost[s][i] for s in series) for i in range(n)]
     if not any(totals):
         return '<p class="empty">No GPU cost in this period.</p>'
-    left, plot_h = 60, height - _PLOT_MARGIN
+    left, plot_h = 60, height - PLOT_MARGIN
     slot = (width - left - 10) / n
     bar = max(1.0, slot * 0.8)
-    parts, top = _axes(
+    parts, top = chart_axes(
         "chart-team-cost",
         "cost by team over time",
         f"USD per {data.bucket.name}",
@@ -254,7 +254,7 @@ def stacked_bars(data: HtmlData, width: int = 880, height: int = 260) -> str:
         left,
     )
     for i in range(n):
-        y = float(_PLOT_TOP + plot_h)
+        y = float(PLOT_TOP + plot_h)
         for s_index, name in enumerate(series):
             value = data.team_cost[name][i]
             if value <= 0:
@@ -313,10 +313,10 @@ def utilisation_chart(data: HtmlData, width: int = 880, height: int = 240) -> st
     # Bars are average GPUs (GPU-hours / bucket hours): the same scale for any bucket width.
     bucket_h = data.bucket.seconds / 3600
     peak = max(u + i for u, i in zip(data.used_hours, data.idle_hours, strict=True)) / bucket_h
-    left, plot_h = 60, height - _PLOT_MARGIN
+    left, plot_h = 60, height - PLOT_MARGIN
     slot = (width - left - 10) / n
     bar = max(1.0, slot * 0.8)
-    parts, top = _axes(
+    parts, top = chart_axes(
         "chart-utilisation",
         "GPUs allocated and idle over time",
         f"GPUs (average per {data.bucket.name})",
@@ -339,10 +339,10 @@ def utilisation_chart(data: HtmlData, width: int = 880, height: int = 240) -> st
             f"idle burn ${_axis_number(data.idle_cost[i], data.idle_cost[i])}"
         )
         parts.append(
-            f'<rect class="bar" x="{x:.1f}" y="{_PLOT_TOP + plot_h - h_used:.1f}" '
+            f'<rect class="bar" x="{x:.1f}" y="{PLOT_TOP + plot_h - h_used:.1f}" '
             f'width="{bar:.1f}" height="{h_used:.1f}" fill="{PALETTE[2]}">'
             f"<title>{escape(tip)}</title></rect>"
-            f'<rect class="bar" x="{x:.1f}" y="{_PLOT_TOP + plot_h - h_used - h_idle:.1f}" '
+            f'<rect class="bar" x="{x:.1f}" y="{PLOT_TOP + plot_h - h_used - h_idle:.1f}" '
             f'width="{bar:.1f}" height="{h_idle:.1f}" fill="{IDLE_COLOUR}">'
             f"<title>{escape(tip)}</title></rect>"
         )
