@@ -36,15 +36,27 @@ def requests_report(
     check_period(period)
     usage = showback(store, period, by, use_rollups=use_rollups)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
+    # What is in force when the period starts is read once; each day then reads its own
+    # events, (day start, day end], and carries the latest state into the next day.
+    pods = {(e.cluster, e.pod_uid): e for e in _requests_in_force(store, by, period.start_ms)}
+    nodes = {(c.cluster, c.node): c for c in _capacity_in_force(store, period.start_ms)}
     allocation = RequestAllocation()
     for day_start, day_end in _days(period):
+        events = _request_events(store, by, day_start, day_end)
+        reports = _capacity_reports(store, day_start, day_end)
+        capacities: dict[tuple[str, str], list[CapacityReport]] = {}
+        for report in (*nodes.values(), *reports):
+            capacities.setdefault((report.cluster, report.node), []).append(report)
         allocation = allocation.plus(
             allocate_requests(
                 _pools(store, clip_plan(plan, day_start, day_end), period),
-                holds_from_events(_request_events(store, by, day_start, day_end), day_end),
-                _capacities(store, day_start, day_end),
+                holds_from_events([*pods.values(), *events], day_end),
+                capacities,
             )
         )
+        pods.update(((e.cluster, e.pod_uid), e) for e in events)  # time order: the last wins
+        pods = {key: e for key, e in pods.items() if e.requests}
+        nodes.update(((c.cluster, c.node), c) for c in reports)
     notes: list[str] = []
     if not _any_requests(store, period):
         notes.append(
@@ -105,68 +117,80 @@ def _pools(store: ClickHouseStore, plan: ReadPlan, period: Period) -> list[Devic
 def _request_events(
     store: ClickHouseStore, by: str, start_ms: int, end_ms: int
 ) -> list[RequestEvent]:
-    """The requests in force when the day starts (each pod's latest event at or before it,
-    when it holds something) and every event during the day."""
-    db = store.database
-    latest = "(time, event_id)"
-    rows = query_bounded(
+    """Every pod event in (start_ms, end_ms], in time order."""
+    window = f"time > {ms_literal(start_ms)} AND time <= {ms_literal(end_ms)}"
+    return _events(
         store,
-        f"SELECT c, n, u, o, r, t FROM ("
-        f"SELECT cluster AS c, argMax(node, {latest}) AS n, pod_uid AS u, "
-        f"argMax({by}, {latest}) AS o, argMax(requests, {latest}) AS r, "
-        f"toUnixTimestamp64Milli(max(time)) AS t, '' AS e "
-        f"FROM {db}.pod_gpu_requests FINAL WHERE time <= {ms_literal(start_ms)} "
-        "GROUP BY cluster, pod_uid HAVING notEmpty(r) "
-        f"UNION ALL SELECT cluster, node, pod_uid, {by}, requests, "
-        f"toUnixTimestamp64Milli(time), event_id FROM {db}.pod_gpu_requests FINAL "
-        f"WHERE time > {ms_literal(start_ms)} AND time < {ms_literal(end_ms)}"
-        ") ORDER BY c, u, t, e",
-        limit=MAX_SOURCE_ROWS,
+        f"SELECT cluster, node, pod_uid, {by}, requests, toUnixTimestamp64Milli(time) AS t, "
+        f"event_id FROM {store.database}.pod_gpu_requests FINAL WHERE {window} "
+        "ORDER BY cluster, pod_uid, t, event_id",
         what="the GPU requests of one day (pod events)",
-        narrow=_NARROW,
     )
+
+
+def _requests_in_force(store: ClickHouseStore, by: str, at_ms: int) -> list[RequestEvent]:
+    """Each pod's latest event at or before `at_ms`, when it holds something then."""
+    latest = "(time, event_id)"
+    return _events(
+        store,
+        f"SELECT cluster, argMax(node, {latest}), pod_uid, argMax({by}, {latest}), "
+        f"argMax(requests, {latest}) AS held, toUnixTimestamp64Milli(max(time)) "
+        f"FROM {store.database}.pod_gpu_requests FINAL WHERE time <= {ms_literal(at_ms)} "
+        "GROUP BY cluster, pod_uid HAVING notEmpty(held) ORDER BY cluster, pod_uid",
+        what="the GPU requests in force when the period starts (pods)",
+    )
+
+
+def _events(store: ClickHouseStore, sql: str, *, what: str) -> list[RequestEvent]:
+    rows = query_bounded(store, sql, limit=MAX_SOURCE_ROWS, what=what, narrow=_NARROW)
     return [
         RequestEvent(
-            str(cluster),
-            str(node),
-            str(pod_uid),
-            str(owner),
-            tuple(sorted((str(k), int(v)) for k, v in dict(requests).items())),
-            int(time_ms),
+            str(row[0]),
+            str(row[1]),
+            str(row[2]),
+            str(row[3]),
+            tuple(sorted((str(k), int(v)) for k, v in dict(row[4]).items())),
+            int(row[5]),
         )
-        for cluster, node, pod_uid, owner, requests, time_ms in rows
+        for row in rows
     ]
 
 
-def _capacities(
-    store: ClickHouseStore, start_ms: int, end_ms: int
-) -> dict[tuple[str, str], list[CapacityReport]]:
-    """Each node's capacity report in force when the day starts and those during the day."""
-    db = store.database
-    latest = "(time, event_id)"
-    rows = query_bounded(
+def _capacity_reports(store: ClickHouseStore, start_ms: int, end_ms: int) -> list[CapacityReport]:
+    """The nodes' capacity reports in (start_ms, end_ms], in time order."""
+    window = f"time > {ms_literal(start_ms)} AND time <= {ms_literal(end_ms)}"
+    return _capacity(
         store,
-        f"SELECT c, n, t, g FROM ("
-        f"SELECT cluster AS c, node AS n, toUnixTimestamp64Milli(max(time)) AS t, "
-        f"argMax(gpu_capacity, {latest}) AS g FROM {db}.node_events FINAL "
-        f"WHERE time <= {ms_literal(start_ms)} GROUP BY cluster, node "
-        f"UNION ALL SELECT cluster, node, toUnixTimestamp64Milli(time), gpu_capacity "
-        f"FROM {db}.node_events FINAL WHERE time > {ms_literal(start_ms)} "
-        f"AND time < {ms_literal(end_ms)}) ORDER BY c, n, t",
-        limit=MAX_SOURCE_ROWS,
+        f"SELECT cluster, node, toUnixTimestamp64Milli(time) AS t, gpu_capacity "
+        f"FROM {store.database}.node_events FINAL WHERE {window} ORDER BY cluster, node, t, "
+        "event_id",
         what="the node capacity reports of one day",
-        narrow=_NARROW,
     )
-    out: dict[tuple[str, str], list[CapacityReport]] = {}
-    for cluster, node, time_ms, capacity in rows:
-        report = CapacityReport(
+
+
+def _capacity_in_force(store: ClickHouseStore, at_ms: int) -> list[CapacityReport]:
+    """Each node's latest report at or before `at_ms`."""
+    latest = "(time, event_id)"
+    return _capacity(
+        store,
+        f"SELECT cluster, node, toUnixTimestamp64Milli(max(time)), "
+        f"argMax(gpu_capacity, {latest}) FROM {store.database}.node_events FINAL "
+        f"WHERE time <= {ms_literal(at_ms)} GROUP BY cluster, node ORDER BY cluster, node",
+        what="the node capacity reports in force when the period starts",
+    )
+
+
+def _capacity(store: ClickHouseStore, sql: str, *, what: str) -> list[CapacityReport]:
+    rows = query_bounded(store, sql, limit=MAX_SOURCE_ROWS, what=what, narrow=_NARROW)
+    return [
+        CapacityReport(
             str(cluster),
             str(node),
             int(time_ms),
             tuple(sorted((str(k), int(v)) for k, v in dict(capacity).items())),
         )
-        out.setdefault((report.cluster, report.node), []).append(report)
-    return out
+        for cluster, node, time_ms, capacity in rows
+    ]
 
 
 def _any_requests(store: ClickHouseStore, period: Period) -> bool:

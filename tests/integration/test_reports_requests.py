@@ -280,3 +280,26 @@ def test_no_requests_recorded_reads_all_unrequested() -> None:
     finally:
         store.command(f"DROP DATABASE IF EXISTS {store.database}")
         store.close()
+
+
+def test_an_event_at_midnight_takes_effect_on_the_next_day() -> None:
+    # Two days of n1 (8.00 an hour); alpha's pod holds 1 GPU, then 2 from midnight on day two.
+    store = fresh_store()
+    try:
+        store.insert_rows(
+            [_row(h, "n1", f"n1-g{g}", "4", "u-alpha") for h in range(48) for g in (1, 2)]
+        )
+        store.insert_values("node_events", NODE_COLUMNS, node_values()[:1])
+        alpha = ("c1", "n1", "serve", "alpha", "u-alpha", "alpha", "", "")
+        store.insert_values(
+            "pod_gpu_requests",
+            REQUEST_COLUMNS,
+            [(*alpha, {GPU: 1}, T0_MS, "1"), (*alpha, {GPU: 2}, T0_MS + 86_400_000, "2")],
+        )
+        report = requests_report(store, Period(T0_MS, T0_MS + 2 * 86_400_000), "team")
+        lines = by_key(report)
+        assert lines[("allocated", "alpha")] == (Decimal(384), Decimal(96 + 192))
+        assert lines[("unrequested", "")] == (Decimal(0), Decimal(96)) and report.reconciles
+    finally:
+        store.command(f"DROP DATABASE IF EXISTS {store.database}")
+        store.close()
