@@ -4,19 +4,25 @@ instance type, zone) and the instance type's capacity, derived from the demo sce
 The simulated Kubernetes API serves these as Node objects, so the pod watcher publishes them as
 any cluster's nodes; `demo_nodes()` gives the same values to whoever builds a provider bill for
 exactly these instances. Deterministic: the same names give the same instance ids.
+
+Their GPU capacity is what the NVIDIA device plugin would advertise for the GPUs the scenario
+runs, with the MIG "mixed" strategy: `nvidia.com/gpu` counts the whole GPUs (times the
+time-slicing replicas), `nvidia.com/mig-<profile>` the MIG instances of each profile.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agents.demo_scenario import demo_scenario
-from agents.scenario import Scenario
+from agents.scenario import NodeSpec, Scenario
 
 GIB = 2**30
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +59,10 @@ class DemoNode:
     provider_id: str  # aws:///<zone>/<instance id>
     instance_type: str
     zone: str
-    gpus: int  # status.capacity nvidia.com/gpu: the instance type's
+    gpus: int  # status.capacity nvidia.com/gpu: whole GPUs x time-slicing replicas
     cpu_millicores: int
     memory_bytes: int
+    gpu_capacity: Mapping[str, int]  # status.capacity of every nvidia.com/ resource
 
     @property
     def instance_id(self) -> str:
@@ -73,11 +80,12 @@ def instance_id(cluster: str, node: str) -> str:
 
 
 def demo_nodes() -> tuple[DemoNode, ...]:
-    """The demo scenario's nodes, in its order, with the capacity of their instance types.
+    """The demo scenario's nodes, in its order, with the CPU and memory of their instance types.
 
     The scenario models four GPUs of each node; the instance types are the real ones for those
-    GPUs (AWS sells H100 and A100 only eight to an instance), so the capacity of the H100 and
-    A100 nodes says 8 while the agents meter the 4 the scenario runs."""
+    GPUs (AWS sells H100 and A100 only eight to an instance), so the provider bills eight GPUs
+    of the H100 and A100 nodes while the device plugin advertises, and the agents meter, the 4
+    the scenario runs."""
     return cloud_nodes(demo_scenario(0.0))
 
 
@@ -88,15 +96,32 @@ def cloud_nodes(scenario: Scenario) -> tuple[DemoNode, ...]:
     for spec in scenario.nodes:
         kind = AWS_INSTANCE_TYPES[spec.labels[INSTANCE_TYPE_LABEL]]
         zone = spec.labels[ZONE_LABEL]
+        capacity = gpu_capacity(spec)
         nodes.append(
             DemoNode(
                 name=spec.name,
                 provider_id=f"aws:///{zone}/{instance_id(scenario.cluster, spec.name)}",
                 instance_type=kind.name,
                 zone=zone,
-                gpus=kind.gpus,
+                gpus=capacity.get(GPU_RESOURCE, 0),
                 cpu_millicores=kind.vcpus * 1000,
                 memory_bytes=kind.memory_gib * GIB,
+                gpu_capacity=capacity,
             )
         )
     return tuple(nodes)
+
+
+def gpu_capacity(spec: NodeSpec) -> dict[str, int]:
+    """What the device plugin advertises for a node's GPUs (MIG "mixed" strategy): its whole
+    GPUs times the time-slicing replicas as `nvidia.com/gpu`, and each MIG profile's instances
+    as `nvidia.com/mig-<profile>`; a resource with none is not listed."""
+    capacity: dict[str, int] = {}
+    whole = sum(1 for gpu in spec.gpus if not gpu.mig_instances)
+    if whole:
+        capacity[GPU_RESOURCE] = whole * spec.gpu_replicas
+    for gpu in spec.gpus:
+        for mig in gpu.mig_instances:
+            name = f"nvidia.com/mig-{mig.profile}"
+            capacity[name] = capacity.get(name, 0) + 1
+    return dict(sorted(capacity.items()))

@@ -67,9 +67,11 @@ NAMESPACES = (
 
 
 def demo_scenario(start_unix_s: float, duration_s: float = 3600.0) -> Scenario:
-    """Three nodes, 17 devices (H100 with MIG, A100 spot with MIG, L40S), five namespaces (four
-    teams, one untagged), inference pods serving five models on vLLM, SGLang, TGI and Triton,
-    batch jobs coming and going, idle gaps, a host process and one vLLM restart (counter reset).
+    """Three nodes, 17 devices (H100 with MIG, A100 spot with MIG, L40S time-sliced), five
+    namespaces (four teams, one untagged), inference pods serving five models on vLLM, SGLang,
+    TGI and Triton, batch jobs coming and going, idle gaps, a host process and one vLLM restart
+    (counter reset). Every pod requests one unit of each device it runs on (`nvidia.com/gpu`, or
+    `nvidia.com/mig-<profile>`); one holds a whole GPU it barely uses.
     """
     n1, n2, n3 = "gpu-node-1", "gpu-node-2", "gpu-node-3"
     nodes = (
@@ -98,9 +100,20 @@ def demo_scenario(start_unix_s: float, duration_s: float = 3600.0) -> Scenario:
             n3,
             tuple(_gpu(n3, i, L40S) for i in range(4)),
             _labels("g6e.12xlarge", "on-demand", "us-east-1a"),
+            gpu_replicas=4,  # time-sliced: 16 nvidia.com/gpu, each pod asks for one replica
         ),
     )
     gpu = {(n.name, i): g for n in nodes for i, g in enumerate(n.gpus)}
+    # The extended resource a pod requests to run on a device (MIG "mixed" strategy).
+    resource_of = {g.uuid: "nvidia.com/gpu" for n in nodes for g in n.gpus}
+    resource_of.update(
+        {
+            m.uuid: f"nvidia.com/mig-{m.profile}"
+            for n in nodes
+            for g in n.gpus
+            for m in g.mig_instances
+        }
+    )
     pods: list[PodSpec] = []
     procs: list[ProcessSpec] = []
     next_pid = [4100]
@@ -123,9 +136,21 @@ def demo_scenario(start_unix_s: float, duration_s: float = 3600.0) -> Scenario:
     ) -> None:
         uid = _uuid("pod", ns, name, start)
         next_ip[0] += 1
+        requests: dict[str, int] = {}
+        for device in devices:  # one unit of each device it runs on
+            requests[resource_of[device]] = requests.get(resource_of[device], 0) + 1
         pods.append(
             PodSpec(
-                uid, ns, name, node, start, end, labels or {}, f"10.42.0.{next_ip[0]}", inference
+                uid,
+                ns,
+                name,
+                node,
+                start,
+                end,
+                labels or {},
+                f"10.42.0.{next_ip[0]}",
+                inference,
+                requests,
             )
         )
         cid = _container_id(uid)
@@ -243,7 +268,19 @@ def demo_scenario(start_unix_s: float, duration_s: float = 3600.0) -> Scenario:
         inference=InferenceSpec("vllm", llama, 8000, 1200, 300, 1.5, 0.4),
         style="cgroupfs-v1",
     )
-    # n2 GPU 2 and MIG slots 1-2 of GPU 3: idle burn on spot capacity
+    # A whole GPU held for a debugging shell that barely touches it: request-based allocation
+    # charges research the whole device, usage-based allocation leaves most of it idle.
+    pod(
+        "research",
+        "debug-shell",
+        n2,
+        [whole(n2, 2)],
+        mem_gib=1.5,
+        util=2,
+        labels={"team": "research", "product": "llm-eval"},
+        style="cgroupfs-v2",
+    )
+    # MIG slots 1-2 of n2 GPU 3: idle burn on spot capacity
     pod(
         "recsys",
         "mistral-sglang-1",

@@ -86,6 +86,9 @@ class NodeSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     # False: a driver older than 550, without nvmlDeviceGetProcessesUtilizationInfo
     has_utilization_info_api: bool = True
+    # The device plugin's time-slicing replicas per whole GPU: it advertises GPUs x replicas
+    # of `nvidia.com/gpu`, and a pod's request of 1 is one replica (1: not time-sliced).
+    gpu_replicas: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,9 @@ class PodSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     ip: str = "10.0.0.1"
     inference: InferenceSpec | None = None
+    # GPU extended resource -> count its containers request (`nvidia.com/gpu`,
+    # `nvidia.com/mig-3g.40gb`, ...); request == limit, as Kubernetes requires of them
+    gpu_requests: Mapping[str, int] = field(default_factory=dict)
 
     def active(self, t: float) -> bool:
         return self.start_s <= t and (self.end_s is None or t < self.end_s)

@@ -4,8 +4,10 @@ simulated time. Its nodes are the scenario's as AWS instances (`agents.demo_node
 instance types and their capacity).
 
 The pod watcher and the token scraper talk to it exactly as to a real cluster. Pod objects are
-the scenario's, with one change: their scrape annotations point at this server
-(`127.0.0.1:<port>/pods/<uid>/metrics`), since simulated pod IPs cannot be reached.
+the scenario's, with two changes: their scrape annotations point at this server
+(`127.0.0.1:<port>/pods/<uid>/metrics`), since simulated pod IPs cannot be reached, and their
+first container's limits hold the pod's GPU requests (extended resources: request == limit).
+Nodes advertise their GPUs as the device plugin would (time-slicing replicas, MIG profiles).
 """
 
 from __future__ import annotations
@@ -98,14 +100,22 @@ class SimulatedClusterApi:
             annotations["prometheus.io/path"] = f"/pods/{pod.uid}/metrics"
             obj["status"]["podIP"] = "127.0.0.1"
             obj["status"]["podIPs"] = [{"ip": "127.0.0.1"}]
+        for container in obj["spec"]["containers"]:
+            limits = container.get("resources", {}).get("limits", {})
+            for name in [n for n in limits if n.startswith("nvidia.com/")]:
+                del limits[name]  # the scenario's requests say what the pod holds
+        if pod.gpu_requests:
+            resources = obj["spec"]["containers"][0].setdefault("resources", {})
+            limits = resources.setdefault("limits", {})
+            limits.update({name: str(count) for name, count in pod.gpu_requests.items()})
         return obj
 
     def _node_object(self, node: DemoNode) -> dict[str, Any]:
         capacity = {
             "cpu": str(node.cpu_millicores // 1000),
             "memory": f"{node.memory_bytes // 1024}Ki",  # as the kubelet reports it
-            "nvidia.com/gpu": str(node.gpus),
             "pods": "110",
+            **{name: str(count) for name, count in node.gpu_capacity.items()},
         }
         return {
             "kind": "Node",

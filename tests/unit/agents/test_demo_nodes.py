@@ -38,11 +38,13 @@ def test_the_demo_nodes_are_aws_instances_that_fit_the_scenarios_gpus() -> None:
             node.zone == spec.labels["topology.kubernetes.io/zone"] and node.region == "us-east-1"
         )
         assert {g.model.name for g in spec.gpus} == {kind.gpu_model}
-        assert node.gpus == kind.gpus >= len(spec.gpus)
+        assert kind.gpus >= len(spec.gpus)  # the provider bills the instance's GPUs
+        assert node.gpus == node.gpu_capacity["nvidia.com/gpu"]  # the device plugin's count
         assert node.cpu_millicores == kind.vcpus * 1000
         assert node.memory_bytes == kind.memory_gib * 2**30
     assert [n.instance_type for n in nodes] == ["p5.48xlarge", "p4de.24xlarge", "g6e.12xlarge"]
-    assert [n.gpus for n in nodes] == [8, 8, 4]
+    assert [AWS_INSTANCE_TYPES[n.instance_type].gpus for n in nodes] == [8, 8, 4]
+    assert [n.gpus for n in nodes] == [3, 3, 16]  # 3 whole GPUs beside a MIG one; time-sliced x4
 
 
 async def test_the_simulated_api_serves_them_to_the_real_watcher() -> None:
