@@ -15,6 +15,7 @@ node capacity reports inserted directly:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -28,7 +29,7 @@ from streams.reports.render import to_csv, to_json, to_table
 from streams.reports.requests_data import requests_report
 from streams.reports.showback import showback
 from streams.rollups import seal_hours
-from streams.rows import IDLE, UNTAGGED, CostRow
+from streams.rows import HOST, IDLE, UNTAGGED, CostRow
 from streams.store import ClickHouseStore
 
 HOURS = 720
@@ -69,9 +70,7 @@ def _row(hour: int, node: str, device: str, cost: str, pod_uid: str = "", **kw: 
         owner = dict(namespace=namespace, pod=pod_uid[2:], team=team, kind="usage")
     else:
         owner = dict(namespace=IDLE, pod=IDLE, team=IDLE, kind="idle")
-    return cost_row(
-        start,
-        device,
+    columns: dict[str, Any] = dict(
         window_end_ms=start + minutes * MIN_MS,
         node=node,
         pod_uid=pod_uid or IDLE,
@@ -79,9 +78,8 @@ def _row(hour: int, node: str, device: str, cost: str, pod_uid: str = "", **kw: 
         cost_center=UNTAGGED,
         device_seconds=60.0 * minutes,
         cost_usd=Decimal(cost),
-        **owner,
-        **kw,
     )
+    return cost_row(start, device, **{**columns, **owner, **kw})
 
 
 def month_cost_rows() -> list[CostRow]:
@@ -273,9 +271,14 @@ def test_renders_and_refuses_bad_arguments(month: ClickHouseStore) -> None:
 def test_no_requests_recorded_reads_all_unrequested() -> None:
     store = fresh_store()
     try:
-        store.insert_rows([_row(0, "n1", "n1-g1", "4", "u-alpha")])
+        idle = _row(0, "n1", "n1-g1", "1")
+        host = replace(idle, kind="host", pod_uid=HOST, pod=HOST, namespace=HOST, team=HOST)
+        store.insert_rows([_row(0, "n1", "n1-g1", "3", "u-alpha"), host])
         report = requests_report(store, Period(T0_MS, T0_MS + HOUR_MS), "team")
-        assert by_key(report)[("unrequested", "")] == (Decimal(0), Decimal(4))
+        lines = by_key(report)
+        assert lines[("host", "")] == (Decimal(1), Decimal(0))  # as showback shows it
+        assert lines[("unrequested", "")] == (Decimal(0), Decimal(4))
+        assert "(host processes, no pod)" in to_table(report)
         assert any("no GPU requests recorded" in n for n in report.notes)
     finally:
         store.command(f"DROP DATABASE IF EXISTS {store.database}")
