@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -161,6 +162,7 @@ class NodeEventRow:
     deleted: bool
     time_ms: int
     event_id: str
+    gpu_capacity: Mapping[str, int] = field(default_factory=dict)  # GPU resource -> count
 
     @property
     def key(self) -> str:
@@ -176,7 +178,42 @@ class NodeEventRow:
         return 0
 
 
-Row = CostRow | TokenRow | TokenCostRow | WindowStateRow | NodeEventRow
+@dataclass(frozen=True, slots=True)
+class PodGpuRequestsRow:
+    """One pod event of gpuledger.pods for a pod that requests, or requested, GPU resources
+    (schemas/clickhouse.sql, `pod_gpu_requests`): from `time` on, the pod holds `requests`
+    (GPU resource -> count; empty: nothing, it finished or was deleted). Owners as on its cost
+    rows. Unversioned, as node events: the same event read again is the same row."""
+
+    TABLE: ClassVar[str] = "pod_gpu_requests"
+
+    cluster: str
+    node: str
+    namespace: str
+    pod: str
+    pod_uid: str
+    team: str
+    product: str
+    cost_center: str
+    requests: Mapping[str, int]
+    time_ms: int
+    event_id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}|{self.pod_uid}|{self.time_ms}|{self.event_id}"
+
+    @property
+    def window_start_ms(self) -> int:
+        """The time the table is partitioned by (toYYYYMM(time)), named as the other rows'."""
+        return self.time_ms
+
+    @property
+    def version(self) -> int:
+        return 0
+
+
+Row = CostRow | TokenRow | TokenCostRow | WindowStateRow | NodeEventRow | PodGpuRequestsRow
 
 
 def column_names(row_type: type[Row]) -> list[str]:

@@ -46,6 +46,7 @@ def node_row(event: CloudEvent[NodeInfo]) -> NodeEventRow:
         deleted=node.deleted,
         time_ms=event.time_ms,
         event_id=event.id,
+        gpu_capacity=dict(node.gpu_capacity),
     )
 
 

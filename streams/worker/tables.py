@@ -1,8 +1,9 @@
 """Topics every worker reads outside any consumer group, as a global table would be.
 
-The compacted pods topic is read from the start before the stages begin, then followed; the
-dead-letter topic's recent keys are read once at start-up, so a replay does not write a letter
-twice.
+The compacted pods topic is read from the start before the stages begin, then followed (the
+pod events of pods that request GPU resources are stored as they are read, in
+`pod_gpu_requests`); the dead-letter topic's recent keys are read once at start-up, so a replay
+does not write a letter twice.
 """
 
 from __future__ import annotations
@@ -10,20 +11,38 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import msgspec
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from runtime.kafka import KafkaSettings
-from schemas.events import DEAD_LETTER_TOPIC, PODS_TOPIC
+from schemas.events import DEAD_LETTER_TOPIC, PODS_TOPIC, Ok, PodInfo, decode_event
 from streams.worker.handlers import PodHandler
 from streams.worker.intake import DeadLetterLog
 from streams.worker.outbox import Outbox
+from streams.worker.pod_requests import PodRequests
 from streams.worker.runner import FETCH_MAX_RECORDS, all_partitions_consumer, write_then_commit
 from streams.worker.sinks import Sinks
 
 
+class _GpuRequests(msgspec.Struct):
+    uid: str = ""
+    gpu_requests: dict[str, object] = {}
+
+
+class _GpuRequestsEvent(msgspec.Struct):
+    data: _GpuRequests
+
+
+# Reads only whether a pod event names GPU requests: most pods have none, and a used event is
+# decoded in full a second time only when it is stored.
+_GPU_REQUESTS = msgspec.json.Decoder(_GpuRequestsEvent)
+
+
 class PodsTable:
-    """Reads the pods topic into the pod history (through `PodHandler`); its dead letters are
-    written at once. Nothing is committed: every start reads the topic whole again."""
+    """Reads the pods topic into the pod history (through `PodHandler`), and the events of pods
+    that request GPU resources into `pod_gpu_requests`; its dead letters and rows are written
+    at once. Nothing is committed: every start reads the topic whole again (a row read again
+    is the same row)."""
 
     def __init__(
         self, settings: KafkaSettings, partitions: int, handler: PodHandler, sinks: Sinks
@@ -36,6 +55,7 @@ class PodsTable:
         self._started = False
         self.handled: dict[int, int] = {}  # next offset per partition, its events all used
         self._latest: dict[str, tuple[int, int]] = {}  # uid -> (partition, offset) of its last
+        self.requests = PodRequests(handler.devices.settings.allocation.labels)
 
     def changed_since(self, positions: dict[int, int]) -> set[str]:
         """Pods with an event at or after `positions` (per partition; 0 where absent): those
@@ -49,6 +69,7 @@ class PodsTable:
     def forget(self, known: Callable[[str], bool]) -> None:
         """Drop the pods the history no longer knows (it is bounded; this follows it)."""
         self._latest = {uid: at for uid, at in self._latest.items() if known(uid)}
+        self.requests.forget(known)
 
     async def catch_up(self, stopping: asyncio.Event) -> bool:
         """Read from the start to the end the topic had when this began: True once there,
@@ -81,9 +102,24 @@ class PodsTable:
                 uid = self.handler.handle(msg, self.outbox)
                 if uid is not None:
                     self._latest[uid] = (msg.partition, msg.offset)
+                    self._store_requests(msg, uid)
                 self.handled[msg.partition] = msg.offset + 1
         if len(self.outbox) and not await write_then_commit(self.outbox, self.sinks, "pods", None):
             self.outbox = Outbox()  # stopping: the next start reads the topic again
+
+    def _store_requests(self, msg: ConsumerRecord, uid: str) -> None:
+        """The `pod_gpu_requests` row of a used pod event, if its pod requests GPUs or did."""
+        try:
+            named = bool(_GPU_REQUESTS.decode(msg.value).data.gpu_requests)
+        except msgspec.MsgspecError:
+            named = True  # the full decode below says what it holds
+        if not named and not self.requests.requesting(uid):
+            return
+        decoded = decode_event(msg.value)
+        if isinstance(decoded, Ok) and isinstance(decoded.event.data, PodInfo):
+            row = self.requests.row(decoded.event)
+            if row is not None:
+                self.outbox.rows.append(row)
 
 
 async def load_dead_letter_keys(
