@@ -222,3 +222,32 @@ def test_split_exact_adds_up(total: Decimal, weights: list[Fraction]) -> None:
     whole = sum(weights, Fraction(0))
     for part, weight in zip(parts, weights, strict=True):
         assert abs(Fraction(part) - Fraction(total) * weight / whole) < Fraction(1, 10**15)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["n1", "n2"]), st.sampled_from([WHOLE_GPUS, "1g.10gb"]), money),
+        max_size=6,
+    ),
+    holds_st,
+    st.booleans(),
+)
+def test_every_node_hour_adds_up_over_many_pools(
+    pools_spec: list[tuple[str, str, Decimal]],
+    spec: list[tuple[str, int, int, int, str]],
+    reported: bool,
+) -> None:
+    pools = [pool(str(cost), cls=cls, node=node) for node, cls, cost in pools_spec]
+    holds = [
+        hold(owner, count, start, start + length, resource=resource, node=("n1", "n2")[count % 2])
+        for owner, count, start, length, resource in spec
+    ]
+    capacities = (
+        {("c1", "n1"): [CapacityReport("c1", "n1", T0, (("nvidia.com/gpu", 8),))]}
+        if reported
+        else {}
+    )
+    result = allocate_requests(pools, holds, capacities)
+    total = sum((p.cost_usd for p in pools), Decimal(0))
+    assert result.total_usd == total
+    assert sum(result.by_owner_usd.values(), Decimal(0)) + result.unrequested_usd == total
