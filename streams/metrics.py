@@ -9,13 +9,16 @@ for `series_ttl_s`, and no family holds more than `max_series` (the least recent
 first; the team rates fold the smallest into `__other__`). The rejection and dead-letter
 counters, labelled by topic and reason, keep the first MAX_REASON_SERIES label pairs and count
 the rest under `__other__`. Every label value taken from the input is cut to MAX_LABEL_CHARS
-(`bounded_label`).
+(`bounded_label`). The budget and forecast gauges (`budgets_refreshed`) hold the budgets'
+owners and at most `max_series` owners in all, the smallest forecasts folded into `__other__`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -164,6 +167,53 @@ class WorkerMetrics:
             ["stage"],
             registry=registry,
         )
+        owner = ["dimension", "owner"]
+        self._budget = Gauge(
+            "gpuledger_budget_usd",
+            "Monthly budget of an owner (budgets file)",
+            owner,
+            registry=registry,
+        )
+        self._budget_threshold = Gauge(
+            "gpuledger_budget_threshold_usd",
+            "Amount at which an owner's alert threshold is reached (threshold_pct of its budget)",
+            [*owner, "threshold_pct"],
+            registry=registry,
+        )
+        self._month_to_date = Gauge(
+            "gpuledger_budget_month_to_date_usd",
+            "GPU cost of an owner this month so far (the forecast report's month to date)",
+            owner,
+            registry=registry,
+        )
+        self._forecasts = {
+            bound: Gauge(
+                f"gpuledger_forecast{suffix}_usd",
+                f"Month-end GPU cost forecast of an owner: {text}",
+                owner,
+                registry=registry,
+            )
+            for bound, suffix, text in (
+                ("point", "", "the point forecast"),
+                ("low80", "_low80", "bottom of the 80 % prediction interval"),
+                ("high80", "_high80", "top of the 80 % prediction interval"),
+                ("low95", "_low95", "bottom of the 95 % prediction interval"),
+                ("high95", "_high95", "top of the 95 % prediction interval"),
+            )
+        }
+        self._budget_refreshed = Gauge(
+            "gpuledger_budget_last_refresh_timestamp_seconds",
+            "When the budget and forecast gauges were last computed (Unix time)",
+            registry=registry,
+        )
+        self._budget_failures = Counter(
+            "gpuledger_budget_refresh_failures_total",
+            "Budget and forecast refreshes that failed (the gauges keep their last values)",
+            registry=registry,
+        )
+        self._budget_series: set[tuple[str, str]] = set()
+        self._threshold_series: set[tuple[str, str, str]] = set()
+        self._forecast_series: set[tuple[str, str]] = set()
         self._evicted_seen: dict[str, int] = {}
         self._rejected_labels = FirstSeen(MAX_REASON_SERIES)
         self._dead_letter_labels = FirstSeen(MAX_REASON_SERIES)
@@ -341,6 +391,53 @@ class WorkerMetrics:
     def checkpoints_restored(self, stage: str, count: int) -> None:
         self._child(self._checkpoints_restored, stage).inc(count)
 
+    # ------------------------------------------------------------------ budgets
+
+    def budgets_refreshed(
+        self,
+        budgets: Sequence[BudgetValues],
+        owners: Sequence[OwnerForecast],
+        now_s: float,
+    ) -> None:
+        """Set the budget gauges and each owner's month to date and forecast, replacing the
+        last refresh's: an owner or budget gone loses its series. Owners with a budget come
+        first; past `max_series` owners the smallest forecasts are folded into `__other__`
+        (their amounts summed, bounds too: not an interval of the sum)."""
+        budget_labels = {(b.dimension, bounded_label(b.owner)): b for b in budgets}
+        thresholds: set[tuple[str, str, str]] = set()
+        for (dimension, owner), budget in budget_labels.items():
+            self._budget.labels(dimension, owner).set(float(budget.budget_usd))
+            for pct in budget.thresholds_pct:
+                key = (dimension, owner, format(pct, "f"))
+                thresholds.add(key)
+                self._budget_threshold.labels(*key).set(float(budget.budget_usd * pct / 100))
+        for labels in self._budget_series - budget_labels.keys():
+            self._budget.remove(*labels)
+        for key in self._threshold_series - thresholds:
+            self._budget_threshold.remove(*key)
+        self._budget_series, self._threshold_series = set(budget_labels), thresholds
+        shown = _fold_owners(owners, set(budget_labels), self.max_series)
+        for (dimension, owner), f in shown.items():
+            self._month_to_date.labels(dimension, owner).set(float(f.month_to_date_usd))
+            for bound, amount in (
+                ("point", f.forecast_usd),
+                ("low80", f.low80_usd),
+                ("high80", f.high80_usd),
+                ("low95", f.low95_usd),
+                ("high95", f.high95_usd),
+            ):
+                self._forecasts[bound].labels(dimension, owner).set(float(amount))
+        for labels in self._forecast_series - shown.keys():
+            self._month_to_date.remove(*labels)
+            for gauge in self._forecasts.values():
+                gauge.remove(*labels)
+        self._forecast_series = set(shown)
+        self._budget_refreshed.set(now_s)
+
+    def budget_refresh_failed(self) -> None:
+        """A refresh of the budget and forecast gauges failed; they keep their last values."""
+        self._budget_failures.inc()
+
     def devices_revoked(self, devices: Iterable[str]) -> None:
         """Forget the cost-rate series of devices whose partitions this worker no longer owns
         (their new owner reports them), so two workers never expose the same device."""
@@ -397,6 +494,61 @@ class WorkerMetrics:
 
 
 OTHER_TEAM = OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetValues:
+    """One budget, as the gauges show it."""
+
+    dimension: str
+    owner: str
+    budget_usd: Decimal
+    thresholds_pct: tuple[Decimal, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerForecast:
+    """One owner's month to date and month-end forecast, as the gauges show it."""
+
+    dimension: str
+    owner: str
+    month_to_date_usd: Decimal
+    forecast_usd: Decimal
+    low80_usd: Decimal
+    high80_usd: Decimal
+    low95_usd: Decimal
+    high95_usd: Decimal
+
+
+def _fold_owners(
+    owners: Sequence[OwnerForecast], budgeted: set[tuple[str, str]], max_series: int
+) -> dict[tuple[str, str], OwnerForecast]:
+    """The owners by (dimension, bounded owner): those with a budget first, then by forecast;
+    past `max_series`, the rest summed into one `__other__` owner (of their dimension where
+    they are of one)."""
+    by_labels: dict[tuple[str, str], OwnerForecast] = {}
+    for f in owners:
+        by_labels.setdefault((f.dimension, bounded_label(f.owner)), f)
+    ranked = sorted(
+        by_labels.items(), key=lambda item: (item[0] not in budgeted, -item[1].forecast_usd)
+    )
+    if len(ranked) <= max_series:
+        return dict(ranked)
+    kept, rest = dict(ranked[: max_series - 1]), [f for _, f in ranked[max_series - 1 :]]
+    dimensions = {f.dimension for f in rest}
+    dimension = dimensions.pop() if len(dimensions) == 1 else OTHER
+    zero = Decimal(0)
+    kept[(dimension, OTHER)] = OwnerForecast(
+        dimension,
+        OTHER,
+        sum((f.month_to_date_usd for f in rest), zero),
+        sum((f.forecast_usd for f in rest), zero),
+        sum((f.low80_usd for f in rest), zero),
+        sum((f.high80_usd for f in rest), zero),
+        sum((f.low95_usd for f in rest), zero),
+        sum((f.high95_usd for f in rest), zero),
+    )
+    return kept
 
 
 def _fold_smallest(

@@ -62,7 +62,12 @@ from streams.store import (
     split_dsn,
     store_from_args,
 )
-from streams.worker_cli import add_label_options, add_policy_options, add_price_book_option
+from streams.worker_cli import (
+    add_budgets_option,
+    add_label_options,
+    add_policy_options,
+    add_price_book_option,
+)
 
 EXIT_ARGS, EXIT_STORE, EXIT_LOCKED = 2, 1, 3
 _DEFAULTS = ChargebackSettings()
@@ -143,12 +148,11 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
     )
     p = kinds.add_parser("budget", help="month to date and forecast against each budget")
     add_clickhouse_option(p, env)
-    p.add_argument(
-        "--budgets",
-        required=True,
-        metavar="FILE",
-        help="budgets YAML: monthly USD per team, cost_center, product or namespace "
-        "(schemas/budgets.example.yaml)",
+    add_budgets_option(
+        p,
+        env,
+        help="budgets YAML: monthly USD per team, cost_center, product or namespace and the "
+        "alert thresholds (schemas/budgets.example.yaml); required",
     )
     p.add_argument("--period", metavar="YYYY-MM", help="the month (default: this month)")
     p.add_argument(
@@ -382,6 +386,8 @@ def _budget(args: argparse.Namespace) -> int:
     now_ms = int(time.time() * 1000)
     as_of = parse_instant(args.as_of, option="--as-of") if args.as_of else now_ms
     month = parse_month(args.period or format_ms(as_of)[:7])
+    if not args.budgets:
+        raise ConfigError("give the budgets file: --budgets FILE")
     budgets = load_budgets(args.budgets)
     store = open_store(args)
     try:

@@ -19,7 +19,9 @@ from streams.allocation import IDLE_POLICIES, SHARE_POLICIES, AllocationSettings
 from streams.labels import DEFAULT_MAX_PODS, LabelSettings
 from streams.metrics import MAX_SERIES
 from streams.pricing import EXAMPLE_PRICE_BOOK, load_price_book
+from streams.reports.budgets import load_budgets
 from streams.store import add_clickhouse_option, store_from_args
+from streams.worker.budget_gauges import BUDGET_INTERVAL_S
 from streams.worker.device_stage import StreamSettings
 from streams.worker.intake import DEAD_LETTER_MAX_KEYS
 
@@ -65,6 +67,15 @@ def add_price_book_option(parser: argparse.ArgumentParser, env: Mapping[str, str
         default=str(EXAMPLE_PRICE_BOOK),
         metavar="FILE",
         help="price book YAML (default: the shipped example)",
+    )
+
+
+def add_budgets_option(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], *, help: str
+) -> None:
+    """--budgets FILE: monthly USD per owner and the alert thresholds."""
+    add_env_option(
+        parser, env, "--budgets", env="GPULEDGER_BUDGETS", default="", metavar="FILE", help=help
     )
 
 
@@ -364,6 +375,23 @@ def register(sub: Any, env: Mapping[str, str]) -> None:
         help="series per metric labelled by input values (devices, models, sources) at most, "
         f"the least recently updated removed first (default {MAX_SERIES:,})",
     )
+    add_budgets_option(
+        parser,
+        env,
+        help="budgets YAML (schemas/budgets.example.yaml): export each budget, and the "
+        "month-end forecast of every owner of its dimensions, as gpuledger_budget_* and "
+        "gpuledger_forecast_* gauges (default: none)",
+    )
+    add_env_option(
+        parser,
+        env,
+        "--budget-interval",
+        env="GPULEDGER_BUDGET_INTERVAL",
+        type=float,
+        default=BUDGET_INTERVAL_S,
+        metavar="SECONDS",
+        help=f"seconds between refreshes of those gauges (default {BUDGET_INTERVAL_S:g})",
+    )
     parser.add_argument("--flush-interval-s", type=float, default=1.0)
     parser.add_argument(
         "--exit-when-idle",
@@ -392,7 +420,10 @@ def run_worker(args: argparse.Namespace) -> int:
         ):
             if value < least:
                 raise GpuledgerError(f"{flag} must be at least {least}")
+        if args.budget_interval <= 0:
+            raise GpuledgerError("--budget-interval must be positive")
         book = load_price_book(args.price_book)
+        budgets = load_budgets(args.budgets) if args.budgets else None
         config = WorkerConfig(
             kafka=kafka_settings_from(args),
             clickhouse_dsn=args.clickhouse,
@@ -408,6 +439,8 @@ def run_worker(args: argparse.Namespace) -> int:
             max_pods=args.max_pods,
             dead_letter_max_keys=args.dead_letter_max_keys,
             max_metric_series=args.max_metric_series,
+            budgets=budgets,
+            budget_interval_s=args.budget_interval,
         )
         worker = Worker(config, book, store=store_from_args(args))
         tune_garbage_collector()

@@ -37,8 +37,10 @@ from schemas.events import (
 from streams.labels import DEFAULT_MAX_PODS, PodHistory
 from streams.metrics import MAX_SERIES, WorkerMetrics
 from streams.pricing import PriceBook
+from streams.reports.budgets import Budgets
 from streams.rollups import seal_hours
 from streams.store import OWNER_FILE, ClickHouseStore
+from streams.worker.budget_gauges import BUDGET_INTERVAL_S, BudgetGauges
 from streams.worker.checkpoints import Checkpoints
 from streams.worker.device_stage import DeviceStage, StreamSettings
 from streams.worker.handlers import (
@@ -93,6 +95,9 @@ class WorkerConfig:
     max_pods: int = DEFAULT_MAX_PODS
     dead_letter_max_keys: int = DEAD_LETTER_MAX_KEYS
     max_metric_series: int = MAX_SERIES
+    # Budgets: the gauges of each budget and owner's forecast, recomputed every interval.
+    budgets: Budgets | None = None
+    budget_interval_s: float = BUDGET_INTERVAL_S
 
     @property
     def internal_topic(self) -> str:
@@ -138,6 +143,11 @@ class Worker:
         self._owner_file: Path | None = None
         self._pods_table: PodsTable | None = None
         self.nodes_table: NodesTable | None = None  # node events into node_events
+        self.budget_gauges: BudgetGauges | None = None
+        if config.budgets is not None:
+            self.budget_gauges = BudgetGauges(
+                self.store, config.budgets, self.metrics, interval_s=config.budget_interval_s
+            )
 
     @property
     def open_windows(self) -> int:
@@ -239,6 +249,8 @@ class Worker:
                 "token-costs": token_runner.run(self.stopping),
                 "seal": self._seal_loop(),
             }
+            if self.budget_gauges is not None:
+                loops["budgets"] = self.budget_gauges.run(self.stopping)
             if cfg.exit_when_idle_s is not None:
                 loops["exit-when-idle"] = self._exit_when_idle(cfg.exit_when_idle_s)
             await supervise(loops, self.stopping, STOP_GRACE_S)

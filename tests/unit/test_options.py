@@ -38,6 +38,8 @@ EXPECTED = {
     "GPULEDGER_AGENT_METRICS_PORT": "--metrics-port",
     "GPULEDGER_BILLING_ACCOUNT": "--billing-account",
     "GPULEDGER_BILLING_ACCOUNT_NAME": "--billing-account-name",
+    "GPULEDGER_BUDGETS": "--budgets",
+    "GPULEDGER_BUDGET_INTERVAL": "--budget-interval",
     "GPULEDGER_BUFFER_MAX_EVENTS": "--buffer-max-events",
     "GPULEDGER_CLICKHOUSE_DSN": "--clickhouse",
     "GPULEDGER_CLICKHOUSE_PASSWORD": "",
@@ -137,7 +139,8 @@ def test_every_command_is_found() -> None:
     assert ["report", "variance"] in COMMANDS
     assert ["plan"] in COMMANDS
     assert ["report", "forecast"] in COMMANDS
-    assert len(COMMANDS) == 17
+    assert ["report", "budget"] in COMMANDS
+    assert len(COMMANDS) == 18
 
 
 def test_the_declared_variables_are_the_contract() -> None:

@@ -3,6 +3,7 @@ and properties."""
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 
 from hypothesis import given, settings
@@ -54,7 +55,7 @@ def test_percentages_and_the_day_the_budget_is_reached() -> None:
     # 300 by day 10 and 1,200 by day 30: 45 a day; 1,000 is reached 700/45 = 15.56 days on.
     line = assess(BUDGET, _forecast("300", "1200"), as_of_ms=AS_OF_MS, end_ms=END_MS)
     assert (line.used_pct, line.forecast_pct) == (Decimal("30.00"), Decimal("120.00"))
-    assert line.crosses_ms == AS_OF_MS + int(Decimal(700) / Decimal(900) * 20 * DAY_MS)
+    assert line.crosses_ms == AS_OF_MS + math.ceil(Decimal(700) / Decimal(900) * 20 * DAY_MS)
     assert line.crosses_ms is not None and line.crosses_ms > START_MS + 25 * DAY_MS
     assert line.crosses_ms < START_MS + 26 * DAY_MS  # on 2026-11-26
     # Not reached, or reached already: no day.
