@@ -1,7 +1,8 @@
 """The HTML report: one self-contained file, charts drawn as inline SVG (nothing is fetched when
 it is viewed). `html_report(store, period)` reads the store; `render_html` is pure. Charts over
 time bucket by the period's length (`chart_bucket`) so short and long periods both show a
-useful number of bars."""
+useful number of bars. The planning sections (the month-end forecast of the month the period
+ends in) each have a module of their own that reads its view and renders its section."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from streams.reports.charts import (
     hbars,
     stacked_bars,
     utilisation_chart,
+)
+from streams.reports.html_forecast import (
+    ForecastView,
+    forecast_section,
+    read_forecast_view,
+    report_month,
 )
 from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import display, money, num, pct
@@ -39,7 +46,16 @@ from streams.store import ClickHouseStore
 _CENT = Decimal("0.01")
 
 
-def html_report(store: ClickHouseStore, period: Period, *, use_rollups: bool = True) -> str:
+def html_report(
+    store: ClickHouseStore,
+    period: Period,
+    *,
+    use_rollups: bool = True,
+    as_of_ms: int | None = None,
+) -> str:
+    """The report of `period`, with the month-end forecast of the month the period ends in as
+    of the period's end (or `as_of_ms`, when that is earlier: a period that ends in the future
+    has no spend there yet)."""
     check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
@@ -83,6 +99,10 @@ def html_report(store: ClickHouseStore, period: Period, *, use_rollups: bool = T
         f"SELECT namespace, pod, any(team), sum(cost_usd) AS c FROM {costs} "
         f"WHERE kind = 'usage' GROUP BY namespace, pod, pod_uid ORDER BY c DESC LIMIT 10"
     )
+    forecast_as_of_ms = period.end_ms if as_of_ms is None else min(period.end_ms, as_of_ms)
+    forecast = read_forecast_view(
+        store, report_month(period), as_of_ms=forecast_as_of_ms, use_rollups=use_rollups
+    )
     return render_html(
         HtmlData(
             period=period,
@@ -96,11 +116,18 @@ def html_report(store: ClickHouseStore, period: Period, *, use_rollups: bool = T
             showback=showback(store, period, "team", use_rollups=use_rollups),
             tags=tag_compliance(store, period, use_rollups=use_rollups),
             units=unit_economics(store, period, use_rollups=use_rollups),
-        )
+        ),
+        forecast=forecast,
     )
 
 
-def render_html(data: HtmlData) -> str:
+def planning_sections(forecast: ForecastView | None) -> str:
+    """The sections that look ahead of the period, in order; each is its module's own function
+    (budgets and requests against usage join them here)."""
+    return forecast_section(forecast) if forecast is not None else ""
+
+
+def render_html(data: HtmlData, *, forecast: ForecastView | None = None) -> str:
     sb = data.showback
     span = f"{format_ms(data.period.start_ms)} to {format_ms(data.period.end_ms)}"
     # Tiles show the table's own cents, so they match the lines below to the cent.
@@ -200,6 +227,7 @@ svg .label{{font-size:12px;fill:#202124}}
 <div class="tiles">{tile_html}</div>
 <section><h2>Cost by team over time (per {data.bucket.name})</h2>{stacked_bars(data)}</section>
 <section><h2>Showback by team</h2>{showback_table}{table_notes}</section>
+{planning_sections(forecast)}
 <section><h2>Cost per 1M tokens by model (allocation basis, idle included)</h2>
 {hbars("chart-cost-per-token", cpm, PALETTE[0])}
 <p class="note">Each bucket's idle cost is spread over the pods that ran in it, so these are

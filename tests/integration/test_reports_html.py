@@ -1,5 +1,6 @@
 """The HTML report in headless Chromium: it loads with no console errors, every chart draws,
-nothing is fetched from the network, and a screenshot is kept for people to look at."""
+nothing is fetched from the network, and a screenshot is kept for people to look at. The
+month-end forecast section on a generated month with known answers."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import re
 import shutil
 import subprocess
 import tempfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from row_builders import cost_row
 from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, fresh_store
 
+from streams.reports.html_forecast import read_forecast_view, report_month
 from streams.reports.html_report import html_report
-from streams.reports.params import Period
+from streams.reports.params import DAY_MS, Period, parse_month
 from streams.reports.showback import showback
 from streams.rows import CostRow
 
@@ -119,6 +123,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
         "chart-utilisation",
         "chart-untagged",
         "chart-top-pods",
+        "chart-forecast",
     }
     assert all(c["w"] > 100 and c["h"] > 20 and c["bars"] > 0 for c in charts), charts
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -158,3 +163,107 @@ def test_html_report_of_an_empty_period_is_still_a_page() -> None:
     store = fresh_store()
     text = html_report(store, Period(T0_MS, T0_MS + HOUR_MS))
     assert "No GPU cost in this period." in text and "<svg" not in text.split("<main>")[0]
+    assert "No GPU cost this month yet." in text
+
+
+def _steady_month(days: int) -> list[CostRow]:
+    """From 2026-11-01: team search at 2 USD/h and idle GPUs at 0.25 USD/h, one row an hour."""
+    rows = []
+    for h in range(days * 24):
+        t = T0_MS + h * HOUR_MS
+        rows.append(cost_row(t, cost_usd=Decimal(2)))
+        rows.append(
+            cost_row(
+                t, "GPU-2", kind="idle", team="__idle__", namespace="", pod="", pod_uid="",
+                product="", cost_center="", cost_usd=Decimal("0.25"),
+            )
+        )  # fmt: skip
+    return rows
+
+
+def test_the_forecast_path_of_a_steady_month_is_days_times_the_rate() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(10))
+    month = parse_month("2026-11")
+    view = read_forecast_view(store, month, as_of_ms=T0_MS + 10 * DAY_MS)
+    assert view.chart.daily_usd == (Decimal(54),) * 10
+    assert [p.day for p in view.chart.path] == list(range(11, 31))
+    for p in view.chart.path:  # the fleet spends 54 USD a day: the path is 54 x days, exactly
+        assert abs(p.point_usd - 54 * p.day) <= Decimal("0.01"), p
+        assert p.high95_usd - p.low95_usd <= Decimal("0.01")
+
+
+def test_the_paths_last_point_is_the_tables_total_mid_day_and_metered_from_mid_month() -> None:
+    # Metering from the 4th at 09:00, a busy afternoon every day, as of the 19th at 15:30: the
+    # path is forecast from the same hours, profile and metering start as the table's total.
+    store = fresh_store()
+    rows = [
+        cost_row(T0_MS + h * HOUR_MS, cost_usd=Decimal(1) + Decimal((h % 24) // 12) * 2)
+        for h in range(3 * 24 + 9, 18 * 24 + 16)
+    ]
+    store.insert_rows(rows)
+    as_of_ms = T0_MS + 18 * DAY_MS + 15 * HOUR_MS + 30 * MIN_MS
+    view = read_forecast_view(store, parse_month("2026-11"), as_of_ms=as_of_ms)
+    total, end = view.report.total.forecast, view.chart.path[-1]
+    assert total.method == "ets_seasonal" and end.day == 30
+    assert (end.point_usd, end.low80_usd, end.high80_usd, end.low95_usd, end.high95_usd) == (
+        total.total_usd, total.low80_usd, total.high80_usd, total.low95_usd, total.high95_usd,
+    )  # fmt: skip
+    assert sum(view.chart.daily_usd) == total.month_to_date_usd == sum(r.cost_usd for r in rows)
+
+
+def _section(text: str) -> str:
+    section = text[text.index("<h2>Month-end forecast") :]
+    return section[: section.index("</section>")]
+
+
+def test_the_html_forecast_section_shows_the_month_its_chart_and_a_row_per_team() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(10))
+    section = _section(html_report(store, Period(T0_MS + 5 * DAY_MS, T0_MS + 10 * DAY_MS)))
+    assert "Month-end forecast, 2026-11, as of 2026-11-11T00:00:00Z" in section
+    chart = _svg(section, "chart-forecast")
+    assert chart.count('<rect class="bar"') == 10  # the month's days so far, not the period's
+    assert chart.count('class="band95"') == 1 and chart.count('class="band80"') == 1
+    assert "2026-11-10: 54.00 USD that day, 540.00 USD to date" in chart
+    assert "forecast at month end: 1,620.00 USD" in section
+    rows = re.findall(r'<tr class="(\w+)"><td>([^<]*)</td>((?:<td[^>]*>[^<]*</td>)*)</tr>', section)
+    cells = {label: (kind, re.findall(r">([^<]*)</td>", rest)) for kind, label, rest in rows}
+    assert cells["search"] == (
+        "allocated",
+        ["480.00", "1,440.00", "1,440.00-1,440.00", "ets_trend"],
+    )
+    assert cells["(idle GPU time)"][1][:2] == ["60.00", "180.00"]
+    assert cells["total (all metered GPU cost)"] == (
+        "total",
+        ["540.00", "1,620.00", "1,620.00-1,620.00", "ets_trend"],
+    )
+
+
+def test_a_period_to_the_end_of_the_month_shows_the_month_complete() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(3))
+    section = _section(html_report(store, parse_month("2026-11")))
+    assert "Month-end forecast, 2026-11, as of 2026-12-01T00:00:00Z" in section
+    chart = _svg(section, "chart-forecast")
+    assert chart.count('<rect class="bar"') == 30 and "band95" not in section
+    assert (
+        ">162.00</td><td class=n>162.00</td><td class=n>162.00-162.00</td><td class=n>complete<"
+        in section
+    )
+
+
+def test_a_forecast_as_of_earlier_than_the_period_end_reads_no_later_spend() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(10))
+    section = _section(html_report(store, parse_month("2026-11"), as_of_ms=T0_MS + 4 * DAY_MS))
+    assert ", as of 2026-11-05T00:00:00Z" in section
+    assert _svg(section, "chart-forecast").count('<rect class="bar"') == 4
+    assert "spend to date: 216.00 USD" in section
+
+
+def test_the_report_month_is_the_month_of_the_periods_last_instant() -> None:
+    nov, dec = parse_month("2026-11"), parse_month("2026-12")
+    assert report_month(nov) == nov  # ends at 2026-12-01T00:00Z: its last instant is November's
+    assert report_month(Period(nov.start_ms + DAY_MS, dec.start_ms + DAY_MS)) == dec
+    assert report_month(Period(dec.start_ms, dec.start_ms)) == dec
