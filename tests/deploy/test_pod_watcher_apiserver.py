@@ -182,9 +182,17 @@ async def watching(watcher_kubeconfig: Path) -> AsyncIterator[Callable[..., Any]
 
 
 def _pod(
-    namespace: str, name: str, labels: dict[str, str], node: str | None = NODE
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    node: str | None = NODE,
+    *,
+    limits: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    spec: dict[str, Any] = {"containers": [{"name": "server", "image": "vllm/vllm-openai:v0.6.0"}]}
+    server: dict[str, Any] = {"name": "server", "image": "vllm/vllm-openai:v0.6.0"}
+    if limits:
+        server["resources"] = {"limits": limits}
+    spec: dict[str, Any] = {"containers": [server]}
     if node:
         spec["nodeName"] = node
     return {
@@ -388,7 +396,9 @@ async def test_gpuledger_pods_publishes_the_servers_pods_to_kafka(
     cluster = f"c-{uuid.uuid4().hex[:8]}"
     ns = unique("search")
     api.create_namespace(ns, {"team": "search"})
-    before = _create(api, _pod(ns, "before", {"product": "assistant"}))
+    before = _create(
+        api, _pod(ns, "before", {"product": "assistant"}, limits={"nvidia.com/gpu": "1"})
+    )
 
     parser = argparse.ArgumentParser()
     pods_cli.register(parser.add_subparsers(), {})
@@ -434,7 +444,101 @@ async def test_gpuledger_pods_publishes_the_servers_pods_to_kafka(
     for _, data in ours:
         by_pod.setdefault(data.name, []).append(data)
     assert [d.labels["product"] for d in by_pod["before"]] == ["assistant", "search-v2"]
+    assert [d.gpu_requests for d in by_pod["before"]] == [{"nvidia.com/gpu": 1}] * 2
+    assert by_pod["during"][0].gpu_requests == {}
     assert [d.deleted for d in by_pod["during"]] == [False, True]
     assert by_pod["during"][0].uid == during["metadata"]["uid"]
     assert by_pod["before"][0].uid == before["metadata"]["uid"]
     assert all(d.namespace_labels["team"] == "search" and d.node == NODE for _, d in ours)
+
+
+# --- GPU requests ---------------------------------------------------------------------------
+
+GPU = "nvidia.com/gpu"
+MIG_1G = "nvidia.com/mig-1g.10gb"
+
+
+def _container(name: str, limits: dict[str, str], requests: dict[str, str] | None = None) -> Any:
+    resources: dict[str, Any] = {"limits": limits}
+    if requests is not None:
+        resources["requests"] = requests
+    return {"name": name, "image": "vllm/vllm-openai:v0.6.0", "resources": resources}
+
+
+def _gpu_pod(
+    namespace: str, name: str, containers: list[Any], init: list[Any] | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"nodeName": NODE, "containers": containers}
+    if init:
+        spec["initContainers"] = init
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": "vllm"}},
+        "spec": spec,
+    }
+
+
+def _phase(api: KubeApi, doc: dict[str, Any], phase: str) -> None:
+    """What the kubelet reports: the pod's phase, on its status subresource."""
+    api.ok(
+        "PATCH",
+        api.path_of(doc) + "/status",
+        {"status": {"phase": phase}},
+        content_type="application/merge-patch+json",
+    )
+
+
+async def test_gpu_requests_as_the_api_server_stores_them_and_none_once_finished(
+    kube_apiserver: KubeApiServer, watching: Callable[..., Any]
+) -> None:
+    api = kube_apiserver.api
+    ns = unique("gpus")
+    api.create_namespace(ns, {"team": "search"})
+    # Limits only (the API server defaults the requests to them), two app containers and an
+    # init container that needs more, a MIG pod with a sidecar-free init container.
+    whole = _create(api, _gpu_pod(ns, "whole", [_container("server", {GPU: "1"})]))
+    stored = whole["spec"]["containers"][0]["resources"]["requests"]
+    assert stored == {GPU: "1"}
+    _create(
+        api,
+        _gpu_pod(
+            ns,
+            "init-heavy",
+            [_container("a", {GPU: "1"}, {GPU: "1"}), _container("b", {GPU: "1", "cpu": "2"})],
+            [_container("warm-up", {GPU: "4"})],
+        ),
+    )
+    _create(
+        api,
+        _gpu_pod(
+            ns,
+            "mig",
+            [_container("a", {MIG_1G: "2"}), _container("b", {"nvidia.com/mig-3g.40gb": "1"})],
+            [_container("fetch", {MIG_1G: "1"})],
+        ),
+    )
+    cpu = _create(api, _pod(ns, "cpu", {"app": "web"}))
+
+    w = await watching()
+    requests = {e.info.name: e.info.gpu_requests for e in w.seen if e.info.namespace == ns}
+    assert requests == {
+        "whole": {GPU: 1},
+        "init-heavy": {GPU: 4},  # max(1 + 1, 4)
+        "mig": {MIG_1G: 2, "nvidia.com/mig-3g.40gb": 1},  # max(2, 1), and the other profile
+        "cpu": {},
+    }
+
+    _phase(api, whole, "Running")  # status churn: no news
+    _phase(api, cpu, "Running")
+    _phase(api, cpu, "Succeeded")  # a pod that held no GPU finishing is no news either
+    _phase(api, whole, "Succeeded")
+    await w.until(lambda: len([e for e in w.seen if e.info.name == "whole"]) == 2, "finished")
+    finished = [e for e in w.seen if e.info.name == "whole"][-1]
+    assert (finished.kind, finished.info.gpu_requests) == ("updated", {})
+    assert [e.kind for e in w.seen if e.info.namespace == ns and e.info.name == "cpu"] == ["added"]
+
+    _delete(api, whole)
+    await w.until(lambda: w.seen[-1].kind == "deleted", "the deletion")
+    assert w.seen[-1].info.name == "whole"
+    assert w.seen[-1].info.deleted and w.seen[-1].info.gpu_requests == {}
