@@ -160,15 +160,21 @@ class RequestsReport:
             "by": self.by,
             "currency": "USD",
             "lines": self.records(),
-            "totals": {
-                "usage_usd": self.usage_total_usd,
-                "request_usd": self.request_total_usd,
-                "unrequested_usd": self.unrequested_usd,
-                "total_usd": self.total_usd,
-                "total_usd_cents": self.total_cents_usd,
-                "reconciles": self.reconciles,
-            },
+            "totals": self.totals,
             "notes": list(self.notes),
+        }
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Both columns' totals (equal: the period's metered GPU cost), the unrequested part
+        of the request column, and whether every line adds up to them."""
+        return {
+            "usage_usd": self.usage_total_usd,
+            "request_usd": self.request_total_usd,
+            "unrequested_usd": self.unrequested_usd,
+            "total_usd": self.total_usd,
+            "total_usd_cents": self.total_cents_usd,
+            "reconciles": self.reconciles,
         }
 
 

@@ -177,6 +177,7 @@ def test_the_month_by_team_has_the_known_answers(month: ClickHouseStore) -> None
     assert lines[("unrequested", "")] == (Decimal(0), UNREQUESTED)
     assert report.usage_total_usd == report.request_total_usd == TOTAL
     assert report.reconciles and report.unrequested_usd == UNREQUESTED
+    assert report.totals["request_usd"] == report.totals["usage_usd"] == TOTAL
     # The usage column is showback's, line for line.
     sb = showback(month, MONTH, "team", use_rollups=False)
     assert {(s.line_kind, s.key): s.cost_usd for s in sb.lines} == {
