@@ -22,6 +22,7 @@ from streams.store import ClickHouseStore
 log = logging.getLogger("gpuledger.worker.budgets")
 
 BUDGET_INTERVAL_S = 300.0
+MIN_REFRESH_LIMIT_S = 30.0  # the reports' own default time limit
 
 
 def wall_clock_ms() -> int:
@@ -79,8 +80,9 @@ class BudgetGauges:
         month = parse_month(format_ms(now_ms)[:7])
         if self._reader is None:
             self._reader = self.store.reader()
-        # Stopped by ClickHouse past the interval: the next refresh is due by then anyway.
-        with self._reader.time_limit(self.interval_s):
+        # Stopped by ClickHouse past the interval (the next refresh is due by then anyway), but
+        # never sooner than a report may take.
+        with self._reader.time_limit(max(self.interval_s, MIN_REFRESH_LIMIT_S)):
             forecasts = forecasts_of(self._reader, self.budgets, month, now_ms=now_ms)
         budgets = [
             BudgetValues(b.dimension, b.owner, b.monthly_usd, b.thresholds_pct)
