@@ -204,6 +204,57 @@ async def test_nodes_created_patched_and_deleted_give_node_events(
         await w.until(lambda: w.of(joined)[-1].kind == "deleted", "the second deletion")
 
 
+async def test_gpu_capacity_as_time_slicing_and_mig_report_it(
+    kube_apiserver: KubeApiServer,
+    watcher_kubeconfig: Path,  # noqa: F811
+) -> None:
+    admin = kube_apiserver.api
+    shared = unique("gpu-node")
+    # The device plugin with time-slicing (4 replicas, renameByDefault false) on 8 GPUs.
+    shared_doc = node_doc(
+        shared, "", {"nvidia.com/gpu.replicas": "4"}, cpu="96", **{"nvidia.com/gpu": "32"}
+    )
+    mig = unique("gpu-node")
+    # MIG "mixed": one resource per profile, the whole GPUs left unpartitioned besides.
+    mig_doc = node_doc(
+        mig,
+        "",
+        {},
+        cpu="96",
+        **{"nvidia.com/gpu": "4", "nvidia.com/mig-1g.10gb": "14", "nvidia.com/mig-3g.40gb": "4"},
+    )
+    assert admin.create(shared_doc).status == 201
+    assert admin.create(mig_doc).status == 201
+
+    async with Watching(watcher_kubeconfig) as w:
+        (first,) = w.of(shared)
+        assert (first.info.gpus, first.info.gpu_capacity) == (32, {"nvidia.com/gpu": 32})
+        (listed,) = w.of(mig)
+        assert listed.info.gpu_capacity == {
+            "nvidia.com/gpu": 4,
+            "nvidia.com/mig-1g.10gb": 14,
+            "nvidia.com/mig-3g.40gb": 4,
+        }
+        # Repartitioned: the same GPUs, other profiles; the whole-GPU count does not move.
+        repartitioned = {"nvidia.com/mig-1g.10gb": "7", "nvidia.com/mig-3g.40gb": "6"}
+        admin.ok(
+            "PATCH",
+            admin.path_of(mig_doc) + "/status",
+            {"status": {"capacity": repartitioned}},
+            content_type=MERGE,
+        )
+        await w.until(lambda: len(w.of(mig)) == 2, "the new MIG layout")
+        changed = w.of(mig)[1]
+        assert changed.kind == "updated" and changed.info.gpus == 4
+        assert changed.info.gpu_capacity == {
+            "nvidia.com/gpu": 4,
+            "nvidia.com/mig-1g.10gb": 7,
+            "nvidia.com/mig-3g.40gb": 6,
+        }
+    assert admin.delete(shared_doc).status == 200
+    assert admin.delete(mig_doc).status == 200
+
+
 @pytest.fixture
 def kubeconfig_without_nodes(
     kube_apiserver: KubeApiServer,
@@ -340,6 +391,7 @@ async def test_gpuledger_pods_publishes_node_events_to_kafka(
         (True, 8, 1872 * GIB),
     ]
     assert records[0][1].data.provider_id == f"gce://gpu-project/us-central1-a/{name}"
+    assert [e.data.gpu_capacity for _, e in records] == [{"nvidia.com/gpu": 8}] * 2
     assert records[0][1].type == NODE_TYPE and records[0][1].source == f"gpuledger/pods/{cluster}"
 
     # --no-nodes: the same cluster, no node event at all.
