@@ -32,6 +32,12 @@ def device_class(resource: str) -> str | None:
     return None
 
 
+def profile_class(mig_profile: str) -> str:
+    """The device class of a cost row's MIG profile as a resource name spells it: NVML's
+    `1g.10gb+me` is `nvidia.com/mig-1g.10gb.me` (`+` is not allowed in a resource name)."""
+    return mig_profile.replace("+", ".")
+
+
 @dataclass(frozen=True, slots=True)
 class DevicePool:
     """The GPU money of one device class on one node over one span (an hour, or the part of

@@ -17,6 +17,7 @@ from streams.reports.requests import (
     RequestEvent,
     allocate_requests,
     holds_from_events,
+    profile_class,
 )
 from streams.reports.requests_report import REQUEST_DIMENSIONS, RequestsReport, build_report
 from streams.reports.showback import showback
@@ -104,7 +105,7 @@ def _pools(store: ClickHouseStore, plan: ReadPlan, period: Period) -> list[Devic
         DevicePool(
             str(cluster),
             str(node),
-            str(profile),
+            profile_class(str(profile)),
             max(int(hour_ms), period.start_ms),
             min(int(hour_ms) + HOUR_MS, period.end_ms),
             Decimal(cost or 0),

@@ -19,6 +19,7 @@ from streams.reports.requests import (
     capacity_at,
     device_class,
     holds_from_events,
+    profile_class,
     split_exact,
     split_pool,
 )
@@ -51,6 +52,15 @@ def test_resources_name_device_classes() -> None:
     assert device_class("nvidia.com/mig-") is None
     assert device_class("nvidia.com/vgpu") is None
     assert device_class("amd.com/gpu") is None
+
+
+def test_a_media_extension_profile_matches_its_resource_name() -> None:
+    # NVML spells it 1g.10gb+me; the device plugin's resource cannot hold a `+`.
+    assert profile_class("1g.10gb+me") == device_class("nvidia.com/mig-1g.10gb.me")
+    assert profile_class("1g.10gb") == "1g.10gb" != profile_class("1g.10gb+me")
+    me = pool("7.00", cls=profile_class("1g.10gb+me"), devices=1)
+    split = split_pool(me, [hold("a", 1, resource="nvidia.com/mig-1g.10gb.me")], None)
+    assert split.charges_usd == {"a": Decimal("7.00")} and split.unrequested_usd == 0
 
 
 def test_whole_devices_per_request_and_the_rest_unrequested() -> None:
