@@ -38,9 +38,7 @@ def test_every_pod_requests_one_unit_of_each_device_it_runs_on() -> None:
     scenario = demo_scenario(START)
     resource = devices_of(scenario)
     for pod in scenario.pods:
-        used = Counter(
-            resource[p.device_uuid] for p in scenario.processes if p.pod_uid == pod.uid
-        )
+        used = Counter(resource[p.device_uuid] for p in scenario.processes if p.pod_uid == pod.uid)
         assert dict(pod.gpu_requests) == dict(used), pod.name
     by_name = {p.name: p for p in scenario.pods}
     assert by_name["qwen-vllm-0"].gpu_requests == {"nvidia.com/gpu": 2}
