@@ -37,6 +37,11 @@ KNOWN_METRICS = {
     "gpuledger_agent_last_sample_timestamp_seconds",
     "gpuledger_agent_samples_total",
     "gpuledger_agent_buffer_oldest_age_seconds",
+    "gpuledger_budget_usd",
+    "gpuledger_budget_threshold_usd",
+    "gpuledger_budget_month_to_date_usd",
+    "gpuledger_budget_refresh_failures_total",
+    "gpuledger_forecast_usd",
 }
 REQUIRED_ALERTS = {
     "GpuledgerIdleGpuBurnHigh",
@@ -47,6 +52,9 @@ REQUIRED_ALERTS = {
     "GpuledgerEventsTooLate",
     "GpuledgerAgentBufferNearLateHorizon",
     "GpuledgerClockSkew",
+    "GpuledgerBudgetForecastOverrun",
+    "GpuledgerBudgetExceeded",
+    "GpuledgerBudgetRefreshFailing",
 }
 
 
@@ -82,6 +90,41 @@ def test_every_required_alert_exists_and_uses_known_metrics() -> None:
         assert {"summary", "description"} <= set(rule["annotations"])  # type: ignore[arg-type]
     idle = next(r for r in rules if r["alert"] == "GpuledgerIdleGpuBurnHigh")
     assert idle["for"] == "15m"
+
+
+def worker_metric_names() -> set[str]:
+    """Every metric name the worker declares (streams/metrics.py), as a rule writes it."""
+    from prometheus_client import CollectorRegistry
+
+    from streams.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    return {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in registry.collect()
+    }
+
+
+def test_the_worker_declares_every_worker_metric_the_rules_use() -> None:
+    declared = worker_metric_names()
+    used = {name for rule in _rules() for name in re.findall(r"\bgpuledger_\w+", str(rule["expr"]))}
+    worker = {name for name in used if not name.startswith("gpuledger_agent_")}
+    assert worker <= declared, worker - declared
+    assert {
+        n for n in KNOWN_METRICS if n.startswith(("gpuledger_budget", "gpuledger_forecast"))
+    } <= (declared)
+
+
+def test_budget_alerts_name_owner_and_amounts() -> None:
+    rules = {str(r["alert"]): r for r in _rules()}
+    for name in ("GpuledgerBudgetForecastOverrun", "GpuledgerBudgetExceeded"):
+        text = str(rules[name]["annotations"])
+        assert "$labels.owner" in text and "$labels.dimension" in text and "$value" in text
+        assert "gpuledger_budget_usd" in text  # the budget's amount, by query
+        assert rules[name]["for"]
+    # Before the money is spent: the overrun is silent once the month to date is past it.
+    assert "unless on (dimension, owner)" in str(rules["GpuledgerBudgetForecastOverrun"]["expr"])
 
 
 def test_too_late_alerts_speak_of_the_workers_late_horizon() -> None:
@@ -142,6 +185,21 @@ def test_promtool_unit_tests_pass() -> None:
             "(abs(gpuledger_clock_offset_seconds))",
             "(gpuledger_clock_offset_seconds)",
         ),
+        ("GpuledgerBudgetForecastOverrun", "for: 30m", "for: 10m"),
+        ("GpuledgerBudgetForecastOverrun", "<= on (dimension, owner)", "< on (dimension, owner)"),
+        (
+            "GpuledgerBudgetForecastOverrun",
+            "unless on (dimension, owner)",
+            "or on (dimension, owner)",
+        ),
+        (
+            "GpuledgerBudgetForecastOverrun",
+            "gpuledger_budget_threshold_usd <=",
+            "gpuledger_budget_usd <=",
+        ),
+        ("GpuledgerBudgetExceeded", "for: 10m", "for: 20m"),
+        ("GpuledgerBudgetExceeded", "usd > on", "usd >= on"),
+        ("GpuledgerBudgetRefreshFailing", "for: 15m", "for: 1m"),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, alert: str, old: str, new: str) -> None:
