@@ -2,13 +2,17 @@
 it is viewed). `html_report(store, period)` reads the store; `render_html` is pure. Charts over
 time bucket by the period's length (`chart_bucket`) so short and long periods both show a
 useful number of bars. The planning sections (the month-end forecast of the month the period
-ends in) each have a module of their own that reads its view and renders its section."""
+ends in, budgets against it when a budgets file is given, request-based beside usage-based
+cost) each have a function of their own (html_forecast.py, html_tables.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from decimal import Decimal
 from html import escape
 
+from streams.reports.budget_report import BudgetReport, assess_budgets
+from streams.reports.budgets import Budgets
 from streams.reports.charts import (
     CHART_TEAMS,
     HOUR_S,
@@ -21,14 +25,18 @@ from streams.reports.charts import (
     stacked_bars,
     utilisation_chart,
 )
+from streams.reports.forecast_report import forecast
 from streams.reports.html_forecast import (
     ForecastView,
     forecast_section,
     read_forecast_view,
     report_month,
 )
+from streams.reports.html_tables import budgets_section, requests_section
 from streams.reports.params import Period, check_period, format_ms
 from streams.reports.render import display, money, num, pct
+from streams.reports.requests_data import requests_report
+from streams.reports.requests_report import RequestsReport
 from streams.reports.showback import (
     ALLOCATED,
     IDLE_LINE,
@@ -46,16 +54,27 @@ from streams.store import ClickHouseStore
 _CENT = Decimal("0.01")
 
 
+@dataclass(frozen=True, slots=True)
+class Planning:
+    """The sections that look past the period's own cost: each None when not shown."""
+
+    forecast: ForecastView | None = None
+    budgets: BudgetReport | None = None
+    requests: RequestsReport | None = None
+
+
 def html_report(
     store: ClickHouseStore,
     period: Period,
     *,
     use_rollups: bool = True,
     as_of_ms: int | None = None,
+    budgets: Budgets | None = None,
 ) -> str:
     """The report of `period`, with the month-end forecast of the month the period ends in as
     of the period's end (or `as_of_ms`, when that is earlier: a period that ends in the future
-    has no spend there yet)."""
+    has no spend there yet), `budgets` against that forecast when given, and request-based
+    beside usage-based cost by team over the period."""
     check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
@@ -100,9 +119,18 @@ def html_report(
         f"WHERE kind = 'usage' GROUP BY namespace, pod, pod_uid ORDER BY c DESC LIMIT 10"
     )
     forecast_as_of_ms = period.end_ms if as_of_ms is None else min(period.end_ms, as_of_ms)
-    forecast = read_forecast_view(
-        store, report_month(period), as_of_ms=forecast_as_of_ms, use_rollups=use_rollups
-    )
+    month = report_month(period)
+    view = read_forecast_view(store, month, as_of_ms=forecast_as_of_ms, use_rollups=use_rollups)
+    budget_lines = None
+    if budgets is not None:
+        # The team forecast is the section's own; other dimensions are forecast for their budgets.
+        forecasts = {
+            dim: view.report
+            if dim == "team"
+            else forecast(store, month, dim, now_ms=forecast_as_of_ms, use_rollups=use_rollups)
+            for dim in budgets.dimensions
+        }
+        budget_lines = assess_budgets(budgets, forecasts, month, as_of_ms=view.report.as_of_ms)
     return render_html(
         HtmlData(
             period=period,
@@ -117,17 +145,23 @@ def html_report(
             tags=tag_compliance(store, period, use_rollups=use_rollups),
             units=unit_economics(store, period, use_rollups=use_rollups),
         ),
-        forecast=forecast,
+        Planning(view, budget_lines, requests_report(store, period, use_rollups=use_rollups)),
     )
 
 
-def planning_sections(forecast: ForecastView | None) -> str:
-    """The sections that look ahead of the period, in order; each is its module's own function
-    (budgets and requests against usage join them here)."""
-    return forecast_section(forecast) if forecast is not None else ""
+def planning_sections(planning: Planning) -> str:
+    """The forecast, budgets and request-vs-usage sections, in that order, those given."""
+    parts = []
+    if planning.forecast is not None:
+        parts.append(forecast_section(planning.forecast))
+    if planning.budgets is not None:
+        parts.append(budgets_section(planning.budgets))
+    if planning.requests is not None:
+        parts.append(requests_section(planning.requests))
+    return "\n".join(parts)
 
 
-def render_html(data: HtmlData, *, forecast: ForecastView | None = None) -> str:
+def render_html(data: HtmlData, planning: Planning | None = None) -> str:
     sb = data.showback
     span = f"{format_ms(data.period.start_ms)} to {format_ms(data.period.end_ms)}"
     # Tiles show the table's own cents, so they match the lines below to the cent.
@@ -227,7 +261,7 @@ svg .label{{font-size:12px;fill:#202124}}
 <div class="tiles">{tile_html}</div>
 <section><h2>Cost by team over time (per {data.bucket.name})</h2>{stacked_bars(data)}</section>
 <section><h2>Showback by team</h2>{showback_table}{table_notes}</section>
-{planning_sections(forecast)}
+{planning_sections(planning or Planning())}
 <section><h2>Cost per 1M tokens by model (allocation basis, idle included)</h2>
 {hbars("chart-cost-per-token", cpm, PALETTE[0])}
 <p class="note">Each bucket's idle cost is spread over the pods that ran in it, so these are

@@ -20,6 +20,7 @@ import pytest
 from row_builders import cost_row
 from test_reports_data import HOUR_MS, MIN_MS, T0_MS, cluster_rows, fresh_store
 
+from streams.reports.budgets import parse_budgets
 from streams.reports.html_forecast import read_forecast_view, report_month
 from streams.reports.html_report import html_report
 from streams.reports.params import DAY_MS, Period, parse_month
@@ -267,3 +268,73 @@ def test_the_report_month_is_the_month_of_the_periods_last_instant() -> None:
     assert report_month(nov) == nov  # ends at 2026-12-01T00:00Z: its last instant is November's
     assert report_month(Period(nov.start_ms + DAY_MS, dec.start_ms + DAY_MS)) == dec
     assert report_month(Period(dec.start_ms, dec.start_ms)) == dec
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    return [
+        re.findall(r"<td[^>]*>([^<]*)</td>", row)
+        for row in re.findall(r"<tr>((?:<td[^>]*>[^<]*</td>)+)</tr>", section)
+    ]
+
+
+def _section_titled(text: str, title: str) -> str:
+    section = text[text.index(f"<h2>{title}") :]
+    return section[: section.index("</section>")]
+
+
+def test_budgets_are_shown_against_the_forecast_when_given() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(10))
+    budgets = parse_budgets(
+        "budgets:\n  - team: search\n    monthly_usd: 1000\n  - team: recs\n    monthly_usd: 50\n",
+        source="budgets.yaml",
+    )
+    period = Period(T0_MS, T0_MS + 10 * DAY_MS)
+    assert "GPU spend against budgets" not in html_report(store, period)
+    text = html_report(store, period, budgets=budgets)
+    section = _section_titled(text, "GPU spend against budgets (budgets.yaml), 2026-11")
+    rows = _table_rows(section)
+    # 480 USD to date, 1,440 at month end: over the 100 % threshold; the path (48 USD a day
+    # from 480 on the 11th) reaches 1,000 USD 10 5/6 days later, on the 21st
+    assert rows[0] == [
+        "team", "search", "1,000.00", "480.00", "48.0%", "1,440.00", "1,440.00-1,440.00",
+        "144.0%", "forecast over", "100%", "2026-11-21",
+    ]  # fmt: skip
+    assert rows[1][:4] == ["team", "recs", "50.00", "0.00"] and rows[1][8] == "on track"
+    assert '<td class="n bad">forecast over</td>' in section
+    assert '<td class="n ok">on track</td>' in section
+
+
+def test_request_based_cost_is_shown_beside_usage_over_the_period() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(10))
+    period = Period(T0_MS, T0_MS + 10 * DAY_MS)
+    title = "GPU cost by team: usage-based (gpuledger) vs request-based"
+    no_requests = _section_titled(html_report(store, period), title)
+    assert "No pod held a GPU request in this period" in no_requests
+    columns = [
+        "cluster", "node", "namespace", "pod", "pod_uid", "team", "product", "cost_center",
+        "requests", "time", "event_id",
+    ]  # fmt: skip
+    event = (
+        "c1",
+        "n1",
+        "ns",
+        "p",
+        "uid-p",
+        "search",
+        "web",
+        "cc",
+        {"nvidia.com/gpu": 1},
+        T0_MS,
+        "e1",
+    )
+    store.insert_values("pod_gpu_requests", columns, [event])
+    rows = {
+        row[0]: row[1:] for row in _table_rows(_section_titled(html_report(store, period), title))
+    }
+    # n1 meters two devices and reports no capacity: one requested GPU is half of the node's
+    # 2.25 USD an hour, 270 USD over the 10 days; the other half is unrequested
+    assert rows["search"] == ["480.00", "270.00", "-210.00", "0.56x"]
+    assert rows["(unrequested)"][:2] == ["0.00", "270.00"]
+    assert rows["total (all metered GPU cost)"][:3] == ["540.00", "540.00", "0.00"]
