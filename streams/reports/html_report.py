@@ -70,11 +70,13 @@ def html_report(
     use_rollups: bool = True,
     as_of_ms: int | None = None,
     budgets: Budgets | None = None,
+    planning: bool = True,
 ) -> str:
     """The report of `period`, with the month-end forecast of the month the period ends in as
     of the period's end (or `as_of_ms`, when that is earlier: a period that ends in the future
     has no spend there yet), `budgets` against that forecast when given, and request-based
-    beside usage-based cost by team over the period."""
+    beside usage-based cost by team over the period. `planning=False` leaves those three out:
+    the forecast fits a model per team and per day left, seconds of CPU a report."""
     check_period(period)
     plan = read_plan(store, period.start_ms, period.end_ms, use_rollups=use_rollups)
     costs = cost_source(store.database, plan)
@@ -118,19 +120,7 @@ def html_report(
         f"SELECT namespace, pod, any(team), sum(cost_usd) AS c FROM {costs} "
         f"WHERE kind = 'usage' GROUP BY namespace, pod, pod_uid ORDER BY c DESC LIMIT 10"
     )
-    forecast_as_of_ms = period.end_ms if as_of_ms is None else min(period.end_ms, as_of_ms)
-    month = report_month(period)
-    view = read_forecast_view(store, month, as_of_ms=forecast_as_of_ms, use_rollups=use_rollups)
-    budget_lines = None
-    if budgets is not None:
-        # The team forecast is the section's own; other dimensions are forecast for their budgets.
-        forecasts = {
-            dim: view.report
-            if dim == "team"
-            else forecast(store, month, dim, now_ms=forecast_as_of_ms, use_rollups=use_rollups)
-            for dim in budgets.dimensions
-        }
-        budget_lines = assess_budgets(budgets, forecasts, month, as_of_ms=view.report.as_of_ms)
+    sections = _planning(store, period, as_of_ms, budgets, use_rollups) if planning else Planning()
     return render_html(
         HtmlData(
             period=period,
@@ -145,8 +135,33 @@ def html_report(
             tags=tag_compliance(store, period, use_rollups=use_rollups),
             units=unit_economics(store, period, use_rollups=use_rollups),
         ),
-        Planning(view, budget_lines, requests_report(store, period, use_rollups=use_rollups)),
+        sections,
     )
+
+
+def _planning(
+    store: ClickHouseStore,
+    period: Period,
+    as_of_ms: int | None,
+    budgets: Budgets | None,
+    use_rollups: bool,
+) -> Planning:
+    """The forecast of the month `period` ends in, budgets against it, requests vs usage."""
+    forecast_as_of_ms = period.end_ms if as_of_ms is None else min(period.end_ms, as_of_ms)
+    month = report_month(period)
+    view = read_forecast_view(store, month, as_of_ms=forecast_as_of_ms, use_rollups=use_rollups)
+    budget_lines = None
+    if budgets is not None:
+        # The team forecast is the section's own; other dimensions are forecast for their budgets.
+        forecasts = {
+            dim: view.report
+            if dim == "team"
+            else forecast(store, month, dim, now_ms=forecast_as_of_ms, use_rollups=use_rollups)
+            for dim in budgets.dimensions
+        }
+        budget_lines = assess_budgets(budgets, forecasts, month, as_of_ms=view.report.as_of_ms)
+    requests = requests_report(store, period, use_rollups=use_rollups)
+    return Planning(view, budget_lines, requests)
 
 
 def planning_sections(planning: Planning) -> str:

@@ -338,3 +338,13 @@ def test_request_based_cost_is_shown_beside_usage_over_the_period() -> None:
     assert rows["search"] == ["480.00", "270.00", "-210.00", "0.56x"]
     assert rows["(unrequested)"][:2] == ["0.00", "270.00"]
     assert rows["total (all metered GPU cost)"][:3] == ["540.00", "540.00", "0.00"]
+
+
+def test_without_planning_the_report_has_no_forecast_budget_or_request_section() -> None:
+    store = fresh_store()
+    store.insert_rows(_steady_month(4))
+    budgets = parse_budgets("budgets:\n  - team: search\n    monthly_usd: 1000\n")
+    text = html_report(store, Period(T0_MS, T0_MS + 4 * DAY_MS), budgets=budgets, planning=False)
+    assert "Showback by team" in text and "chart-team-cost" in text
+    for title in ("Month-end forecast", "GPU spend against budgets", "request-based"):
+        assert title not in text
