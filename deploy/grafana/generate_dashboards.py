@@ -1,5 +1,6 @@
 """Writes gpuledger's Grafana dashboards (deploy/grafana/dashboards/*.json) from the panel SQL
-below, so the SQL lives in one readable place. The test suite runs every panel's SQL, with the
+(and, for the budgets dashboard, PromQL on the worker's gauges) below, so the queries live in
+one readable place. The test suite runs every panel's SQL, with the
 ClickHouse plugin's macros expanded, against the real ClickHouse engine, and checks that the
 committed JSON is what this script writes.
 
@@ -523,12 +524,216 @@ def billing_reconciliation() -> Dashboard:
     )
 
 
+# --- the Prometheus dashboard: the worker's budget and forecast gauges (--budgets) -------------
+
+PROM_TYPE = "prometheus"
+PROM_DATASOURCE_UID = "gpuledger-prometheus"  # provisioning/datasources/gpuledger.yaml
+PROM_DATASOURCE = {"type": PROM_TYPE, "uid": "${datasource}"}
+OWNER = 'dimension=~"$dimension",owner=~"$owner"'
+
+
+@dataclass(frozen=True)
+class PromTarget:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class PromPanel:
+    title: str
+    kind: str  # Grafana panel type
+    targets: tuple[PromTarget, ...]
+    unit: str = "currencyUSD"
+    description: str = ""
+    width: int = 12
+    height: int = 8
+    repeat: str | None = None  # a panel per value of this variable
+    band: tuple[str, str] | None = None  # (upper, lower) series: fill between them
+
+
+@dataclass(frozen=True)
+class PromVariable:
+    name: str
+    label: str
+    query: str  # label_values(...)
+
+
+@dataclass(frozen=True)
+class PromDashboard:
+    uid: str
+    title: str
+    description: str
+    variables: tuple[PromVariable, ...]
+    panels: tuple[PromPanel, ...]
+    tags: tuple[str, ...] = ("gpuledger",)
+
+
+def budgets() -> PromDashboard:
+    return PromDashboard(
+        uid="gpuledger-budgets",
+        title="gpuledger / Budgets and forecast",
+        description="Each owner's month to date against its monthly budget, and the month-end "
+        "forecast with its 80 % prediction interval, from the worker's gauges (worker option "
+        "--budgets; `gpuledger report budget` for the same figures from the command line).",
+        variables=(
+            PromVariable(
+                "dimension",
+                "Dimension",
+                "label_values(gpuledger_budget_month_to_date_usd, dimension)",
+            ),
+            PromVariable(
+                "owner",
+                "Owner",
+                'label_values(gpuledger_budget_month_to_date_usd{dimension=~"$dimension"}, owner)',
+            ),
+        ),
+        panels=(
+            PromPanel(
+                "Month to date vs budget",
+                "timeseries",
+                (
+                    PromTarget(
+                        f"gpuledger_budget_month_to_date_usd{{{OWNER}}}",
+                        "{{dimension}} {{owner}}: to date",
+                    ),
+                    PromTarget(
+                        f"gpuledger_budget_usd{{{OWNER}}}", "{{dimension}} {{owner}}: budget"
+                    ),
+                ),
+                description="GPU cost this month so far, beside each budget (owners without a "
+                "budget show their month to date alone).",
+            ),
+            PromPanel(
+                "Budget used",
+                "bargauge",
+                (
+                    PromTarget(
+                        f"100 * gpuledger_budget_month_to_date_usd{{{OWNER}}} "
+                        f"/ on (dimension, owner) gpuledger_budget_usd{{{OWNER}}}",
+                        "{{dimension}} {{owner}}",
+                    ),
+                ),
+                unit="percent",
+                description="Month to date as a share of the monthly budget.",
+            ),
+            PromPanel(
+                "Month-end forecast as % of budget",
+                "bargauge",
+                (
+                    PromTarget(
+                        f"100 * gpuledger_forecast_usd{{{OWNER}}} "
+                        f"/ on (dimension, owner) gpuledger_budget_usd{{{OWNER}}}",
+                        "{{dimension}} {{owner}}",
+                    ),
+                ),
+                unit="percent",
+                description="The month-end point forecast as a share of the budget; the alert "
+                "GpuledgerBudgetForecastOverrun fires at each threshold it reaches.",
+            ),
+            PromPanel(
+                "Since the last refresh",
+                "stat",
+                (
+                    PromTarget(
+                        "time() - max(gpuledger_budget_last_refresh_timestamp_seconds)",
+                        "last refresh",
+                    ),
+                ),
+                unit="s",
+                description="How old the figures are: the worker refreshes them every "
+                "--budget-interval (300 s by default) and keeps the last ones when a refresh "
+                "fails (gpuledger_budget_refresh_failures_total).",
+            ),
+            PromPanel(
+                "Month-end forecast: $owner",
+                "timeseries",
+                (
+                    PromTarget(f"gpuledger_forecast_usd{{{OWNER}}}", "forecast"),
+                    PromTarget(f"gpuledger_forecast_high80_usd{{{OWNER}}}", "80 % high"),
+                    PromTarget(f"gpuledger_forecast_low80_usd{{{OWNER}}}", "80 % low"),
+                    PromTarget(f"gpuledger_budget_usd{{{OWNER}}}", "budget"),
+                    PromTarget(f"gpuledger_budget_month_to_date_usd{{{OWNER}}}", "to date"),
+                ),
+                description="The month-end point forecast with its 80 % prediction interval "
+                "(shaded), the budget and the month to date, as each refresh saw them.",
+                width=24,
+                repeat="owner",
+                band=("80 % high", "80 % low"),
+            ),
+        ),
+    )
+
+
+def prom_variable_json(var: PromVariable) -> dict[str, Any]:
+    return {
+        "name": var.name,
+        "label": var.label,
+        "type": "query",
+        "datasource": PROM_DATASOURCE,
+        "query": {"query": var.query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+        "definition": var.query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".+",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+    }
+
+
+def prom_panel_json(panel: PromPanel, panel_id: int, x: int, y: int) -> dict[str, Any]:
+    overrides: list[dict[str, Any]] = []
+    if panel.band is not None:
+        upper, lower = panel.band
+        overrides = [
+            {
+                "matcher": {"id": "byName", "options": upper},
+                "properties": [
+                    {"id": "custom.fillBelowTo", "value": lower},
+                    {"id": "custom.lineWidth", "value": 0},
+                ],
+            },
+            {
+                "matcher": {"id": "byName", "options": lower},
+                "properties": [{"id": "custom.lineWidth", "value": 0}],
+            },
+        ]
+    options: dict[str, Any] = {}
+    if panel.kind in ("bargauge", "stat"):
+        options = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+    out: dict[str, Any] = {
+        "id": panel_id,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": PROM_DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": panel.width, "h": panel.height},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": overrides},
+        "options": options,
+        "targets": [
+            {
+                "refId": chr(ord("A") + n),
+                "datasource": PROM_DATASOURCE,
+                "editorMode": "code",
+                "expr": target.expr,
+                "legendFormat": target.legend,
+                "range": True,
+            }
+            for n, target in enumerate(panel.targets)
+        ],
+    }
+    if panel.repeat:
+        out |= {"repeat": panel.repeat, "repeatDirection": "h", "maxPerRow": 2}
+    return out
+
+
 DASHBOARDS = {
     "showback.json": showback,
     "unit-economics.json": unit_economics,
     "gpu-efficiency.json": gpu_efficiency,
     "tag-compliance.json": tag_compliance,
     "billing-reconciliation.json": billing_reconciliation,
+    "budgets.json": budgets,
 }
 
 
@@ -549,13 +754,22 @@ def variable_json(var: Variable) -> dict[str, Any]:
     }
 
 
-def datasource_variable() -> dict[str, Any]:
+def datasource_variable(prometheus: bool = False) -> dict[str, Any]:
+    if prometheus:
+        label, kind, text, uid = (
+            "Prometheus",
+            PROM_TYPE,
+            "gpuledger Prometheus",
+            PROM_DATASOURCE_UID,
+        )
+    else:
+        label, kind, text, uid = "ClickHouse", PLUGIN_TYPE, "gpuledger ClickHouse", DATASOURCE_UID
     return {
         "name": "datasource",
-        "label": "ClickHouse",
+        "label": label,
         "type": "datasource",
-        "query": PLUGIN_TYPE,
-        "current": {"selected": True, "text": "gpuledger ClickHouse", "value": DATASOURCE_UID},
+        "query": kind,
+        "current": {"selected": True, "text": text, "value": uid},
         "hide": 0,
     }
 
@@ -591,13 +805,17 @@ def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
     }
 
 
-def dashboard_json(dash: Dashboard) -> dict[str, Any]:
+def dashboard_json(dash: Dashboard | PromDashboard) -> dict[str, Any]:
     panels = []
     x = y = row_height = 0
+    prometheus = isinstance(dash, PromDashboard)
     for panel_id, panel in enumerate(dash.panels, start=1):
         if x + panel.width > 24:
             x, y, row_height = 0, y + row_height, 0
-        panels.append(panel_json(panel, panel_id, x, y))
+        if isinstance(panel, PromPanel):
+            panels.append(prom_panel_json(panel, panel_id, x, y))
+        else:
+            panels.append(panel_json(panel, panel_id, x, y))
         x += panel.width
         row_height = max(row_height, panel.height)
     return {
@@ -613,7 +831,13 @@ def dashboard_json(dash: Dashboard) -> dict[str, Any]:
         "version": 1,
         "time": {"from": "now-6h", "to": "now"},
         "templating": {
-            "list": [datasource_variable(), *(variable_json(v) for v in dash.variables)]
+            "list": [
+                datasource_variable(prometheus),
+                *(
+                    prom_variable_json(v) if isinstance(v, PromVariable) else variable_json(v)
+                    for v in dash.variables
+                ),
+            ]
         },
         "annotations": {"list": []},
         "links": [

@@ -61,7 +61,15 @@ def _dashboards() -> dict[str, dict[str, Any]]:
     }
 
 
-DASHBOARDS = _dashboards()
+def _on_prometheus(dash: dict[str, Any]) -> bool:
+    source = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
+    return bool(source["query"] == "prometheus")
+
+
+ALL_DASHBOARDS = _dashboards()
+# The SQL dashboards, on the ClickHouse datasource; the budgets dashboard reads Prometheus.
+DASHBOARDS = {n: d for n, d in ALL_DASHBOARDS.items() if not _on_prometheus(d)}
+PROM_DASHBOARDS = {n: d for n, d in ALL_DASHBOARDS.items() if _on_prometheus(d)}
 
 
 def _panel(dashboard: str, title: str) -> str:
@@ -151,21 +159,23 @@ def ts(value: Any) -> int:
 def test_dashboard_json_is_what_the_generator_writes() -> None:
     generator = _load_generator()
     rendered = generator.rendered()
-    assert sorted(rendered) == sorted(DASHBOARDS), "dashboard files and generator disagree"
+    assert sorted(rendered) == sorted(ALL_DASHBOARDS), "dashboard files and generator disagree"
     for name, text in rendered.items():
         on_disk = (GRAFANA / "dashboards" / name).read_text(encoding="utf-8")
         assert on_disk == text, f"{name} is stale: run deploy/grafana/generate_dashboards.py"
 
 
 def test_the_four_dashboards_and_their_variables() -> None:
-    titles = {d["title"] for d in DASHBOARDS.values()}
+    titles = {d["title"] for d in ALL_DASHBOARDS.values()}
     assert titles == {
         "gpuledger / Showback",
         "gpuledger / Unit economics",
         "gpuledger / GPU efficiency",
         "gpuledger / Tag compliance",
         "gpuledger / Billing reconciliation",
+        "gpuledger / Budgets and forecast",
     }
+    assert set(PROM_DASHBOARDS) == {"budgets.json"}
     variables = {
         d["title"]: {v["name"] for v in d["templating"]["list"]} for d in DASHBOARDS.values()
     }
@@ -180,7 +190,7 @@ def test_the_four_dashboards_and_their_variables() -> None:
     assert "cluster" in variables["gpuledger / GPU efficiency"]
     assert "cluster" in variables["gpuledger / Tag compliance"]
     assert variables["gpuledger / Billing reconciliation"] >= {"datasource", "cluster", "team"}
-    uids = [d["uid"] for d in DASHBOARDS.values()]
+    uids = [d["uid"] for d in ALL_DASHBOARDS.values()]
     assert len(set(uids)) == len(uids)
 
 
@@ -738,3 +748,135 @@ def test_bill_slices_show_the_newest_finished_version(loaded: ClickHouseStore) -
     (row,) = run_bill(loaded, "Bill slices: newest version")
     assert (row["slice"], row["newest_version"], row["bill_lines"]) == (BILL_SLICE, 2, 42)
     assert row["imported_at"].replace(tzinfo=UTC) == datetime(2026, 10, 2, 2, tzinfo=UTC)
+
+
+# --- budgets and forecast (PromQL on the worker's gauges) --------------------------------------
+
+BUDGETS = "budgets.json"
+
+
+def _prom_targets() -> list[tuple[str, str, str]]:
+    """(panel, legend, expr) of every target of the Prometheus dashboards."""
+    return [
+        (panel["title"], target["legendFormat"], target["expr"])
+        for dash in PROM_DASHBOARDS.values()
+        for panel in dash["panels"]
+        for target in panel["targets"]
+    ]
+
+
+def _selected(expr: str) -> str:
+    """The expression as Grafana sends it with every owner selected (allValue `.+`)."""
+    return expr.replace("$dimension", ".+").replace("$owner", ".+")
+
+
+def _promtool(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    from deploy_tools import require
+
+    tool = require("promtool", "apt-get install prometheus")
+    result = subprocess.run(
+        [tool, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_budgets_dashboard_reads_the_prometheus_datasource() -> None:
+    ds = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "gpuledger.yaml").read_text())
+    [prom] = [d for d in ds["datasources"] if d["type"] == "prometheus"]
+    dash = PROM_DASHBOARDS[BUDGETS]
+    source = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
+    assert source["current"]["value"] == prom["uid"]
+    assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "dimension", "owner"}
+    for panel in dash["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+    titles = {p["title"]: p for p in dash["panels"]}
+    assert "Month to date vs budget" in titles
+    band = titles["Month-end forecast: $owner"]
+    assert band["repeat"] == "owner"  # one panel per owner
+    [upper] = [
+        o for o in band["fieldConfig"]["overrides"] if o["matcher"]["options"] == "80 % high"
+    ]
+    assert {"id": "custom.fillBelowTo", "value": "80 % low"} in upper["properties"]
+    legends = {t["legendFormat"] for t in band["targets"]}
+    assert legends >= {"forecast", "80 % high", "80 % low", "budget"}
+
+
+def test_budget_panels_use_only_metrics_the_worker_declares() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from streams.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry)
+    declared = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
+    used = {name for _, _, expr in _prom_targets() for name in re.findall(r"\bgpuledger_\w+", expr)}
+    assert used and used <= declared, used - declared
+    assert {"gpuledger_budget_usd", "gpuledger_forecast_low80_usd"} <= used
+
+
+def test_budget_panel_expressions_parse_and_give_the_known_values(tmp_path: Path) -> None:
+    """Each panel expression as a recording rule: `promtool check rules` parses them, and
+    `promtool test rules` evaluates them on gauges with known values."""
+    targets = _prom_targets()
+    rules = {
+        "groups": [
+            {
+                "name": "budgets-dashboard",
+                "rules": [
+                    {"record": f"panel:{n}", "expr": _selected(expr)}
+                    for n, (_, _, expr) in enumerate(targets)
+                ],
+            }
+        ]
+    }
+    (tmp_path / "panels.yml").write_text(yaml.safe_dump(rules))
+    assert "SUCCESS" in _promtool("check", "rules", "panels.yml", cwd=tmp_path)
+    owner = 'dimension="team",owner="search"'
+    series = {
+        f"gpuledger_budget_usd{{{owner}}}": 4000,
+        f"gpuledger_budget_month_to_date_usd{{{owner}}}": 1200,
+        f"gpuledger_forecast_usd{{{owner}}}": 3600,
+        f"gpuledger_forecast_low80_usd{{{owner}}}": 3400,
+        f"gpuledger_forecast_high80_usd{{{owner}}}": 3900,
+        "gpuledger_budget_last_refresh_timestamp_seconds": 0,
+        # an owner with no budget: no share of a budget
+        'gpuledger_budget_month_to_date_usd{dimension="team",owner="bob"}': 50,
+    }
+    index = {(title, legend): n for n, (title, legend, _) in enumerate(targets)}
+    expected = {
+        ("Budget used", "{{dimension}} {{owner}}"): 30,
+        ("Month-end forecast as % of budget", "{{dimension}} {{owner}}"): 90,
+        ("Month-end forecast: $owner", "80 % high"): 3900,
+        ("Month-end forecast: $owner", "80 % low"): 3400,
+        ("Since the last refresh", "last refresh"): 120,  # at 2m
+    }
+    tests = {
+        "rule_files": ["panels.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": f"{v}x5"} for s, v in series.items()],
+                "promql_expr_test": [
+                    {
+                        "expr": f"panel:{index[key]}",
+                        "eval_time": "2m",
+                        "exp_samples": [
+                            {
+                                "labels": f"panel:{index[key]}"
+                                + ("" if "refresh" in key[0] else f"{{{owner}}}"),
+                                "value": value,
+                            }
+                        ],
+                    }
+                    for key, value in expected.items()
+                ],
+            }
+        ],
+    }
+    (tmp_path / "panels.test.yml").write_text(yaml.safe_dump(tests))
+    assert "SUCCESS" in _promtool("test", "rules", "panels.test.yml", cwd=tmp_path)
