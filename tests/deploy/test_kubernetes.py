@@ -22,6 +22,7 @@ from kube_manifests import render
 
 from gpuledger.cli import build_parser
 from streams.pricing import load_price_book, parse_price_book
+from streams.reports.budgets import load_budgets, parse_budgets
 
 K8S = REPO / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.31"  # ValidatingAdmissionPolicy v1 is GA from 1.30
@@ -90,7 +91,9 @@ def test_the_parts_are_all_there(rendered: list[dict[str, Any]]) -> None:
         "gpuledger-pods",
         "gpuledger-tokens",
     }
-    assert {"gpuledger-config", "gpuledger-price-book"} <= set(by_kind(rendered, "ConfigMap"))
+    assert {"gpuledger-config", "gpuledger-price-book", "gpuledger-budgets"} <= set(
+        by_kind(rendered, "ConfigMap")
+    )
     assert set(by_kind(rendered, "Namespace")) == {"gpuledger", AGENT_NAMESPACE}
     for doc in rendered:
         name = doc["metadata"]["name"]
@@ -319,6 +322,21 @@ def test_price_book_configmap_is_the_shipped_example(rendered: list[dict[str, An
     worker = by_kind(rendered, "Deployment")["gpuledger-worker"]["spec"]["template"]["spec"]
     mount = next(m for m in worker["containers"][0]["volumeMounts"] if m["name"] == "price-book")
     assert Path(config["GPULEDGER_PRICE_BOOK"]) == Path(mount["mountPath"]) / "price_book.yaml"
+
+
+def test_budgets_configmap_is_the_shipped_example_and_the_worker_reads_it(
+    rendered: list[dict[str, Any]],
+) -> None:
+    data = by_kind(rendered, "ConfigMap")["gpuledger-budgets"]["data"]
+    example = REPO / "schemas" / "budgets.example.yaml"
+    assert data["budgets.yaml"] == example.read_text()
+    assert parse_budgets(data["budgets.yaml"]).budgets == load_budgets(example).budgets
+    worker = by_kind(rendered, "Deployment")["gpuledger-worker"]["spec"]["template"]["spec"]
+    (c,) = worker["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "budgets")
+    assert Path(env["GPULEDGER_BUDGETS"]) == Path(mount["mountPath"]) / "budgets.yaml"
+    assert build_parser(env).parse_args(["worker"]).budgets == env["GPULEDGER_BUDGETS"]
 
 
 def test_the_worker_exposes_metrics_and_health_but_never_costs(
