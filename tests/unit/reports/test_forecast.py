@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from streams.reports.forecast import (
     COMPLETE,
     ETS_SEASONAL,
@@ -74,3 +77,38 @@ def test_same_input_gives_the_same_forecast() -> None:
     one = forecast_hourly(noisy, elapsed_hours=len(noisy), month_hours=MONTH_H)
     two = forecast_hourly(noisy, elapsed_hours=len(noisy), month_hours=MONTH_H)
     assert one == two
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.decimals(min_value="0.01", max_value="10000", places=2),
+    elapsed_h=st.integers(min_value=1, max_value=71),
+)
+def test_before_day_3_a_constant_rate_forecasts_the_rate_times_the_months_hours(
+    rate: Decimal, elapsed_h: int
+) -> None:
+    f = forecast_hourly([rate] * elapsed_h, elapsed_hours=elapsed_h, month_hours=MONTH_H)
+    assert f.method == RUN_RATE and f.month_to_date_usd == rate * elapsed_h
+    assert abs(f.total_usd - rate * MONTH_H) <= rate * MONTH_H * Decimal("1e-12") + Decimal(
+        "0.000001"
+    )
+    assert f.low95_usd <= f.low80_usd <= f.total_usd <= f.high80_usd <= f.high95_usd
+    assert f.low95_usd >= f.month_to_date_usd  # spend to date is spent
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    days=st.integers(min_value=MIN_DAYS, max_value=29),
+    daily=st.lists(st.decimals(min_value=0, max_value=5000, places=2), min_size=29, max_size=29),
+    hours_into_today=st.integers(min_value=0, max_value=23),
+)
+def test_any_month_so_far_gives_ordered_bounds_at_or_above_the_month_to_date(
+    days: int, daily: list[Decimal], hours_into_today: int
+) -> None:
+    today = daily[days % 29] * hours_into_today / 24
+    f = forecast_month_end(daily[:days], today, hours_into_today=hours_into_today, days_in_month=30)
+    assert f.month_to_date_usd == sum(daily[:days], Decimal(0)) + today  # exact
+    assert f.rest_usd >= 0
+    assert f.month_to_date_usd <= f.low95_usd <= f.low80_usd <= f.total_usd
+    assert f.total_usd <= f.high80_usd <= f.high95_usd
+    assert f.method in (ETS_TREND, ETS_SEASONAL) and f.days_of_history == days
