@@ -209,6 +209,8 @@ def test_top_level_help_works_whatever_the_variables_say() -> None:
     ("argv", "names"),
     [
         (["worker"], {"GPULEDGER_WINDOW_S", "GPULEDGER_KAFKA_BOOTSTRAP", "GPULEDGER_LOG_LEVEL"}),
+        (["worker"], {"GPULEDGER_BUDGETS", "GPULEDGER_BUDGET_INTERVAL"}),
+        (["report", "budget"], {"GPULEDGER_BUDGETS", "GPULEDGER_CLICKHOUSE_DSN"}),
         (["agent"], {"GPULEDGER_AGENT_INTERVAL", "GPULEDGER_NODE_LABELS", "GPULEDGER_NODE_NAME"}),
         (["pods"], {"GPULEDGER_PODS_METRICS_PORT", "GPULEDGER_KUBECONFIG"}),
         (["tokens"], {"GPULEDGER_TOKENS_INTERVAL", "GPULEDGER_NODE_NAME"}),
@@ -238,6 +240,26 @@ def test_variables_are_defaults_and_flags_beat_them() -> None:
     assert (args.window_s, args.share_policy) == (90, "sm")
     args = parse(["worker", "--window-s", "90"], {"GPULEDGER_WINDOW_S": "abc"})
     assert args.window_s == 90  # a flag spares a bad variable
+
+
+@pytest.mark.parametrize(
+    ("extra", "line"),
+    [
+        (["--budget-interval", "0"], "gpuledger worker: --budget-interval must be positive\n"),
+        (["--budgets", "{bad}"], "gpuledger worker: {bad}:2: unknown dimension or key 'model': "),
+    ],
+)
+def test_a_bad_budgets_option_stops_the_worker_with_one_line(
+    extra: list[str], line: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from streams.worker_cli import run_worker
+
+    bad = tmp_path / "budgets.yaml"
+    bad.write_text("budgets:\n  - {model: x, monthly_usd: 1}\n")
+    args = parse(["worker", *(a.format(bad=bad) for a in extra)], {})
+    assert run_worker(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(line.format(bad=bad)) and err.count("\n") == 1
 
 
 def test_an_empty_variable_counts_as_unset() -> None:
