@@ -4,6 +4,7 @@ reaches the budget are known exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 
@@ -108,3 +109,26 @@ def test_as_of_after_the_month_is_the_month_spent() -> None:
     [line] = report.lines
     assert line.forecast.total_usd == line.forecast.month_to_date_usd == 1200
     assert (line.status, line.crosses_ms) == (OVER, None)
+
+
+def test_at_risk_when_only_the_top_of_the_80_interval_reaches_a_threshold() -> None:
+    """A spend that varies day to day has a real interval: a budget whose 80 % threshold lies
+    between the point forecast and the interval's top is at risk, not forecast over."""
+    store = fresh_store()
+    rows = [
+        dataclasses.replace(cost_row("search", h), cost_usd=Decimal(8 if h // 24 % 3 == 0 else 3))
+        for h in range(DAYS * 24)
+    ]  # 192, 72, 72 USD a day
+    store.insert_rows(rows)
+    month, now_ms = parse_month("2026-11"), T0_MS + DAYS * 24 * HOUR_MS
+    probe = budget_report(
+        store, parse_budgets("budgets: [{team: search, monthly_usd: 1}]"), month, now_ms=now_ms
+    )
+    f = probe.lines[0].forecast
+    assert f.total_usd < f.high80_usd  # a real interval
+    between = (f.total_usd + f.high80_usd) / 2
+    budget = (between * 100 / 80).quantize(Decimal("0.01"))
+    budgets = parse_budgets(f"budgets: [{{team: search, monthly_usd: '{budget}'}}]")
+    [line] = budget_report(store, budgets, month, now_ms=now_ms).lines
+    assert line.forecast == f  # the same forecast: one implementation
+    assert (line.status, line.threshold_pct, line.crosses_ms) == ("at_risk", 80, None)
