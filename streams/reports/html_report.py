@@ -269,6 +269,8 @@ svg .label{{font-size:12px;fill:#202124}}
 .legend{{margin-top:4px}} .key{{margin-right:14px;font-size:12px}}
 .key i{{display:inline-block;width:10px;height:10px;margin-right:4px;border-radius:2px}}
 .empty{{color:#5f6368}} .note{{color:#5f6368;font-size:12px}}
+td.ok{{color:#1e8e3e}} td.warn{{color:#b06000;font-weight:600}} td.bad{{color:#c5221f;
+font-weight:600}}
 </style></head>
 <body><main>
 <h1>GPU cost report</h1>
