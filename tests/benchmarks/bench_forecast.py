@@ -51,13 +51,6 @@ def run_rate(y: np.ndarray) -> Forecast:
     return point, point, point, point, point
 
 
-def recent_run_rate(y: np.ndarray) -> Forecast:
-    """The last 7 days' spend per hour for the rest of the month: follows a step change within
-    a week."""
-    point = y.sum() + y[-168:].mean() * (MONTH_H - len(y))
-    return point, point, point, point, point
-
-
 def last_week_rate(y: np.ndarray) -> Forecast:
     """The month so far plus the last 7 days' mean day for each day left: a run rate that
     follows a step change within a week."""
@@ -85,40 +78,6 @@ def shipped(y: np.ndarray) -> Forecast:
         float(f.low95_usd),
         float(f.high95_usd),
     )
-
-
-def ets_variant(trend: str | None, *, damped: bool) -> Callable[[np.ndarray], Forecast]:
-    """The shipped model's recipe (daily totals scaled to the mean day, additive errors, weekly
-    additive season from 14 days, intervals of 2,000 simulated paths) with another trend."""
-
-    def fn(y: np.ndarray) -> Forecast:
-        from statsmodels.tsa.exponential_smoothing.ets import ETSModel
-
-        daily = y.reshape(-1, 24).sum(axis=1)
-        steps = (MONTH_H - len(y)) // 24
-        scale = float(daily.mean()) or 1.0
-        seasonal = len(daily) >= 14
-        model = ETSModel(
-            daily / scale,
-            error="add",
-            trend=trend,
-            damped_trend=damped,
-            seasonal="add" if seasonal else None,
-            seasonal_periods=7 if seasonal else None,
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fit = model.fit(disp=False)
-            point = float(np.asarray(fit.forecast(steps)).sum()) * scale
-            paths = fit.simulate(
-                steps, anchor="end", repetitions=2000, rng=np.random.default_rng(20261101)
-            )
-        totals = np.clip(np.asarray(paths).reshape(steps, -1) * scale, 0, None).sum(axis=0)
-        lo95, lo80, hi80, hi95 = np.percentile(totals, [2.5, 10.0, 90.0, 97.5]) + y.sum()
-        total = y.sum() + max(0.0, point)
-        return total, min(lo80, total), max(hi80, total), min(lo95, total), max(hi95, total)
-
-    return fn
 
 
 TRENDS = {"none": (None, False), "additive": ("add", False), "damped": ("add", True)}
