@@ -110,3 +110,33 @@ def test_one_line_errors(dsn: str, budgets_file: Path, tmp_path: Path) -> None:
     missing = gpuledger("report", "budget", "--clickhouse", dsn)
     assert missing.returncode == 2
     assert missing.stderr == ("gpuledger report budget: give the budgets file: --budgets FILE\n")
+
+
+HOLD = """
+import json, os, sys, time
+from pathlib import Path
+from streams.store import ClickHouseStore
+store = ClickHouseStore(sys.argv[1])
+store.create_schema()
+folder = Path(sys.argv[1].removeprefix("chdb://"))
+(folder / ".gpuledger-owner.json").write_text(
+    json.dumps({"pid": os.getpid(), "url": "http://127.0.0.1:9464"}))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_held_folder_says_to_stop_its_owner(tmp_path: Path, budgets_file: Path) -> None:
+    dsn = f"chdb://{tmp_path / 'held'}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, dsn], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        result = gpuledger("report", "budget", "--clickhouse", dsn, "--budgets", str(budgets_file))
+        assert result.returncode == 3, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.endswith(f"(pid {holder.pid}); stop it to run the budget report on the folder")
+    finally:
+        holder.kill()
+        holder.wait()
