@@ -29,9 +29,9 @@ from streams.billing.importer import ImportOptions, ImportResult, SliceResult, i
 from streams.billing.importer import retrue_up as recompute
 from streams.billing.resources import DEFAULT_GPU_INSTANCE_PATTERNS, GpuInstanceTypes
 from streams.billing.trueup import DEFAULT_WEIGHTS, NON_GPU_RULES, NonGpuRule
+from streams.report_guard import guarded, open_store
 from streams.reports.money import round_total
 from streams.reports.params import check_choice, format_ms
-from streams.reports_cli import guarded, open_store
 from streams.store import add_clickhouse_option
 
 EXIT_BAD_ROWS = 1

@@ -13,12 +13,12 @@ from typing import Any
 
 from runtime.errors import StoreLockedError
 from streams.pricing import load_price_book
+from streams.report_guard import EXIT_LOCKED, guarded, open_store
 from streams.reports.limits import MAX_PERIOD_DAYS
 from streams.reports.params import FORMATS, check_choice, parse_period
 from streams.reports.plan import parse_growth, parse_tokens_per_s
 from streams.reports.plan_data import plan
 from streams.reports.render import render
-from streams.reports_cli import EXIT_LOCKED, guarded, open_store
 from streams.store import add_clickhouse_option
 from streams.worker_cli import add_price_book_option
 

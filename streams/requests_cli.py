@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import StoreLockedError
+from streams.report_guard import EXIT_LOCKED, guarded, open_store
 from streams.reports.limits import MAX_PERIOD_DAYS
 from streams.reports.params import FORMATS, check_choice, parse_period
 from streams.reports.render import render
 from streams.reports.requests_data import requests_report
 from streams.reports.requests_report import REQUEST_DIMENSIONS
-from streams.reports_cli import EXIT_LOCKED, guarded, open_store
 from streams.store import add_clickhouse_option
 
 COMMAND = "gpuledger report requests"

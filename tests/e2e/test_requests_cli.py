@@ -27,18 +27,6 @@ store.create_schema()
 load_month(store)
 """
 
-# Until streams/reports_cli.py registers it: `gpuledger report` with `requests` alone.
-REQUESTS_ONLY = """
-import argparse, os, sys
-from runtime.options import gpuledger_env
-from streams import requests_cli
-parser = argparse.ArgumentParser(prog="gpuledger")
-report = parser.add_subparsers(dest="command").add_parser("report")
-requests_cli.register_report(report.add_subparsers(dest="report"), gpuledger_env(os.environ))
-args = parser.parse_args(sys.argv[1:])
-sys.exit(int(args.handler(args)))
-"""
-
 HOLD = """
 import json, os, sys, time
 from pathlib import Path
@@ -52,15 +40,13 @@ print("ready", flush=True)
 time.sleep(60)
 """
 
-WIRED = "register_report" in (ROOT / "streams" / "reports_cli.py").read_text(encoding="utf-8")
 MONTH = ("--from", "2026-11-01", "--to", "2026-12-01")
 
 
 def gpuledger(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEDGER_")}
-    entry = ["-m", "gpuledger.cli"] if WIRED else ["-c", REQUESTS_ONLY]
     return subprocess.run(
-        [sys.executable, *entry, "report", "requests", *args],
+        [sys.executable, "-m", "gpuledger.cli", "report", "requests", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

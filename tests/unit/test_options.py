@@ -140,7 +140,8 @@ def test_every_command_is_found() -> None:
     assert ["plan"] in COMMANDS
     assert ["report", "forecast"] in COMMANDS
     assert ["report", "budget"] in COMMANDS
-    assert len(COMMANDS) == 18
+    assert ["report", "requests"] in COMMANDS
+    assert len(COMMANDS) == 19
 
 
 def test_the_declared_variables_are_the_contract() -> None:
@@ -211,6 +212,7 @@ def test_top_level_help_works_whatever_the_variables_say() -> None:
         (["worker"], {"GPULEDGER_WINDOW_S", "GPULEDGER_KAFKA_BOOTSTRAP", "GPULEDGER_LOG_LEVEL"}),
         (["worker"], {"GPULEDGER_BUDGETS", "GPULEDGER_BUDGET_INTERVAL"}),
         (["report", "budget"], {"GPULEDGER_BUDGETS", "GPULEDGER_CLICKHOUSE_DSN"}),
+        (["report", "requests"], {"GPULEDGER_CLICKHOUSE_DSN"}),
         (["agent"], {"GPULEDGER_AGENT_INTERVAL", "GPULEDGER_NODE_LABELS", "GPULEDGER_NODE_NAME"}),
         (["pods"], {"GPULEDGER_PODS_METRICS_PORT", "GPULEDGER_KUBECONFIG"}),
         (["tokens"], {"GPULEDGER_TOKENS_INTERVAL", "GPULEDGER_NODE_NAME"}),
