@@ -30,7 +30,8 @@ def wall_clock_ms() -> int:
 
 
 class BudgetGauges:
-    """Owns the refresh loop (`run`) and its read-only connection."""
+    """Owns the refresh loop (`run`); each refresh reads on a read-only connection of its
+    own."""
 
     def __init__(
         self,
@@ -50,17 +51,13 @@ class BudgetGauges:
         self.clock_ms = clock_ms
         self.refreshes = 0  # successful ones
         self.failures = 0
-        self._reader: ClickHouseStore | None = None
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Refresh now and then every `interval_s` until `stopping` is set."""
-        try:
-            while not stopping.is_set():
-                await self.refresh()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=self.interval_s)
-        finally:
-            self._close_reader()
+        while not stopping.is_set():
+            await self.refresh()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.interval_s)
 
     async def refresh(self) -> bool:
         """One refresh in a thread; False (logged, counted) when it failed."""
@@ -70,7 +67,6 @@ class BudgetGauges:
             self.failures += 1
             self.metrics.budget_refresh_failed()
             log.warning("refreshing the budget and forecast gauges failed: %s", exc)
-            self._close_reader()  # a broken connection is opened anew next time
             return False
         self.refreshes += 1
         return True
@@ -78,12 +74,16 @@ class BudgetGauges:
     def _refresh(self) -> None:
         now_ms = self.clock_ms()
         month = parse_month(format_ms(now_ms)[:7])
-        if self._reader is None:
-            self._reader = self.store.reader()
-        # Stopped by ClickHouse past the interval (the next refresh is due by then anyway), but
-        # never sooner than a report may take.
-        with self._reader.time_limit(max(self.interval_s, MIN_REFRESH_LIMIT_S)):
-            forecasts = forecasts_of(self._reader, self.budgets, month, now_ms=now_ms)
+        # A connection of its own for each refresh, opened and closed in this thread: the
+        # event loop never waits on its lock, even while a query of a refresh still runs.
+        reader = self.store.reader()
+        try:
+            # Stopped by ClickHouse past the interval (the next refresh is due by then), but
+            # never sooner than a report may take.
+            with reader.time_limit(max(self.interval_s, MIN_REFRESH_LIMIT_S)):
+                forecasts = forecasts_of(reader, self.budgets, month, now_ms=now_ms)
+        finally:
+            reader.close()
         budgets = [
             BudgetValues(b.dimension, b.owner, b.monthly_usd, b.thresholds_pct)
             for b in self.budgets.budgets
@@ -103,12 +103,6 @@ class BudgetGauges:
             for owner, f in _with_budgeted(owner_forecasts(report), self.budgets, dimension).items()
         ]
         self.metrics.budgets_refreshed(budgets, owners, now_ms / 1000)
-
-    def _close_reader(self) -> None:
-        if self._reader is not None:
-            with contextlib.suppress(Exception):
-                self._reader.close()
-            self._reader = None
 
 
 def _with_budgeted(
