@@ -62,16 +62,18 @@ class BudgetGauges:
     async def refresh(self) -> bool:
         """One refresh in a thread; False (logged, counted) when it failed."""
         try:
-            await asyncio.to_thread(self._refresh)
+            budgets, owners, now_s = await asyncio.to_thread(self._compute)
         except Exception as exc:  # a refresh must never end the worker, whatever failed
             self.failures += 1
             self.metrics.budget_refresh_failed()
             log.warning("refreshing the budget and forecast gauges failed: %s", exc)
             return False
+        self.metrics.budgets_refreshed(budgets, owners, now_s)  # on the loop, as every hook
         self.refreshes += 1
         return True
 
-    def _refresh(self) -> None:
+    def _compute(self) -> tuple[list[BudgetValues], list[OwnerForecast], float]:
+        """The gauges' values as of now (in a thread: it reads the store and fits models)."""
         now_ms = self.clock_ms()
         month = parse_month(format_ms(now_ms)[:7])
         # A connection of its own for each refresh, opened and closed in this thread: the
@@ -102,7 +104,7 @@ class BudgetGauges:
             for dimension, report in forecasts.items()
             for owner, f in _with_budgeted(owner_forecasts(report), self.budgets, dimension).items()
         ]
-        self.metrics.budgets_refreshed(budgets, owners, now_ms / 1000)
+        return budgets, owners, now_ms / 1000
 
 
 def _with_budgeted(
