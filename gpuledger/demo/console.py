@@ -184,6 +184,11 @@ def print_planning(console: Console, planning: DemoPlanning) -> None:
     console.print()
     console.print("Planning, from the data just collected:", soft_wrap=True)
     print_tables(console, planning.tables())
+    console.print(
+        f"  budgets: {planning.budgets_path} (the demo's, set from the forecast so that each "
+        "status shows; `gpuledger worker --budgets FILE` exports them as Prometheus gauges)",
+        soft_wrap=True,
+    )
 
 
 def planning_commands(console: Console, outcome: DemoOutcome) -> None:
@@ -205,6 +210,17 @@ def planning_commands(console: Console, outcome: DemoOutcome) -> None:
             "--growth 3x",
             soft_wrap=True,
         )
+    console.print(
+        f"Budgets: gpuledger report budget --clickhouse {dsn} --budgets {planning.budgets_path} "
+        f"--period {month} --as-of {format_ms(planning.as_of_ms)}",
+        soft_wrap=True,
+    )
+    period = outcome.period
+    console.print(
+        f"Requests vs usage: gpuledger report requests --clickhouse {dsn} "
+        f"--from {format_ms(period.start_ms)} --to {format_ms(period.end_ms)}",
+        soft_wrap=True,
+    )
 
 
 def print_bill(console: Console, bill: DemoBill) -> None:

@@ -314,7 +314,9 @@ class DemoRun:
         bill = import_demo_bill(
             store, start_ms, end_ms, cfg.report_path.with_name("gpuledger-demo-bill.csv")
         )
-        planning = demo_planning(store, period, end_ms, by_model, cfg.price_book)
+        planning = demo_planning(
+            store, period, period.end_ms, by_model, cfg.price_book, cfg.report_path.parent
+        )
         return DemoOutcome(
             scenario=self.scenario,
             period=period,

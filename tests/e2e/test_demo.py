@@ -152,6 +152,7 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
     assert_self_contained_report(tmp_path / "report.html")
     assert_month_exports(out, tmp_path)
     assert_billed_basis(out, tmp_path)
+    assert_planning(out, tmp_path, stored)
 
 
 def assert_billed_basis(stdout: str, tmp: Path) -> None:
@@ -194,6 +195,53 @@ def assert_billed_basis(stdout: str, tmp: Path) -> None:
                  "json"])  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert [s["status"] for s in json.loads(again.stdout)] == ["unchanged"]
+
+
+def assert_planning(stdout: str, tmp: Path, stored: Decimal) -> None:
+    """The demo's planning answers, read again with the commands it prints: the forecast's
+    month to date is the metered total, the plan names a cheapest fit, the demo's budgets give
+    the statuses they were set for (largest team over, next forecast over, next at risk, the
+    rest on track), and request-based cost adds up to the same total as usage-based."""
+    for title in (
+        "Month-end GPU spend forecast by team",
+        "Plan for ",
+        "GPU spend against budgets",
+        "usage-based (gpuledger) vs request-based",
+    ):
+        assert title in stdout, title
+
+    def run(prefix: str) -> Any:
+        command = [*printed_command(stdout, prefix), "--format", "json"]
+        result = subprocess.run(
+            command, capture_output=True, text=True, cwd=tmp, env=clean_env(), timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    fc = run("Forecast: ")
+    month_start = fc["month"] + "-01T00:00:00Z"
+    span = printed_command(stdout, "Requests vs usage: ")
+    if span[span.index("--from") + 1] >= month_start:  # the demo ran within one month
+        assert cents(Decimal(fc["total"]["month_to_date_usd"])) == stored
+    assert Decimal(fc["total"]["forecast_usd"]) > Decimal(fc["total"]["month_to_date_usd"])
+    plan = run("Scale a model: ")
+    assert plan["growth"] == 3 and plan["cheapest"] is not None
+    assert plan["options"] and all(option["devices"] >= 1 for option in plan["options"])
+    assert sum(1 for option in plan["options"] if option["cheapest"]) == 1
+    budgets = run("Budgets: ")
+    statuses = [line["status"] for line in budgets["lines"]]
+    assert len(statuses) >= 4
+    assert statuses == ["over", "forecast_over", "at_risk"] + ["on_track"] * (len(statuses) - 3)
+    requests = run("Requests vs usage: ")
+    totals = requests["totals"]
+    assert totals["reconciles"] is True
+    assert Decimal(totals["usage_usd"]) == Decimal(totals["request_usd"])
+    assert Decimal(totals["total_usd_cents"]) == stored
+    assert Decimal(totals["unrequested_usd"]) > 0
+
+
+def cents(amount: Decimal) -> Decimal:
+    return amount.quantize(Decimal("0.01"))  # as `stored` is rounded
 
 
 def printed_command(stdout: str, prefix: str) -> list[str]:
