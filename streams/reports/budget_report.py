@@ -109,14 +109,14 @@ class BudgetReport:
         headers = (
             "dimension",
             "owner",
+            "status",
+            "threshold",
             "budget",
             "to date",
             "used",
             "forecast",
             "80 %",
             "of budget",
-            "status",
-            "threshold",
             "reaches budget",
         )
 
@@ -125,14 +125,14 @@ class BudgetReport:
             return (
                 line.budget.dimension.replace("_", " "),
                 display(line.budget.owner),
+                STATUS_TEXT[line.status],
+                "-" if line.threshold_pct is None else f"{line.threshold_pct}%",
                 money(line.budget.monthly_usd),
                 money(round_total(f.month_to_date_usd)),
                 f"{_pct(f.month_to_date_usd, line.budget.monthly_usd, _TENTH)}%",
                 money(round_total(f.total_usd)),
                 f"{money(round_total(f.low80_usd))}-{money(round_total(f.high80_usd))}",
                 f"{_pct(f.total_usd, line.budget.monthly_usd, _TENTH)}%",
-                STATUS_TEXT[line.status],
-                "-" if line.threshold_pct is None else f"{line.threshold_pct}%",
                 _day(line.crosses_ms) or "-",
             )
 
@@ -153,7 +153,7 @@ class BudgetReport:
             f"GPU spend against budgets ({self.source}), {format_ms(self.month.start_ms)[:7]}, "
             f"as of {format_ms(self.as_of_ms)}"
         )
-        return (Tabular(title, headers, tuple(row(line) for line in self.lines), (), notes, 2),)
+        return (Tabular(title, headers, tuple(row(line) for line in self.lines), (), notes, 3),)
 
     def records(self) -> list[dict[str, Any]]:
         return [_record(line) for line in self.lines]
