@@ -113,6 +113,12 @@ def register(subparsers: Any, env: Mapping[str, str]) -> None:
             add_price_book_option(p, env)
         if name == "html":
             p.add_argument("--output", "-o", default="gpuledger-report.html", metavar="FILE")
+            add_budgets_option(
+                p,
+                env,
+                help="add the month's budgets against its forecast (a budgets file, as for "
+                "`report budget`)",
+            )
         else:
             p.add_argument("--format", default="table", help=f"one of {', '.join(FORMATS)}")
             p.add_argument("--output", "-o", metavar="FILE", help="write here, not to stdout")
@@ -286,9 +292,11 @@ def _run_report(name: str, args: argparse.Namespace) -> int:
     store = open_store(args)
     try:
         if name == "html":
-            Path(args.output).write_text(
-                html_report(store, period, use_rollups=use_rollups), encoding="utf-8"
+            budgets = load_budgets(args.budgets) if args.budgets else None
+            html = html_report(
+                store, period, use_rollups=use_rollups, as_of_ms=now_ms, budgets=budgets
             )
+            Path(args.output).write_text(html, encoding="utf-8")
             print(f"wrote {args.output}", file=sys.stderr)
             return 0
         report: Report

@@ -180,7 +180,7 @@ def forecast(
     profile = _day_profile(store, costs, start_s, end_ms)
     elapsed_days, into_today_ms = divmod(end_ms - month.start_ms, DAY_MS)
     days_in_month = (month.end_ms - month.start_ms) // DAY_MS
-    metered_from_h = (_metered_from_ms(store, costs, month.start_ms) - month.start_ms) / 3_600_000
+    metered_from_h = (metered_from_ms(store, costs, month.start_ms) - month.start_ms) / 3_600_000
 
     def one(days: dict[int, Decimal]) -> MonthForecast:
         return forecast_month_end(
@@ -205,7 +205,7 @@ def _classify(kind: str, key: str) -> str:
     return UNTAGGED_LINE if key in (UNTAGGED, UNKNOWN) else ALLOCATED
 
 
-def _metered_from_ms(store: ClickHouseStore, costs: str, start_ms: int) -> int:
+def metered_from_ms(store: ClickHouseStore, costs: str, start_ms: int) -> int:
     """When metering began this month: the first hour with cost (rollups or windows), to the
     window where its windows are still kept (a ledger that began at 22:11 has metered 10
     minutes by 22:21, not 21); the month's start when nothing was metered."""

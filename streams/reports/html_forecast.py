@@ -12,7 +12,7 @@ from html import escape
 
 from streams.reports.forecast import MonthForecast
 from streams.reports.forecast_chart import MonthPath, forecast_chart, forecast_path
-from streams.reports.forecast_report import ForecastReport, _metered_from_ms, forecast
+from streams.reports.forecast_report import ForecastReport, forecast, metered_from_ms
 from streams.reports.money import round_total
 from streams.reports.params import DAY_MS, Period, format_ms, parse_month
 from streams.reports.render import money
@@ -59,7 +59,7 @@ def read_forecast_view(
     ]
     days_so_far = -(-(end_ms - month.start_ms) // DAY_MS)
     daily = tuple(sum(hourly[d * 24 : d * 24 + 24], _ZERO) for d in range(days_so_far))
-    metered_from_h = (_metered_from_ms(store, costs, month.start_ms) - month.start_ms) / _HOUR_MS
+    metered_from_h = (metered_from_ms(store, costs, month.start_ms) - month.start_ms) / _HOUR_MS
     path = forecast_path(
         hourly,
         elapsed_hours=elapsed_h,

@@ -75,7 +75,9 @@ def handle_report_request(
             return 200, CONTENT_TYPES[fmt], render(bill, fmt).encode("utf-8")
         period = parse_period(query.get("from"), query.get("to"), now_ms=now)
         if path == "/report/html":
-            return 200, "text/html; charset=utf-8", html_report(store, period).encode()
+            # The planning sections fit forecasts (seconds of CPU): not served over HTTP.
+            html = html_report(store, period, planning=False)
+            return 200, "text/html; charset=utf-8", html.encode()
         fmt = check_choice(query.get("format", "json"), FORMATS, "format")
         report: Report
         if path == "/report/showback":
