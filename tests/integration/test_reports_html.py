@@ -297,12 +297,12 @@ def test_budgets_are_shown_against_the_forecast_when_given() -> None:
     # 480 USD to date, 1,440 at month end: over the 100 % threshold; the path (48 USD a day
     # from 480 on the 11th) reaches 1,000 USD 10 5/6 days later, on the 21st
     assert rows[0] == [
-        "team", "search", "1,000.00", "480.00", "48.0%", "1,440.00", "1,440.00-1,440.00",
-        "144.0%", "forecast over", "100%", "2026-11-21",
+        "team", "search", "forecast over", "100%", "1,000.00", "480.00", "48.0%", "1,440.00",
+        "1,440.00-1,440.00", "144.0%", "2026-11-21",
     ]  # fmt: skip
-    assert rows[1][:4] == ["team", "recs", "50.00", "0.00"] and rows[1][8] == "on track"
-    assert '<td class="n bad">forecast over</td>' in section
-    assert '<td class="n ok">on track</td>' in section
+    assert rows[1][:6] == ["team", "recs", "on track", "-", "50.00", "0.00"]
+    assert '<td class="bad">forecast over</td>' in section
+    assert '<td class="ok">on track</td>' in section
 
 
 def test_request_based_cost_is_shown_beside_usage_over_the_period() -> None:
