@@ -71,6 +71,26 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that remembers the line of every mapping and sequence."""
 
 
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# YAML 1.1 reads 0123 as octal 83, 0x1F as 31, 1_000 as 1000 and 1:30 as 90: a cost centre
+# 0123 must stay "0123". Only plain decimal numbers are numbers here.
+_LineLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_LineLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^[-+]?(0|[1-9][0-9]*)$"), list("-+0123456789")
+)
+_LineLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^[-+]?([0-9]+\.[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$"
+        r"|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
 class _LineDict(dict[Any, Any]):
     line: int = 0
 

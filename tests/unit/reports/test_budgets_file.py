@@ -136,3 +136,13 @@ def test_any_text_loads_or_raises_the_one_error(text: str) -> None:
         parse_budgets(text, source="b.yaml")
     except BudgetsError as exc:
         assert str(exc).startswith("b.yaml")
+
+
+def test_unquoted_numbers_of_other_bases_stay_names() -> None:
+    # YAML 1.1 would read cost centre 0123 as 83 and team 0x1F as 31.
+    budgets = parse_budgets(
+        "budgets:\n  - {cost_center: 0123, monthly_usd: 1}\n  - {team: 0x1F, monthly_usd: 1}\n"
+    )
+    assert [b.owner for b in budgets.budgets] == ["0123", "0x1F"]
+    with pytest.raises(BudgetsError, match="monthly_usd must be a number"):
+        parse_budgets("budgets:\n  - {team: a, monthly_usd: 1:30}\n")
