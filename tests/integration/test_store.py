@@ -204,9 +204,12 @@ def test_rollups_of_an_older_shape_are_rebuilt_from_the_base_rows(
     store.command(f"DROP TABLE {db}.gpu_cost_hourly")
     store.command(OLD_COST_HOURLY.replace("{db}", db))
     store.create_schema()
-    columns = [r[0] for r in store.query_rows(
-        f"SELECT name FROM system.columns WHERE database = '{db}' AND table = 'gpu_cost_hourly'"
-    )]
+    columns = [
+        r[0]
+        for r in store.query_rows(
+            f"SELECT name FROM system.columns WHERE database = '{db}' AND table = 'gpu_cost_hourly'"
+        )
+    ]
     assert "price_per_hour" in columns and "mig_profile" in columns
     assert read_horizon(store) is None  # so the next seal rolls every hour up again
     seal_hours(store, T0 + 3 * 3_600_000, retention_s=0)
