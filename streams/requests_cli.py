@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import StoreLockedError
-from streams.report_guard import EXIT_LOCKED, guarded, open_store
+from streams.report_guard import guarded, open_store
 from streams.reports.limits import MAX_PERIOD_DAYS
 from streams.reports.params import FORMATS, check_choice, parse_period
 from streams.reports.render import render
@@ -60,16 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     fmt = check_choice(args.format, FORMATS, "--format")
     by = check_choice(args.by, REQUEST_DIMENSIONS, "--by")
     period = parse_period(args.start, args.end, now_ms=int(time.time() * 1000))
-    try:
-        store = open_store(args)
-    except StoreLockedError:
-        # No URL to name: the read endpoints of a worker or demo do not serve this report.
-        print(
-            f"{COMMAND}: the data folder of {args.clickhouse} is in use by another gpuledger "
-            "process; stop it, or point --clickhouse at a ClickHouse server",
-            file=sys.stderr,
-        )
-        return EXIT_LOCKED
+    store = open_store(args)  # a held folder: `guarded` says to stop its owner (not served)
     try:
         report = requests_report(store, period, by, use_rollups=not args.base_only)
     finally:

@@ -110,6 +110,7 @@ def test_held_folder(tmp_path: Path) -> None:
         result = gpuledger("--clickhouse", dsn, *MONTH)
         assert result.returncode == 3 and result.stderr.count("\n") == 1
         assert "in use by another gpuledger process" in result.stderr
+        assert "stop it to run the requests report on the folder" in result.stderr
     finally:
         holder.kill()
         holder.wait()
