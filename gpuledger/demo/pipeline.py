@@ -30,6 +30,7 @@ from runtime.errors import ConfigError
 from runtime.kafka import KafkaSettings
 from streams.billing.importer import ImportOptions, import_bills
 from streams.pricing import PriceBook
+from streams.reports.budgets import load_budgets
 from streams.reports.html_report import html_report
 from streams.reports.params import Period
 from streams.reports.showback import ShowbackReport, showback
@@ -309,13 +310,16 @@ class DemoRun:
         by_team = showback(store, period, "team")
         by_model = showback(store, period, "model")
         cfg.report_path.parent.mkdir(parents=True, exist_ok=True)
-        cfg.report_path.write_text(html_report(store, period), encoding="utf-8")
+        planning = demo_planning(
+            store, period, period.end_ms, by_model, cfg.price_book, cfg.report_path.parent
+        )
+        html = html_report(
+            store, period, as_of_ms=period.end_ms, budgets=load_budgets(planning.budgets_path)
+        )
+        cfg.report_path.write_text(html, encoding="utf-8")
         end_ms = start_ms + int(self.progress.sim_done_s * 1000)
         bill = import_demo_bill(
             store, start_ms, end_ms, cfg.report_path.with_name("gpuledger-demo-bill.csv")
-        )
-        planning = demo_planning(
-            store, period, period.end_ms, by_model, cfg.price_book, cfg.report_path.parent
         )
         return DemoOutcome(
             scenario=self.scenario,

@@ -150,6 +150,13 @@ def test_demo_runs_to_the_end_and_reconciles(tmp_path: Path) -> None:
         for n in demo_nodes()
     ]
     assert_self_contained_report(tmp_path / "report.html")
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    for section in (
+        "Month-end forecast",
+        "GPU spend against budgets",
+        "usage-based (gpuledger) vs request-based",
+    ):
+        assert section in html, section
     assert_month_exports(out, tmp_path)
     assert_billed_basis(out, tmp_path)
     assert_planning(out, tmp_path, stored)
